@@ -1,0 +1,124 @@
+"""The model bundle: ``model.safetensors`` (OneNIP + frozen backbone weights),
+``prompts.safetensors`` (the prompt pool) and ``bundle.json`` (config, normalisation, classes,
+calibration, version = content hash, training summary). No pickle anywhere."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from . import storage
+from .calibration import Calibration
+from .config import ModelConfig
+from .model.backbone import FrozenBackbone
+from .model.build import build_onenip, trainable_parameters
+from .model.onenip import OneNIP
+from .predictor import Predictor
+from .prompts import PromptPool
+
+FORMAT = "onenip-bundle/1"
+MODEL_FILE, PROMPTS_FILE, META_FILE = "model.safetensors", "prompts.safetensors", "bundle.json"
+
+
+@dataclass
+class Bundle:
+    config: ModelConfig
+    backbone: FrozenBackbone
+    model: OneNIP
+    pool: PromptPool
+    calibration: Calibration
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.pool.class_names
+
+    def predictor(self, device: str | torch.device = "cpu") -> Predictor:
+        return Predictor(self.backbone, self.model, self.pool, self.calibration.rec_scale, device)
+
+
+def write_bundle(
+    local_dir: str,
+    config: ModelConfig,
+    backbone: FrozenBackbone,
+    model: OneNIP,
+    pool: PromptPool,
+    calibration: Calibration,
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the three files into ``local_dir``; returns the ``bundle.json`` content."""
+    os.makedirs(local_dir, exist_ok=True)
+    tensors = {f"onenip.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.body.state_dict().items()})
+    model_bytes = save_safetensors(tensors)
+    prompt_bytes = pool.to_bytes()
+    digest = hashlib.sha256(model_bytes)
+    digest.update(prompt_bytes)
+    digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
+    meta = {
+        "format": FORMAT,
+        "version": digest.hexdigest()[:16],
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "backbone": {
+            "name": config.backbone,
+            "out_indices": list(config.out_indices),
+            "stage_channels": backbone.stage_channels,
+            "channels": backbone.channels,
+        },
+        "image_size": config.image_size,
+        "normalization": {"mean": list(backbone.mean), "std": list(backbone.std), "color": "RGB", "range": "[0,1]"},
+        "classes": pool.class_names,
+        "prompts": {"ids": pool.prompt_ids, "per_class": {c: pool.class_index.tolist().count(i) for i, c in enumerate(pool.class_names)}},
+        "calibration": calibration.to_dict(),
+        "thresholds": {c: cal.threshold_raw for c, cal in calibration.per_class.items()},
+        "trainable_parameters": trainable_parameters(model),
+        "training": training,
+    }
+    with open(os.path.join(local_dir, MODEL_FILE), "wb") as f:
+        f.write(model_bytes)
+    with open(os.path.join(local_dir, PROMPTS_FILE), "wb") as f:
+        f.write(prompt_bytes)
+    with open(os.path.join(local_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def load_bundle(uri: str, endpoint: str | None = None) -> Bundle:
+    """Load a bundle directory from a local path or ``s3://`` URI (safetensors + JSON only)."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), endpoint))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri} is not a model bundle: {META_FILE} not found") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{uri}: unsupported bundle format {meta.get('format')!r} (expected {FORMAT})")
+    config = ModelConfig.from_dict(meta["config"])
+    tensors = load_safetensors(storage.read_bytes(storage.join(uri, MODEL_FILE), endpoint))
+    backbone = FrozenBackbone(config.backbone, config.out_indices)
+    backbone.load_weights({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+    model = build_onenip(config, backbone.channels)
+    model.load_state_dict({k.removeprefix("onenip."): v for k, v in tensors.items() if k.startswith("onenip.")}, strict=True)
+    model.eval()
+    pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
+    return Bundle(config, backbone, model, pool, Calibration.from_dict(meta["calibration"]), meta)
+
+
+def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> None:
+    """Publish a written bundle; ``bundle.json`` lands last so a readable bundle is complete."""
+    storage.commit_dir(local_dir, out_uri, endpoint=endpoint, marker=META_FILE)
+
+
+def temp_bundle_dir() -> str:
+    return tempfile.mkdtemp(prefix="onenip-bundle-")

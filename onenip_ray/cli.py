@@ -1,0 +1,124 @@
+"""The ``onenip`` command line: thin flag parsing over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ModelConfig, TrainConfig
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa", "btad", "folder"], help="layout of --data roots")
+    p.add_argument("--data", action="append", required=True, help="dataset root (local or s3://); repeat to merge, KIND=ROOT to mix layouts")
+    p.add_argument("--classes", default="", help="comma-separated class subset (default: all)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
+    p.add_argument("--image-size", type=int, default=224)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onenip", description="OneNIP unified anomaly detection on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print backbone channels, feature grid and parameter count as JSON")
+    _add_model_flags(info)
+
+    train = sub.add_parser("train", help="train with Ray Train and write a model bundle")
+    _add_data_flags(train)
+    _add_model_flags(train)
+    train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=8, help="per-worker batch size")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (official 1e-4)")
+    train.add_argument("--lr-step-epochs", type=int, default=800, help="StepLR period in epochs (official 800, gamma 0.1)")
+    train.add_argument("--backbone-weights", default=None, help="backbone weights file or URI (safetensors or torch state dict)")
+    train.add_argument("--textures", default=None, help="DTD-style texture folder (default: built-in procedural textures)")
+    train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = in-process, no cluster)")
+    train.add_argument("--use-gpu", action="store_true")
+    train.add_argument("--seed", type=int, default=133)
+    train.add_argument("--decoder", default="v2", choices=["v2", "v1"], help="v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)")
+    train.add_argument("--prompts-per-class", type=int, default=1, help="prompt-pool images per class")
+    train.add_argument("--calibration-fraction", type=float, default=0.1, help="training normals held out for thresholds")
+    train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
+    train.add_argument("--run-name", default=None)
+
+    ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
+    _add_data_flags(ev)
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
+    ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
+    ev.add_argument("--batch-size", type=int, default=16)
+    return parser
+
+
+def _classes(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    from .model.backbone import FrozenBackbone
+    from .model.build import build_onenip, trainable_parameters
+
+    cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
+    backbone = FrozenBackbone(cfg.backbone, cfg.out_indices)
+    model = build_onenip(cfg, backbone.channels)
+    return {
+        "backbone": cfg.backbone,
+        "out_indices": list(cfg.out_indices),
+        "stage_channels": backbone.stage_channels,
+        "stage_strides": backbone.stage_strides,
+        "channels": backbone.channels,
+        "feature_grid": [cfg.grid, cfg.grid],
+        "image_size": cfg.image_size,
+        "trainable_parameters": trainable_parameters(model),
+        "normalization": {"mean": list(backbone.mean), "std": list(backbone.std)},
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from .train import run_training
+
+    model = ModelConfig(backbone=args.backbone, image_size=args.image_size, decoder=args.decoder)
+    cfg = TrainConfig(
+        dataset=args.dataset, data=tuple(args.data), out=args.out, classes=tuple(_classes(args.classes)),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_step_epochs=args.lr_step_epochs,
+        seed=args.seed, textures=args.textures, backbone_weights=args.backbone_weights,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, calibration_fraction=args.calibration_fraction,
+        prompts_per_class=args.prompts_per_class, model=model,
+    )
+    meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name)
+    return {"bundle": args.out, "version": meta["version"], "classes": meta["classes"], "thresholds": meta["thresholds"],
+            "epochs": [{k: round(v, 5) for k, v in h.items()} for h in meta["training"]["history"]]}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate
+    from .training_data import parse_data_specs
+
+    report = evaluate(args.bundle, parse_data_specs(args.dataset, args.data), args.out, _classes(args.classes) or None,
+                      oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint)
+    return {"metrics": os.path.join(args.out, "metrics.json"), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
+            "per_class": report["per_class"]}
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"onenip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

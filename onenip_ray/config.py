@@ -1,0 +1,90 @@
+"""Typed configuration records shared by the model, training and scoring."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a OneNIP model (stored in ``bundle.json``)."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    image_size: int = 224
+    hidden_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    neighbor_mask: bool = True
+    jitter_scale: float = 20.0
+    jitter_prob: float = 1.0
+    decoder: str = "v2"  # "v2" = post-fix official decoder; "v1" = the pre-fix bug (paper numbers)
+    refiner_dim: int = 128
+    fusion: str = "official"  # "official" (refiner rescaled to the S_rec range) or "paper" (Eq. 10)
+    alpha: float = 0.5
+    score_pool: int = 16  # image score = max of the k×k mean-pooled map
+
+    def __post_init__(self) -> None:
+        if self.image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
+        if self.decoder not in ("v1", "v2"):
+            raise ValueError(f"decoder must be 'v1' or 'v2', got {self.decoder!r}")
+        if self.fusion not in ("official", "paper"):
+            raise ValueError(f"fusion must be 'official' or 'paper', got {self.fusion!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
+
+    @property
+    def grid(self) -> int:
+        """Side of the stride-16 feature grid."""
+        return self.image_size // 16
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_indices"] = list(self.out_indices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: data, optimisation (official recipe by default) and Ray scaling."""
+
+    dataset: str = "mvtec"
+    data: tuple[str, ...] = ()
+    out: str = "runs/bundle"
+    classes: tuple[str, ...] = ()
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    lr_step_epochs: int = 800
+    lr_gamma: float = 0.1
+    seed: int = 133
+    textures: str | None = None
+    backbone_weights: str | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    calibration_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    prompts_per_class: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        d["data"] = list(self.data)
+        d["classes"] = list(self.classes)
+        return d

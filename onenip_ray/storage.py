@@ -1,0 +1,214 @@
+"""One small IO layer over ``pyarrow.fs`` so local paths, ``file://`` and ``s3://`` URIs behave alike.
+
+Every function takes a URI and an optional S3 ``endpoint``; without one, S3 uses
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. a MinIO or moto server), else AWS itself.
+Credentials come from the usual AWS environment variables / config chain.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def normalize_uri(uri: str) -> str:
+    """``s3://bucket/key`` without a trailing slash, or an absolute local path (``file://`` stripped)."""
+    if _is_s3(uri):
+        return S3_SCHEME + uri[len(S3_SCHEME):].rstrip("/")
+    if uri.startswith(FILE_SCHEME):
+        uri = urlparse(uri).path
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+@lru_cache(maxsize=None)
+def _local_filesystem() -> pafs.LocalFileSystem:
+    return pafs.LocalFileSystem()
+
+
+@lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    if endpoint is None:
+        return pafs.S3FileSystem(region=region)
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region)
+
+
+def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The (cached) filesystem for ``uri`` and the path inside it: ``bucket/key`` or an absolute path."""
+    if _is_s3(uri):
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3_filesystem(endpoint, region), normalize_uri(uri)[len(S3_SCHEME):]
+    return _local_filesystem(), normalize_uri(uri)
+
+
+def _file_type(uri: str, endpoint: str | None) -> pafs.FileType:
+    fs, path = filesystem_for(uri, endpoint)
+    return fs.get_file_info(path).type
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    """Whether a file or directory (for S3: an object or a non-empty prefix) is at ``uri``."""
+    return _file_type(uri, endpoint) != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, endpoint: str | None = None) -> bool:
+    """Whether ``uri`` is a directory (for S3: a bucket or a prefix holding objects)."""
+    return _file_type(uri, endpoint) == pafs.FileType.Directory
+
+
+def _require_file(uri: str, endpoint: str | None) -> None:
+    file_type = _file_type(uri, endpoint)
+    if file_type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file")
+    if file_type == pafs.FileType.Directory:
+        raise IsADirectoryError(f"{uri}: is a directory, expected a file")
+
+
+def _require_dir(uri: str, endpoint: str | None) -> None:
+    file_type = _file_type(uri, endpoint)
+    if file_type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    if file_type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"{uri}: is a file, expected a directory")
+
+
+def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
+    """The whole content of the file at ``uri``; FileNotFoundError naming ``uri`` when it is missing."""
+    fs, path = filesystem_for(uri, endpoint)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError:
+        _require_file(uri, endpoint)
+        raise
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
+    """Write ``data`` to ``uri``, replacing it; local parent directories are created."""
+    fs, path = filesystem_for(uri, endpoint)
+    if not _is_s3(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` extended by ``parts`` with ``/`` (local paths use ``os.path.join``)."""
+    if _is_s3(uri) or uri.startswith(FILE_SCHEME):
+        return posixpath.join(uri.rstrip("/"), *(part.strip("/") for part in parts))
+    return os.path.join(uri, *parts)
+
+
+def list_files(
+    uri: str,
+    extensions: tuple[str, ...] | None = None,
+    endpoint: str | None = None,
+    relative: bool = False,
+) -> list[str]:
+    """All files under directory ``uri``, recursively, sorted.
+
+    Returns ``s3://`` URIs for S3 and absolute paths for local directories, or with
+    ``relative=True`` paths relative to ``uri`` with ``/`` separators. ``extensions``
+    (e.g. ``(".png", ".jpg")``) keeps only names ending in one of them, case-insensitively.
+    """
+    _require_dir(uri, endpoint)
+    fs, base = filesystem_for(uri, endpoint)
+    suffixes = tuple(ext.lower() for ext in extensions) if extensions is not None else None
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if info.type != pafs.FileType.File or (suffixes is not None and not info.path.lower().endswith(suffixes)):
+            continue
+        if relative:
+            found.append(posixpath.relpath(info.path, base) if _is_s3(uri) else os.path.relpath(info.path, base))
+        else:
+            found.append(S3_SCHEME + info.path if _is_s3(uri) else info.path)
+    return sorted(found)
+
+
+def list_dirs(uri: str, endpoint: str | None = None) -> list[str]:
+    """Names of the immediate subdirectories of ``uri`` (for S3: common prefixes), sorted."""
+    _require_dir(uri, endpoint)
+    fs, base = filesystem_for(uri, endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    return sorted(posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.Directory)
+
+
+def _local_files(local_dir: str) -> list[str]:
+    """Files under ``local_dir`` relative to it, ``/``-separated, sorted."""
+    if not os.path.isdir(local_dir):
+        raise FileNotFoundError(f"{local_dir}: no such directory")
+    return sorted(
+        os.path.relpath(os.path.join(folder, name), local_dir).replace(os.sep, "/")
+        for folder, _, names in os.walk(local_dir)
+        for name in names
+    )
+
+
+def _upload(fs: pafs.FileSystem, local_path: str, path: str) -> None:
+    with open(local_path, "rb") as source, fs.open_output_stream(path) as target:
+        shutil.copyfileobj(source, target, _COPY_CHUNK)
+
+
+def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marker: str | None = "bundle.json") -> None:
+    """Publish the finished directory ``local_dir`` at ``dest_uri`` so readers never see it half-written.
+
+    Local destinations: the tree is copied to ``<dest>.tmp-<uuid>`` beside ``dest`` and renamed
+    into place; an existing ``dest`` is first renamed aside and deleted afterwards, so ``dest`` is
+    either the old or the new tree (or, for an instant, absent), never a mix.
+
+    S3 has no rename, so the ``marker`` file (relative path inside ``local_dir``) is the commit
+    point: an existing marker at ``dest`` is deleted first, then every other file is uploaded,
+    objects left over from an older version are deleted, and the marker is uploaded last.
+    Readers must wait for the marker before reading. ``marker=None`` skips the ordering.
+    """
+    files = _local_files(local_dir)
+    if marker is not None and marker not in files:
+        raise ValueError(f"{local_dir} has no marker file {marker!r} to commit last")
+    fs, dest = filesystem_for(dest_uri, endpoint)
+    if _is_s3(dest_uri):
+        old_files = list_files(dest_uri, endpoint=endpoint, relative=True) if is_dir(dest_uri, endpoint) else []
+        if marker in old_files:
+            fs.delete_file(posixpath.join(dest, marker))
+        for name in files:
+            if name != marker:
+                _upload(fs, os.path.join(local_dir, name), posixpath.join(dest, name))
+        for name in sorted(set(old_files) - set(files)):
+            fs.delete_file(posixpath.join(dest, name))
+        if marker is not None:
+            _upload(fs, os.path.join(local_dir, marker), posixpath.join(dest, marker))
+        return
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    staging = f"{dest}.tmp-{uuid.uuid4().hex}"
+    shutil.copytree(local_dir, staging)
+    if not os.path.exists(dest):
+        os.replace(staging, dest)
+        return
+    retired = f"{dest}.old-{uuid.uuid4().hex}"
+    os.replace(dest, retired)
+    os.replace(staging, dest)
+    shutil.rmtree(retired)
+
+
+def download_dir(uri: str, local_dir: str, endpoint: str | None = None) -> None:
+    """Copy every file under ``uri`` into ``local_dir`` (created), keeping relative paths."""
+    fs, base = filesystem_for(uri, endpoint)
+    join_remote = posixpath.join if _is_s3(uri) else os.path.join
+    for name in list_files(uri, endpoint=endpoint, relative=True):
+        target = os.path.join(local_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with fs.open_input_stream(join_remote(base, name)) as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, _COPY_CHUNK)

@@ -1,0 +1,90 @@
+"""Training images in memory: decoded once, split into training / calibration / prompt images."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import storage
+from .data.images import decode_image, resize_image
+from .data.layouts import Sample, read_datasets
+
+DATASET_KINDS = ("mvtec", "visa", "btad", "folder")
+
+
+def parse_data_specs(default_kind: str, data: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """``ROOT`` uses ``default_kind``; ``KIND=ROOT`` overrides it per root."""
+    specs = []
+    for item in data:
+        kind, sep, root = item.partition("=")
+        if sep and kind in DATASET_KINDS:
+            specs.append((kind, root))
+        else:
+            specs.append((default_kind, item))
+    for kind, _ in specs:
+        if kind not in DATASET_KINDS:
+            raise ValueError(f"unknown dataset kind {kind!r}; choose from {DATASET_KINDS}")
+    if not specs:
+        raise ValueError("no dataset root given (--data ROOT)")
+    return specs
+
+
+def load_images(samples: list[Sample], size: int, endpoint: str | None = None, threads: int = 4) -> np.ndarray:
+    """Decode and square-resize images (uint8 RGB, (N, size, size, 3)); errors name the file."""
+
+    def load(s: Sample) -> np.ndarray:
+        return resize_image(decode_image(storage.read_bytes(s.uri, endpoint), name=s.uri), size)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return np.stack(list(pool.map(load, samples))) if samples else np.zeros((0, size, size, 3), np.uint8)
+
+
+@dataclass
+class TrainingSet:
+    """``images`` of all training normals; index lists into it per role."""
+
+    class_names: list[str]
+    samples: list[Sample]
+    images: np.ndarray
+    labels: np.ndarray  # class index per image
+    train_index: np.ndarray  # queries (and training prompts)
+    calibration_index: np.ndarray  # held out for thresholds
+    prompt_index: np.ndarray  # the inference prompt pool (subset of train_index)
+
+    def ids(self, index: np.ndarray) -> list[str]:
+        return [self.samples[i].uri for i in index]
+
+
+def build_training_set(
+    specs: list[tuple[str, str]],
+    classes: list[str] | None,
+    image_size: int,
+    calibration_fraction: float,
+    prompts_per_class: int,
+    seed: int,
+    endpoint: str | None = None,
+) -> TrainingSet:
+    """Read the training split and hold out ``calibration_fraction`` of each class (≥ 1 image
+    when the class has ≥ 2) for calibration; pick ``prompts_per_class`` pool prompts per class."""
+    samples = [s for s in read_datasets(specs, classes or None, endpoint) if s.split == "train"]
+    names = sorted({s.class_name for s in samples})
+    labels = np.array([names.index(s.class_name) for s in samples], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train, calib, prompts = [], [], []
+    for c in range(len(names)):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_cal = min(len(idx) - 1, max(1, int(round(calibration_fraction * len(idx))))) if calibration_fraction > 0 else 0
+        calib.extend(idx[:n_cal])
+        rest = idx[n_cal:]
+        train.extend(rest)
+        prompts.extend(rest[: max(1, prompts_per_class)])
+    return TrainingSet(
+        class_names=names,
+        samples=samples,
+        images=load_images(samples, image_size, endpoint),
+        labels=labels,
+        train_index=np.sort(np.array(train, dtype=np.int64)),
+        calibration_index=np.sort(np.array(calib, dtype=np.int64)),
+        prompt_index=np.array(prompts, dtype=np.int64),
+    )
