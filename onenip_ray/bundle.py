@@ -65,7 +65,10 @@ def write_bundle(
     model_bytes = save_safetensors(tensors)
     prompt_bytes = pool.to_bytes()
     digest = hashlib.sha256(model_bytes)
-    digest.update(prompt_bytes)
+    # Not ``prompt_bytes``: safetensors writes the metadata in hash-map order, which changes from
+    # call to call, so the pool's content (tensors without metadata, then names/ids) is hashed.
+    digest.update(save_safetensors({"features": pool.features.contiguous().float(), "class_index": pool.class_index.to(torch.int64)}))
+    digest.update(json.dumps([pool.class_names, pool.prompt_ids], sort_keys=True).encode())
     digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
     meta = {
         "format": FORMAT,
@@ -96,8 +99,9 @@ def write_bundle(
     return meta
 
 
-def load_bundle(uri: str, endpoint: str | None = None) -> Bundle:
-    """Load a bundle directory from a local path or ``s3://`` URI (safetensors + JSON only)."""
+def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None = None) -> Bundle:
+    """Load a bundle directory from a local path or ``s3://`` URI (safetensors + JSON only).
+    ``pool``: this bundle's prompt pool, already loaded (``prompts.safetensors`` is then not read)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), endpoint))
     except FileNotFoundError as e:
@@ -111,7 +115,8 @@ def load_bundle(uri: str, endpoint: str | None = None) -> Bundle:
     model = build_onenip(config, backbone.channels)
     model.load_state_dict({k.removeprefix("onenip."): v for k, v in tensors.items() if k.startswith("onenip.")}, strict=True)
     model.eval()
-    pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
+    if pool is None:
+        pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
     return Bundle(config, backbone, model, pool, Calibration.from_dict(meta["calibration"]), meta)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompts-per-class", type=int, default=1, help="prompt-pool images per class")
     train.add_argument("--calibration-fraction", type=float, default=0.1, help="training normals held out for thresholds")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
-    train.add_argument("--run-name", default=None)
+    train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
+    train.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every N epochs (0 = only at the end)")
+    train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
+    train.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes for anomaly synthesis per trainer")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
 
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
     _add_data_flags(ev)
@@ -53,7 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
     ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
     ev.add_argument("--batch-size", type=int, default=16)
+
+    sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
+    sc.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    sc.add_argument("--input", required=True, help="image folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri[, class_name]")
+    sc.add_argument("--output", required=True, help="results root (local or s3://); the run replaces OUTPUT/run_date=<date>/")
+    sc.add_argument("--run-date", type=_date, default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    sc.add_argument("--heatmaps", action="store_true", help="write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/heatmaps/")
+    sc.add_argument("--batch-size", type=int, default=32, help="images per model batch")
+    sc.add_argument("--concurrency", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
+    sc.add_argument("--use-gpu", action="store_true")
+    sc.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
+    sc.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per decode / post-processing task")
+    sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
     return parser
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
 
 
 def _classes(value: str) -> list[str]:
@@ -89,9 +115,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_step_epochs=args.lr_step_epochs,
         seed=args.seed, textures=args.textures, backbone_weights=args.backbone_weights,
         num_workers=args.num_workers, use_gpu=args.use_gpu, calibration_fraction=args.calibration_fraction,
-        prompts_per_class=args.prompts_per_class, model=model,
+        prompts_per_class=args.prompts_per_class, checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
+        loader_workers=args.loader_workers, precision=args.precision, model=model,
     )
-    meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name)
+    meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name, resume=args.resume)
     return {"bundle": args.out, "version": meta["version"], "classes": meta["classes"], "thresholds": meta["thresholds"],
             "epochs": [{k: round(v, 5) for k, v in h.items()} for h in meta["training"]["history"]]}
 
@@ -106,7 +133,21 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
             "per_class": report["per_class"]}
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_score(args: argparse.Namespace) -> dict:
+    from .batch import BatchConfig, run_batch_scoring
+
+    cfg = BatchConfig(
+        bundle=args.bundle, input=args.input, output=args.output,
+        run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(), endpoint=args.s3_endpoint,
+        heatmaps=args.heatmaps, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
+        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
+    )
+    summary = run_batch_scoring(cfg)
+    return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "per_class", "heatmaps",
+                                    "images_per_second", "wall_seconds")}
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score}
 
 
 def main(argv: list[str] | None = None) -> int:

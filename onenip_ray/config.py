@@ -23,6 +23,7 @@ class ModelConfig:
     jitter_prob: float = 1.0
     decoder: str = "v2"  # "v2" = post-fix official decoder; "v1" = the pre-fix bug (paper numbers)
     refiner_dim: int = 128
+    feature_norm: str = "none"  # "none" (official) or "channel": standardise each backbone channel
     fusion: str = "official"  # "official" (refiner rescaled to the S_rec range) or "paper" (Eq. 10)
     alpha: float = 0.5
     score_pool: int = 16  # image score = max of the k×k mean-pooled map
@@ -34,6 +35,8 @@ class ModelConfig:
             raise ValueError(f"decoder must be 'v1' or 'v2', got {self.decoder!r}")
         if self.fusion not in ("official", "paper"):
             raise ValueError(f"fusion must be 'official' or 'paper', got {self.fusion!r}")
+        if self.feature_norm not in ("none", "channel"):
+            raise ValueError(f"feature_norm must be 'none' or 'channel', got {self.feature_norm!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
@@ -80,6 +83,10 @@ class TrainConfig:
     calibration_fraction: float = 0.1
     threshold_quantile: float = 0.99
     prompts_per_class: int = 1
+    checkpoint_every: int = 1
+    max_failures: int = 0
+    loader_workers: int = 0
+    precision: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:

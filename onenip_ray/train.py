@@ -1,21 +1,30 @@
 """Training through Ray Train: the per-worker loop and the ``TorchTrainer`` wiring.
 
 Each worker decodes the training images once and caches the frozen backbone's features of the
-clean images (queries and prompts never change); per step only the freshly synthesised anomalous
-copies go through the backbone. Rank 0 finally builds the prompt pool, calibrates the thresholds
-on the held-out normals and reports the bundle as the run's checkpoint; the driver commits it.
+clean images (queries, targets and prompts never change); per step only the freshly synthesised
+anomalous copies go through the backbone. Synthesis runs in the DataLoader (``loader_workers``
+processes when asked). Rank 0 checkpoints model, optimiser, scheduler, epoch, history and RNG state
+every ``checkpoint_every`` epochs; a restarted worker group (``FailureConfig``) or a resubmitted
+run (same ``--run-name``) continues from the latest one. At the end rank 0 builds the prompt pool,
+calibrates the thresholds on the held-out normals and reports the bundle with the last checkpoint;
+the driver commits it.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from . import storage
-from .bundle import commit_bundle, temp_bundle_dir, write_bundle
+from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
 from .data.synthesis import AnomalySynthesizer, TextureSource
@@ -24,6 +33,9 @@ from .predictor import Predictor
 from .prompts import PromptPool
 from .training_data import TrainingSet, build_training_set, parse_data_specs
 
+STATE_FILE = "state.pt"
+BUNDLE_SUBDIR = "bundle"
+
 
 def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
     d = dict(d)
@@ -31,16 +43,36 @@ def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return TrainConfig(model=model, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _feature_cache(backbone, images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device, batch: int = 32) -> torch.Tensor:
+class SyntheticPairs(Dataset):
+    """Item i of an epoch: (image index, synthetic image, its mask, prompt index). The random
+    stream is keyed by (seed, epoch, rank, i), so results do not depend on the loader workers."""
+
+    def __init__(self, data: TrainingSet, order: np.ndarray, synthesizer: AnomalySynthesizer, by_class: dict[int, np.ndarray], key: tuple[int, ...]) -> None:
+        self.data, self.order, self.synthesizer, self.by_class, self.key = data, order, synthesizer, by_class, key
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        idx = int(self.order[i])
+        rng = np.random.default_rng([*self.key, i])
+        image, mask = self.synthesizer(self.data.images[idx], rng)
+        prompt = int(rng.choice(self.by_class[int(self.data.labels[idx])]))
+        return idx, torch.from_numpy(image), torch.from_numpy(mask), prompt
+
+
+def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _feature_cache(backbone, images: np.ndarray, mean, std, device, channels_last: bool, autocast, batch: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
-        out.append(backbone(_normalise(images[i : i + batch], mean, std, device)))
+        with autocast():
+            out.append(backbone(_normalise(torch.from_numpy(images[i : i + batch]), mean, std, device, channels_last)).float())
     return torch.cat(out)
-
-
-def _normalise(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    return (x - mean) / std
 
 
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
@@ -52,14 +84,19 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     endpoint = config_dict.get("endpoint")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = config_dict.get("threads_per_worker")
-    if threads:
-        torch.set_num_threads(int(threads))
-    torch.manual_seed(cfg.seed + rank)
+    if config_dict.get("threads_per_worker"):
+        torch.set_num_threads(int(config_dict["threads_per_worker"]))
     device = ray.train.torch.get_device() if world > 1 or cfg.use_gpu else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     weights = storage.read_bytes(cfg.backbone_weights, endpoint) if cfg.backbone_weights else None
     backbone = build_backbone(cfg.model, weights).to(device)
+    if on_gpu:
+        backbone = backbone.to(memory_format=torch.channels_last)
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
 
@@ -70,37 +107,40 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     )
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    clean_features = _feature_cache(backbone, data.images, mean, std, device)
+    clean_features = _feature_cache(backbone, data.images, mean, std, device, on_gpu, autocast)
     cache_s = time.perf_counter() - t0
 
     textures = TextureSource.from_folder(cfg.textures, endpoint) if cfg.textures else TextureSource.procedural(cfg.seed)
     synthesizer = AnomalySynthesizer(cfg.model.image_size, textures)
+    torch.manual_seed(cfg.seed)
     model = build_onenip(cfg.model, backbone.channels).to(device)
+    model.set_feature_statistics(clean_features[data.train_index])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    if start_epoch == 0:
+        torch.manual_seed(cfg.seed * 1000 + rank)
+    elif rank:  # the checkpoint holds rank 0's stream; other ranks fork from it deterministically
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)
     if world > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.decoder == "v1"})
     core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
 
     by_class = {c: data.train_index[data.labels[data.train_index] == c] for c in range(len(data.class_names))}
-    history: list[dict[str, float]] = []
     train_start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(data.train_index)[rank::world]
-        worker_rng = np.random.default_rng([cfg.seed, epoch, rank])
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(data.train_index)[rank::world]
+        loader = DataLoader(SyntheticPairs(data, order, synthesizer, by_class, (cfg.seed, epoch, rank)),
+                            batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=on_gpu)
         sums = {"loss": 0.0, "mse": 0.0, "dice": 0.0}
-        steps, t_epoch, synth_s = 0, time.perf_counter(), 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            t_syn = time.perf_counter()
-            pairs = [synthesizer(data.images[i], worker_rng) for i in idx]
-            synth_s += time.perf_counter() - t_syn
-            synthetic = backbone(_normalise(np.stack([p[0] for p in pairs]), mean, std, device))
-            masks = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)
-            prompt_idx = np.array([worker_rng.choice(by_class[data.labels[i]]) for i in idx])
-            losses = model(clean_features[idx], synthetic, masks, clean_features[prompt_idx])
+        steps, t_epoch, wait_s = 0, time.perf_counter(), 0.0
+        t_wait = time.perf_counter()
+        for idx, synthetic_images, masks, prompt_idx in loader:
+            wait_s += time.perf_counter() - t_wait
+            with autocast():
+                synthetic = backbone(_normalise(synthetic_images, mean, std, device, on_gpu))
+                losses = model(clean_features[idx.to(device)], synthetic.float(), masks.to(device), clean_features[prompt_idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -109,31 +149,56 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             sums["mse"] += float(losses.mse)
             sums["dice"] += float(losses.dice)
             steps += 1
+            t_wait = time.perf_counter()
         scheduler.step()
         seconds = time.perf_counter() - t_epoch
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
-                       samples_per_second=len(order) / max(seconds, 1e-9), synthesis_seconds=synth_s)
+                       samples_per_second=len(order) / max(seconds, 1e-9), loader_wait_seconds=wait_s)
         history.append(metrics)
         last = epoch == cfg.epochs - 1
         if not last:
-            ray.train.report(metrics)
+            due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+            ray.train.report(metrics, checkpoint=_checkpoint(core, optimizer, scheduler, epoch, history) if due and rank == 0 else None)
 
-    checkpoint = None
+    final = None
     if rank == 0:
         summary = {
-            "epochs": cfg.epochs, "history": history, "workers": world,
+            "epochs": cfg.epochs, "history": history, "workers": world, "resumed_from_epoch": start_epoch,
             "train_seconds": time.perf_counter() - train_start, "image_load_seconds": load_s,
             "feature_cache_seconds": cache_s, "train_images": int(len(data.train_index)),
-            "calibration_images": int(len(data.calibration_index)), "config": cfg.to_dict(),
+            "calibration_images": int(len(data.calibration_index)), "precision": "bf16" if use_bf16 else "fp32",
+            "config": cfg.to_dict(),
         }
-        checkpoint = _finish_bundle(cfg, backbone, core, data, clean_features, synthesizer, summary)
-    ray.train.report(history[-1] if history else {"epoch": 0}, checkpoint=checkpoint)
+        final = _checkpoint(core, optimizer, scheduler, cfg.epochs - 1, history)
+        with final.as_directory() as d:
+            _write_final_bundle(os.path.join(d, BUNDLE_SUBDIR), cfg, backbone, core, data, clean_features, synthesizer, summary)
+    ray.train.report(history[-1] if history else {"epoch": cfg.epochs}, checkpoint=final)
 
 
-def _finish_bundle(cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict):
+def _checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict]):
     import ray.train
 
+    tmp = tempfile.mkdtemp(prefix="onenip-ckpt-")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": json.dumps(history), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, STATE_FILE))
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
+def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Load the latest checkpoint (weights_only, never unpickled); returns (next epoch, history)."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]) + 1, json.loads(state["history"])
+
+
+def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict) -> None:
     model.eval()
     pool = PromptPool(
         class_names=data.class_names,
@@ -141,51 +206,96 @@ def _finish_bundle(cfg: TrainConfig, backbone, model, data: TrainingSet, clean_f
         class_index=torch.from_numpy(data.labels[data.prompt_index]),
         features=clean_features[data.prompt_index].cpu(),
     )
-    predictor = Predictor(backbone, model, pool, rec_scale=1.0, device=clean_features.device)
-    calib_images = {data.class_names[c]: data.images[data.calibration_index[data.labels[data.calibration_index] == c]] for c in range(len(data.class_names))}
-    calib_images = {c: imgs if len(imgs) else data.images[data.labels == data.class_names.index(c)][:1] for c, imgs in calib_images.items()}
+    backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
+    predictor = Predictor(backbone, model, pool, rec_scale=1.0)
+    calib = {}
+    for c, name in enumerate(data.class_names):
+        idx = data.calibration_index[data.labels[data.calibration_index] == c]
+        calib[name] = data.images[idx] if len(idx) else data.images[data.labels == c][:1]
     t0 = time.perf_counter()
-    calibration = calibrate(predictor, calib_images, synthesizer, seed=cfg.seed, quantile=cfg.threshold_quantile)
+    calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, quantile=cfg.threshold_quantile)
     summary["calibration_seconds"] = time.perf_counter() - t0
-    out = temp_bundle_dir()
-    write_bundle(out, cfg.model, backbone.cpu(), model.cpu(), pool, calibration, summary)
-    return ray.train.Checkpoint.from_directory(out)
+    write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
 
 
-def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: str | None = None, run_name: str | None = None) -> dict[str, Any]:
-    """Run a ``TorchTrainer`` (``num_workers=0`` = in-process) and commit the bundle to ``cfg.out``."""
-    import json
+def default_run_name(out: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.normalize_uri(out).rstrip("/").rsplit("/", 1)[-1]) or "bundle"
+    return f"onenip-{base}"
 
+
+def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: str | None = None,
+                 run_name: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run a ``TorchTrainer`` (``num_workers=0`` = in-process) and commit the bundle to ``cfg.out``.
+
+    Runs are named (default ``onenip-<out basename>``) under ``storage_path``; an existing run is
+    continued only with ``resume=True``, otherwise it is an error (no silent restarts).
+    """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path = storage_path or os.path.abspath(os.path.join("runs", "ray"))
+    run_name = run_name or default_run_name(cfg.out)
+    run_uri = storage.join(storage_path, run_name)
+    exists = storage.exists(storage.join(run_uri, "checkpoint_manager_snapshot.json"), endpoint)
+    if exists and not resume:
+        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, or a new --run-name")
+    if resume and not exists:
+        raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": _forwarded_env()})
+        ray.init(runtime_env={"env_vars": _forwarded_env(endpoint)})
     if cfg.num_workers > 0 and not cfg.use_gpu:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers)
         config_dict["threads_per_worker"] = cpus
         resources = {"CPU": cpus}
     else:
-        resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else None
-        config_dict["threads_per_worker"] = torch.get_num_threads()
+        resources = {"CPU": max(1, cfg.loader_workers), "GPU": 1} if cfg.use_gpu else None
+        config_dict["threads_per_worker"] = None if cfg.use_gpu else torch.get_num_threads()
+    fs_kwargs = {}
+    if storage_path.startswith("s3://"):
+        fs, path = storage.filesystem_for(storage_path, endpoint)
+        fs_kwargs = {"storage_filesystem": fs}
+        storage_path = path
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config_dict,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path or os.path.abspath("runs/ray")),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), **fs_kwargs),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker exceptions in WorkerGroupError
+        cause = _worker_input_error(error)
+        if cause is not None:
+            raise cause from error
+        raise
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as local:
-        commit_bundle(local, cfg.out, endpoint)
-        with open(os.path.join(local, "bundle.json")) as f:
+        bundle_dir = os.path.join(local, BUNDLE_SUBDIR)
+        commit_bundle(bundle_dir, cfg.out, endpoint)
+        with open(os.path.join(bundle_dir, "bundle.json")) as f:
             return json.load(f)
 
 
-def _forwarded_env() -> dict[str, str]:
+def _worker_input_error(error: Exception) -> Exception | None:
+    """The worker's own ValueError / FileNotFoundError (bad dataset, weights or config) inside Ray's
+    WorkerGroupError, so callers (the CLI: message and exit 2) see it as in-process runs do."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if isinstance(failures[rank], (ValueError, FileNotFoundError)):
+            return failures[rank]
+    return None
+
+
+def _forwarded_env(endpoint: str | None) -> dict[str, str]:
+    """S3 settings reach the Train controller and workers (actors do not inherit the driver's env)."""
     keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+    return env

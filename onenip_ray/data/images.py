@@ -12,7 +12,7 @@ from io import BytesIO
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
 MIN_SIDE = 8
@@ -51,6 +51,8 @@ def _check_header(data: bytes, name: str, max_pixels: int) -> None:
             (width, height), image_format = header.size, header.format
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); our limit is {max_pixels} px") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a decodable image (unknown format; starts with {data[:12]!r})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a decodable image ({exc})") from exc
     if width * height > max_pixels:

@@ -50,9 +50,24 @@ class OneNIP(nn.Module):
             buggy_v1=config.decoder == "v1",
         )
         self.refiner = Refiner(in_channels, config.refiner_dim)
+        if config.feature_norm == "channel":
+            self.register_buffer("feature_mean", torch.zeros(in_channels))
+            self.register_buffer("feature_std", torch.ones(in_channels))
         for name, p in self.named_parameters():
             if p.dim() > 1 and "pos_embed" not in name and not name.startswith("refiner."):
                 nn.init.xavier_uniform_(p)
+
+    def set_feature_statistics(self, features: torch.Tensor) -> None:
+        """Per-channel mean/std of clean training features (only with ``feature_norm="channel"``)."""
+        if self.config.feature_norm == "channel":
+            self.feature_mean.copy_(features.mean(dim=(0, 2, 3)))
+            self.feature_std.copy_(features.std(dim=(0, 2, 3)).clamp_min(1e-6))
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features as the model sees them (identity unless ``feature_norm="channel"``)."""
+        if self.config.feature_norm != "channel":
+            return features
+        return (features - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
 
     # -- tokens ---------------------------------------------------------------------------
     def _jitter(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,6 +86,9 @@ class OneNIP(nn.Module):
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features (N, C, h, w) → encoded tokens (N, hw, dim). Prompts are encoded once
         and cached at inference (see ``predictor.py``)."""
+        return self._encode(self.standardize(features))
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
         return self.transformer.encode(self.input_proj(self._jitter(self._to_tokens(features))))
 
     def reconstruct(self, encoded_query: torch.Tensor, encoded_prompt: torch.Tensor) -> torch.Tensor:
@@ -95,7 +113,8 @@ class OneNIP(nn.Module):
         and no factor 2 (the released code). ``paper``: L_rec + L_res + 0.5·Dice of Eq. 7.
         """
         n = clean.shape[0]
-        encoded = self.encode(torch.cat([clean, synthetic, prompt]))
+        clean, synthetic, prompt = self.standardize(clean), self.standardize(synthetic), self.standardize(prompt)
+        encoded = self._encode(torch.cat([clean, synthetic, prompt]))
         queries, prompts = encoded[: 2 * n], encoded[2 * n :]
         recon = self.reconstruct(queries, prompts.repeat(2, 1, 1))
         target = torch.cat([clean, clean])
@@ -117,7 +136,8 @@ class OneNIP(nn.Module):
     # -- inference ------------------------------------------------------------------------
     def maps(self, features: torch.Tensor, encoded_prompt: torch.Tensor) -> Maps:
         """Anomaly maps for features (N, C, h, w) given encoded prompt tokens (N, hw, dim)."""
-        recon = self.reconstruct(self.encode(features), encoded_prompt)
+        features = self.standardize(features)
+        recon = self.reconstruct(self._encode(features), encoded_prompt)
         error = recon - features
         size = self.config.image_size
         s_rec = error.norm(dim=1, keepdim=True)

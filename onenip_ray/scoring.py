@@ -1,0 +1,312 @@
+"""Image bytes → result rows (``onenip_ray.schema``), shared by batch scoring and online serving.
+
+Three steps, usable one by one where they run on different workers (Ray Data):
+
+1. ``ScoringSpec.prepare``: guarded decode, resize to the network size and normalise (CPU, no model);
+   an unusable input becomes a ``Prepared`` carrying an ``error`` message, never an exception.
+2. ``Scorer.infer``: one batched forward pass (backbone → prompt retrieval or the given class's
+   prompts → fused map and image score).
+3. ``ScoringSpec.result_row``: calibrated score, decision, regions in original pixels, areas.
+
+``Scorer.score_bytes`` runs all three. The spec holds no weights, so it is cheap to ship to tasks.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from .bundle import Bundle, load_bundle
+from .calibration import Calibration, ClassCalibration, calibrated_score
+from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_image
+from .schema import (
+    CLASS_GIVEN, CLASS_RETRIEVED, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, error_row, utc_now,
+)
+
+Item = tuple[str, bytes, str | None]
+MAP_KEY = "anomaly_map"  # extra key of ``score_bytes(with_maps=True)`` rows: the fused map (S, S) float32
+
+
+@dataclass
+class Prepared:
+    """One input after decoding: the normalised network input, or why there is none."""
+
+    image_uri: str
+    class_name: str | None  # as given by the caller
+    class_index: int  # index of the given class, -1 = retrieve
+    image_sha256: str | None
+    width: int | None
+    height: int | None
+    input: np.ndarray | None  # (3, S, S) float32
+    error: str | None
+    prepare_ms: float
+
+
+@dataclass
+class Inference:
+    """Batched model outputs as numpy arrays."""
+
+    fused: np.ndarray  # (N, S, S) float32
+    scores: np.ndarray  # (N,) float64
+    prompt_index: np.ndarray  # (N,) int64
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """Everything about a bundle that pre- and post-processing need, without its weights."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    prompt_ids: tuple[str, ...]
+    prompt_class: tuple[int, ...]
+    calibration: Calibration
+    score_pool: int
+    model_version: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_regions: int = 100
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, max_pixels: int = DEFAULT_MAX_PIXELS, max_regions: int = 100) -> "ScoringSpec":
+        norm = bundle.meta["normalization"]
+        return cls(
+            image_size=bundle.config.image_size, mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+            class_names=tuple(bundle.classes), prompt_ids=tuple(bundle.pool.prompt_ids),
+            prompt_class=tuple(int(c) for c in bundle.pool.class_index.tolist()), calibration=bundle.calibration,
+            score_pool=bundle.config.score_pool, model_version=bundle.version, max_pixels=max_pixels, max_regions=max_regions,
+        )
+
+    def prepare(self, image_uri: str, data: bytes, class_name: str | None = None) -> Prepared:
+        """Check the class, decode with guards, resize and normalise; failures land in ``error``."""
+        start = time.perf_counter()
+        sha = hashlib.sha256(data).hexdigest()
+        prepared = Prepared(image_uri, class_name, -1, sha, None, None, None, None, 0.0)
+        if class_name is not None and class_name not in self.class_names:
+            prepared.error = f"{image_uri}: unknown class {class_name!r}; this model knows {', '.join(self.class_names)}"
+        else:
+            if class_name is not None:
+                prepared.class_index = self.class_names.index(class_name)
+            try:
+                image = decode_image(data, name=image_uri, max_pixels=self.max_pixels)
+                prepared.height, prepared.width = image.shape[:2]
+                prepared.input = normalize(resize_image(image, self.image_size), self.mean, self.std)
+            except ImageError as exc:
+                prepared.error = str(exc)
+            except cv2.error as exc:
+                prepared.error = f"{image_uri}: OpenCV failed to decode or resize: {exc.err or exc}"
+            except Exception as exc:  # a decoder bug on one input must not fail its whole batch
+                prepared.error = f"{image_uri}: cannot decode ({type(exc).__name__}: {exc})"
+        prepared.prepare_ms = (time.perf_counter() - start) * 1e3
+        return prepared
+
+    def class_calibration(self, class_name: str) -> ClassCalibration:
+        return self.calibration.per_class[class_name]
+
+    def result_row(
+        self,
+        prepared: Prepared,
+        fused: np.ndarray,
+        score_raw: float,
+        prompt_index: int,
+        *,
+        run_id: str,
+        run_date: dt.date,
+        upstream_ms: float,
+        threshold_override: float | None = None,
+        heatmap_uri: str | None = None,
+    ) -> dict[str, Any]:
+        """The ``status=ok`` row for one image from its fused map (network resolution) and score;
+        ``latency_ms`` is ``upstream_ms`` (decode, model batch) plus this post-processing."""
+        start = time.perf_counter()
+        class_name = self.class_names[self.prompt_class[prompt_index]]
+        cal = self.class_calibration(class_name)
+        threshold = cal.threshold_raw if threshold_override is None else float(threshold_override)
+        is_anomalous = score_raw > threshold
+        regions, area = ([], 0) if not is_anomalous else find_regions(
+            fused, threshold, self.score_pool, prepared.width, prepared.height, include_peak=True)
+        row = dict.fromkeys(RESULT_COLUMNS)
+        row.update(
+            image_uri=prepared.image_uri, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
+            class_name=class_name, class_source=CLASS_GIVEN if prepared.class_name is not None else CLASS_RETRIEVED,
+            prompt_id=self.prompt_ids[prompt_index], score_raw=float(score_raw),
+            score=float(calibrated_score(score_raw, cal, threshold)), threshold_raw=threshold,
+            threshold_source=THRESHOLD_PER_CLASS if threshold_override is None else THRESHOLD_MANUAL,
+            is_anomalous=bool(is_anomalous), defect_area_px=area,
+            defect_area_pct=100.0 * area / (prepared.width * prepared.height), max_pixel_score=float(fused.max()),
+            num_regions=len(regions), regions=regions[: self.max_regions], heatmap_uri=heatmap_uri, status=STATUS_OK,
+            model_version=self.model_version, run_id=run_id, run_date=run_date, scored_at=utc_now(),
+            latency_ms=upstream_ms + (time.perf_counter() - start) * 1e3,
+        )
+        return row
+
+    def error_row(self, prepared: Prepared, *, run_id: str, run_date: dt.date) -> dict[str, Any]:
+        """The ``status=error`` row for an input that could not be scored."""
+        return error_row(
+            prepared.image_uri, prepared.error or "unknown error", model_version=self.model_version, run_id=run_id,
+            run_date=run_date, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
+            class_name=prepared.class_name, latency_ms=prepared.prepare_ms,
+        )
+
+
+def smoothed_map(fused: np.ndarray, pool: int) -> np.ndarray:
+    """Same-size k×k mean filter whose maximum is the image score (``image_scores``): each pixel
+    takes the mean of the k×k window centred on it, shifted to lie inside the map at the borders."""
+    height, width = fused.shape
+    k = min(pool, height, width)
+    box = cv2.blur(np.ascontiguousarray(fused, np.float32), (k, k), borderType=cv2.BORDER_REPLICATE)
+    half = k // 2
+    rows = np.clip(np.arange(height), half, height - k + half)
+    cols = np.clip(np.arange(width), half, width - k + half)
+    return box[np.ix_(rows, cols)]
+
+
+def _pixel_edges(size: int, original: int) -> np.ndarray:
+    """Map pixel i covers original pixels [edges[i], edges[i+1]) under nearest-neighbour upscaling."""
+    return (np.arange(size + 1, dtype=np.int64) * original + size - 1) // size
+
+
+def find_regions(
+    fused: np.ndarray, threshold: float, pool: int, width: int, height: int, include_peak: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Connected components (8-connected) of ``smoothed_map(fused) > threshold``, in original pixels.
+
+    Returns all regions sorted by ``peak_score`` (the smoothed map's maximum inside, raw units)
+    descending, and the total defect area in original pixels. Regions covering no original pixel
+    (originals smaller than the map) are dropped. ``include_peak`` also marks the map's maximum:
+    for an image already judged anomalous by its score, which can exceed the threshold by less
+    than the two filters' float rounding differ.
+    """
+    smooth = smoothed_map(fused, pool)
+    mask = (smooth > threshold).astype(np.uint8)
+    if include_peak:
+        mask.flat[int(np.argmax(smooth))] = 1
+    if not mask.any():
+        return [], 0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    rows, cols = _pixel_edges(fused.shape[0], height), _pixel_edges(fused.shape[1], width)
+    weights = np.outer(np.diff(rows), np.diff(cols)).ravel()
+    areas = np.bincount(labels.ravel(), weights=weights, minlength=count).round().astype(np.int64)
+    peaks = np.full(count, -np.inf)
+    inside = labels > 0
+    np.maximum.at(peaks, labels[inside], smooth[inside].astype(np.float64))
+    regions = []
+    for label in range(1, count):
+        if areas[label] == 0:
+            continue
+        x, y, w, h = (int(v) for v in stats[label, :4])
+        regions.append({
+            "x": int(cols[x]), "y": int(rows[y]), "w": int(cols[x + w] - cols[x]), "h": int(rows[y + h] - rows[y]),
+            "area_px": int(areas[label]), "peak_score": float(peaks[label]),
+        })
+    regions.sort(key=lambda r: -r["peak_score"])
+    return regions, int(sum(r["area_px"] for r in regions))
+
+
+def heat_levels(fused: np.ndarray, cal: ClassCalibration, threshold: float | None = None) -> np.ndarray:
+    """uint8 levels with the class's statistics (not per image): ``map_low`` → 0, threshold → 128."""
+    thr = cal.threshold_raw if threshold is None else threshold
+    span = max(thr - cal.map_low, 1e-6)
+    return (np.clip(0.5 * (fused - cal.map_low) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_heatmap(fused: np.ndarray, cal: ClassCalibration, threshold: float | None = None) -> bytes:
+    """The fused map as a TURBO-coloured PNG at network resolution (see ``heat_levels``)."""
+    colour = cv2.applyColorMap(heat_levels(fused, cal, threshold), cv2.COLORMAP_TURBO)
+    return cv2.imencode(".png", colour)[1].tobytes()
+
+
+def render_overlay(
+    image_rgb: np.ndarray, fused: np.ndarray, cal: ClassCalibration, regions: list[dict[str, Any]],
+    threshold: float | None = None, quality: int = 90,
+) -> bytes:
+    """JPEG of the original image with the heat map blended where it is above ``map_low`` and the
+    regions' boxes drawn (original resolution)."""
+    height, width = image_rgb.shape[:2]
+    levels = cv2.resize(heat_levels(fused, cal, threshold), (width, height), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)
+    image_bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    alpha = np.where(levels > 0, 0.45, 0.0)[..., None]
+    out = (image_bgr * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    thickness = max(1, round(max(width, height) / 300))
+    for r in regions:
+        cv2.rectangle(out, (r["x"], r["y"]), (r["x"] + r["w"] - 1, r["y"] + r["h"] - 1), (255, 255, 255), thickness)
+    return cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+class Scorer:
+    """A loaded model that turns image bytes into result rows (batch job and online service)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        run_id: str | None = None,
+        run_date: dt.date | None = None,
+    ) -> None:
+        self.spec = ScoringSpec.from_bundle(bundle, max_pixels)
+        self.predictor = bundle.predictor(device)
+        self.batch_size = batch_size
+        self.run_id = run_id or f"adhoc-{uuid.uuid4().hex[:8]}"
+        self.run_date = run_date
+
+    @classmethod
+    def from_uri(cls, uri: str, endpoint: str | None = None, **kwargs: Any) -> "Scorer":
+        return cls(load_bundle(uri, endpoint), **kwargs)
+
+    @torch.inference_mode()
+    def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
+        """Normalised inputs (N, 3, S, S) float32; ``class_index`` (N,), -1 = retrieve the class."""
+        start = time.perf_counter()
+        p = self.predictor
+        feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
+        class_index = np.asarray(class_index, np.int64)
+        n, size = len(inputs), self.spec.image_size
+        fused = torch.empty((n, size, size), device=p.device)
+        scores = torch.empty(n, device=p.device)
+        prompt_index = torch.empty(n, dtype=torch.int64, device=p.device)
+        for given in (True, False):
+            rows = np.flatnonzero((class_index >= 0) == given)
+            if not len(rows):
+                continue
+            idx = torch.from_numpy(rows).to(p.device)
+            pred = p.predict_features(feats[idx], torch.from_numpy(class_index[rows]) if given else None)
+            fused[idx], scores[idx], prompt_index[idx] = pred.fused, pred.scores, pred.prompt_index
+        return Inference(fused.cpu().numpy(), scores.double().cpu().numpy(), prompt_index.cpu().numpy(), time.perf_counter() - start)
+
+    def score_bytes(
+        self, items: list[Item], threshold_override: float | None = None, with_maps: bool = False
+    ) -> list[dict[str, Any]]:
+        """One result row per ``(image_uri, bytes, class_name or None)``, in order; bad inputs give
+        ``status=error`` rows. ``with_maps`` adds ``MAP_KEY`` (the fused map) to ok rows."""
+        run_date = self.run_date or utc_now().date()
+        prepared = [self.spec.prepare(uri, data, cls) for uri, data, cls in items]
+        rows: list[dict[str, Any] | None] = [None] * len(prepared)
+        good = [i for i, p in enumerate(prepared) if p.error is None]
+        for start in range(0, len(good), self.batch_size):
+            chunk = good[start : start + self.batch_size]
+            out = self.infer(np.stack([prepared[i].input for i in chunk]), np.array([prepared[i].class_index for i in chunk]))
+            for j, i in enumerate(chunk):
+                row = self.spec.result_row(
+                    prepared[i], out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), run_id=self.run_id,
+                    run_date=run_date, upstream_ms=prepared[i].prepare_ms + out.seconds * 1e3,
+                    threshold_override=threshold_override,
+                )
+                if with_maps:
+                    row[MAP_KEY] = out.fused[j]
+                rows[i] = row
+        for i, p in enumerate(prepared):
+            if p.error is not None:
+                rows[i] = self.spec.error_row(p, run_id=self.run_id, run_date=run_date)
+        return rows  # type: ignore[return-value]

@@ -1,0 +1,184 @@
+"""OneNIP's losses, inference maps, fusion and image scores on a tiny (4×4 grid) model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onenip_ray.config import ModelConfig
+from onenip_ray.model import onenip as onenip_module
+from onenip_ray.model.onenip import Maps, OneNIP, dice_loss, fuse, image_scores
+
+C = 24
+TINY = ModelConfig(image_size=64, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+                   dim_feedforward=64, refiner_dim=8)
+
+
+@pytest.fixture
+def model() -> OneNIP:
+    torch.manual_seed(0)
+    return OneNIP(TINY, C)
+
+
+def _batch(n: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(n, C, 4, 4, generator=g)
+    synthetic = clean.clone()
+    synthetic[:, :, 1:3, 1:3] += 3.0
+    masks = torch.zeros(n, 64, 64)
+    masks[:, 16:48, 16:48] = 1.0
+    prompt = torch.randn(n, C, 4, 4, generator=g)
+    return clean, synthetic, masks, prompt
+
+
+def test_training_losses_are_finite_and_backward_reaches_every_parameter(model):
+    model.train()
+    losses = model.training_losses(*_batch())
+    assert all(torch.isfinite(t) for t in losses)
+    assert losses.mse > 0 and 0 < losses.dice < 1
+    assert torch.allclose(losses.total, losses.mse + 0.5 * losses.dice)
+    assert losses.total.requires_grad and not losses.mse.requires_grad
+    losses.total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.forward == model.training_losses
+
+
+def test_a_training_step_lowers_the_loss(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = _batch()
+    model.eval()  # no jitter, no dropout: the loss is a deterministic function of the weights
+    first = model.training_losses(*batch).total
+    for _ in range(5):
+        opt.zero_grad()
+        model.training_losses(*batch).total.backward()
+        opt.step()
+    assert model.training_losses(*batch).total < first
+
+
+def test_loss_forms_use_the_documented_dice(model, monkeypatch):
+    calls = []
+
+    def spy(logits, masks, smooth, factor):
+        calls.append((logits.shape, masks.clone(), smooth, factor))
+        return dice_loss(logits, masks, smooth, factor)
+
+    monkeypatch.setattr(onenip_module, "dice_loss", spy)
+    clean, synthetic, masks, prompt = _batch(n=2)
+    model.train()
+    torch.manual_seed(5)
+    official = model.training_losses(clean, synthetic, masks, prompt, loss_form="official")
+    torch.manual_seed(5)
+    paper = model.training_losses(clean, synthetic, masks, prompt, loss_form="paper")
+    (shape_o, masks_o, smooth_o, factor_o), (_, _, smooth_p, factor_p) = calls
+    assert (smooth_o, factor_o) == (1.0, 1.0)
+    assert (smooth_p, factor_p) == (1e-6, 2.0)
+    # refiner targets: zeros for the reconstruction stream, the synthetic masks for restoration
+    assert shape_o == (4, 64, 64)
+    assert torch.equal(masks_o, torch.cat([torch.zeros_like(masks), masks]))
+    # same RNG → same reconstruction: the paper sums L_rec + L_res (twice the mean MSE)
+    assert torch.allclose(paper.mse, 2 * official.mse)
+    assert torch.allclose(paper.total, paper.mse + 0.5 * paper.dice)
+    with pytest.raises(ValueError, match="loss_form"):
+        model.training_losses(clean, synthetic, masks, prompt, loss_form="other")
+
+
+def _hand_dice(logits: list[list[float]], masks: list[list[float]], smooth: float, factor: float) -> float:
+    losses = []
+    for row_l, row_t in zip(logits, masks):
+        p = [1 / (1 + math.exp(-v)) for v in row_l]
+        inter = sum(a * b for a, b in zip(p, row_t))
+        num = factor * inter + smooth
+        den = sum(a * a for a in p) + sum(b * b for b in row_t) + smooth
+        losses.append(1 - num / den)
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("smooth, factor", [(1.0, 1.0), (1e-6, 2.0)], ids=["official", "paper"])
+def test_dice_loss_matches_a_hand_computation(smooth, factor):
+    logits = [[0.0, 2.0, -1.0, 3.0], [-2.0, -2.0, 0.5, 1.0]]
+    masks = [[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    got = dice_loss(torch.tensor(logits).view(2, 2, 2), torch.tensor(masks).view(2, 2, 2), smooth, factor)
+    assert float(got) == pytest.approx(_hand_dice(logits, masks, smooth, factor), rel=1e-6)
+
+
+def test_dice_forms_on_a_perfect_prediction():
+    """With factor 2 a perfect mask costs ~0; the official form (factor 1) bottoms out near 0.5."""
+    masks = torch.zeros(1, 8, 8)
+    masks[0, 2:6, 2:6] = 1.0
+    logits = (masks * 2 - 1) * 50.0
+    assert float(dice_loss(logits, masks, smooth=1e-6, factor=2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(logits, masks, smooth=1.0, factor=1.0)) == pytest.approx(1 - 17 / 33, abs=1e-6)
+    # an empty target with an empty prediction: official smoothing gives 0, not NaN
+    assert float(dice_loss(torch.full((1, 8, 8), -50.0), torch.zeros(1, 8, 8), 1.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+@torch.no_grad()
+def test_eval_mode_is_deterministic_and_training_mode_is_not(model):
+    feats = _batch()[0]
+    model.eval()
+    prompt = model.encode(_batch()[3])
+    a, b = model.maps(feats, prompt), model.maps(feats, prompt)
+    assert torch.equal(a.reconstruction, b.reconstruction) and torch.equal(a.refiner, b.refiner)
+    tokens = model._to_tokens(feats)
+    assert model._jitter(tokens) is tokens
+    model.train()
+    assert not torch.equal(model.encode(feats), model.encode(feats))  # jitter + dropout
+
+
+@torch.no_grad()
+def test_maps_have_input_resolution_and_match_the_feature_error(model):
+    model.eval()
+    feats, _, _, prompt_feats = _batch(n=2)
+    prompt = model.encode(prompt_feats)
+    maps = model.maps(feats, prompt)
+    assert maps.reconstruction.shape == (2, 64, 64) and maps.refiner.shape == (2, 64, 64)
+    assert float(maps.refiner.min()) >= 0.0 and float(maps.refiner.max()) <= 1.0
+    error = (model.reconstruct(model.encode(feats), prompt) - feats).norm(dim=1)  # (2, 4, 4)
+    # align_corners=True: the corner pixels are the corner grid cells exactly
+    assert torch.allclose(maps.reconstruction[:, 0, 0], error[:, 0, 0], atol=1e-5)
+    assert torch.allclose(maps.reconstruction[:, -1, -1], error[:, -1, -1], atol=1e-5)
+    assert float(maps.reconstruction.max()) <= float(error.max()) + 1e-5
+
+
+def test_image_scores_are_the_max_of_the_mean_pooled_map():
+    rng = np.random.default_rng(0)
+    fused = rng.random((2, 20, 20)).astype(np.float32)
+    k = 4
+    expected = [max(fused[n, y:y + k, x:x + k].mean() for y in range(20 - k + 1) for x in range(20 - k + 1)) for n in range(2)]
+    got = image_scores(torch.from_numpy(fused), k)
+    assert got.shape == (2,)
+    assert np.allclose(got.numpy(), expected, atol=1e-6)
+    spike = torch.zeros(1, 32, 32)
+    spike[0, 10, 10] = 8.0
+    assert float(image_scores(spike, 16)) == pytest.approx(8.0 / 256)
+    assert torch.allclose(image_scores(torch.from_numpy(fused), 1), torch.from_numpy(fused).flatten(1).amax(1))
+
+
+def test_fuse_official_and_paper():
+    maps = Maps(reconstruction=torch.full((1, 4, 4), 2.0), refiner=torch.full((1, 4, 4), 0.5))
+    official = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="official"), rec_scale=3.0)
+    paper = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="paper"), rec_scale=3.0)
+    assert torch.allclose(official, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 3.0 * 0.5))
+    assert torch.allclose(paper, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 0.5))
+    only_rec = fuse(maps, ModelConfig(image_size=64, alpha=0.0), rec_scale=3.0)
+    assert torch.equal(only_rec, maps.reconstruction)
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ModelConfig(image_size=100)
+    with pytest.raises(ValueError, match="decoder"):
+        ModelConfig(decoder="v3")
+    with pytest.raises(ValueError, match="fusion"):
+        ModelConfig(fusion="sum")
+    with pytest.raises(ValueError, match="alpha"):
+        ModelConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**TINY.to_dict(), "extra": 1})
+    assert ModelConfig.from_dict(TINY.to_dict()) == TINY
+    assert TINY.grid == 4

@@ -1,0 +1,130 @@
+"""End to end on the tiny generated dataset: Ray Train (in-process and, marked slow, on the
+session's local Ray cluster from conftest), the bundle it writes, and evaluation
+(metrics.json + predictions.parquet)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from onenip_ray.bundle import load_bundle
+from onenip_ray.config import ModelConfig, TrainConfig
+from onenip_ray.data.layouts import read_dataset
+from onenip_ray.evaluate import evaluate
+from onenip_ray.train import run_training
+from onenip_ray.training_data import load_images
+
+METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro")
+TINY = ModelConfig(image_size=64)
+
+
+def _config(root, out, **overrides) -> TrainConfig:
+    kwargs = dict(data=(str(root),), out=str(out), num_workers=0, epochs=1, batch_size=4, model=TINY)
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bundle):
+    """The session's in-process run (conftest ``tiny_bundle``: ``run_training`` with num_workers=0,
+    1 epoch, batch 4, 64 px on ``tiny_dataset``): its bundle.json and path."""
+    with open(f"{tiny_bundle}/bundle.json") as f:
+        meta = json.load(f)
+    cfg = meta["training"]["config"]
+    assert (cfg["num_workers"], cfg["epochs"], cfg["batch_size"], cfg["model"]["image_size"]) == (0, 1, 4, 64)
+    return meta, tiny_bundle
+
+
+def test_in_process_training_writes_a_bundle_that_loads_and_scores(trained, tiny_dataset):
+    meta, out = trained
+    training = meta["training"]
+    assert len(training["history"]) == 1 and training["epochs"] == 1
+    assert training["workers"] == 1
+    # 12 normals per class, 10 % held out for calibration → 1 per class
+    assert training["train_images"] == 22 and training["calibration_images"] == 2
+    assert all(math.isfinite(training["history"][0][k]) for k in ("loss", "mse", "dice"))
+    assert meta["classes"] == ["disc", "stripes"] and set(meta["thresholds"]) == {"disc", "stripes"}
+
+    bundle = load_bundle(out)
+    assert bundle.version == meta["version"]
+    assert bundle.config == TINY
+    assert bundle.meta["backbone"]["channels"] == 192
+    samples = [s for s in read_dataset("mvtec", str(tiny_dataset)) if s.split == "test"]
+    images = load_images(samples, 64)
+    pred = bundle.predictor().predict(images)
+    assert pred.fused.shape == (12, 64, 64)
+    assert torch.isfinite(pred.scores).all() and (pred.scores > 0).all()
+    truth = [bundle.classes.index(s.class_name) for s in samples]
+    assert pred.class_index.tolist() == truth  # disc and stripes are told apart by retrieval
+
+
+def test_evaluate_writes_metrics_and_one_row_per_test_image(trained, tiny_dataset, tmp_path):
+    meta, out = trained
+    report = evaluate(out, [("mvtec", str(tiny_dataset))], str(tmp_path / "eval"))
+    with open(tmp_path / "eval" / "metrics.json") as f:
+        written = json.load(f)
+    assert written["model_version"] == meta["version"] == report["model_version"]
+    assert set(written["per_class"]) == {"disc", "stripes"}
+    for name, m in written["per_class"].items():
+        assert m["num_images"] == 6
+        for key in METRICS:
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+    for key in METRICS:
+        assert 0.0 <= written["mean"][key] <= 1.0
+        assert written["mean"][key] == pytest.approx(np.mean([m[key] for m in written["per_class"].values()]))
+    assert written["routing_accuracy"] == 1.0
+    assert written["prompt_mode"] == "retrieval" and written["num_images"] == 12
+
+    table = pq.read_table(tmp_path / "eval" / "predictions.parquet")
+    assert table.num_rows == 12
+    rows = table.to_pylist()
+    test_files = sorted(str(p) for p in tiny_dataset.glob("*/test/*/*.png"))
+    assert sorted(r["image_uri"] for r in rows) == test_files
+    assert sum(r["label"] for r in rows) == 6
+    assert {r["defect"] for r in rows if r["label"]} == {"defect"}
+    for r in rows:
+        assert 0.0 <= r["score"] <= 1.0
+        assert r["is_anomalous"] == (r["score_raw"] > r["threshold_raw"])
+        assert r["threshold_raw"] == pytest.approx(meta["thresholds"][r["class_name"]])
+
+
+def test_evaluate_with_oracle_classes(trained, tiny_dataset, tmp_path):
+    _, out = trained
+    report = evaluate(out, [("mvtec", str(tiny_dataset))], str(tmp_path / "eval"), classes=["stripes"], oracle=True)
+    assert report["prompt_mode"] == "oracle"
+    assert set(report["per_class"]) == {"stripes"} and report["num_images"] == 6
+    assert report["routing_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path):
+    out = tmp_path / "bundle"
+    meta = run_training(_config(tiny_dataset, out, num_workers=2, epochs=2), storage_path=str(tmp_path / "ray"))
+    assert len(meta["training"]["history"]) == 2
+    assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
+    assert meta["training"]["workers"] == 2
+    bundle = load_bundle(str(out))
+    assert bundle.version == meta["version"]
+    images = load_images([s for s in read_dataset("mvtec", str(tiny_dataset)) if s.split == "test"][:4], 64)
+    assert torch.isfinite(bundle.predictor().predict(images).scores).all()
+    # the named run now has checkpoints under the storage path: starting it again is refused
+    assert (tmp_path / "ray" / "onenip-bundle" / "checkpoint_manager_snapshot.json").is_file()
+    with pytest.raises(ValueError, match="already exists"):
+        run_training(_config(tiny_dataset, out, num_workers=2, epochs=2), storage_path=str(tmp_path / "ray"))
+
+
+@pytest.mark.slow
+def test_cli_dataset_error_raised_in_a_ray_worker_exits_2(ray_cluster, tmp_path, capsys):
+    """The error is raised inside a Train worker (wrapped by Ray in WorkerGroupError); the CLI still
+    prints the worker's message and exits 2 instead of a traceback."""
+    from onenip_ray.cli import main
+
+    missing = tmp_path / "nowhere"
+    code = main(["train", "--data", str(missing), "--out", str(tmp_path / "bundle"), "--num-workers", "1",
+                 "--max-failures", "0", "--epochs", "1", "--image-size", "64", "--storage-path", str(tmp_path / "ray")])
+    assert code == 2
+    assert f"onenip train: error: dataset root {missing} does not exist" in capsys.readouterr().err
