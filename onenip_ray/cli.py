@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--calibration-fraction", type=float, default=0.1, help="training normals held out for thresholds")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
     train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
-    train.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue the named run if it has checkpoints, else start it (for jobs retried as a whole)")
     train.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every N epochs (0 = only at the end)")
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
     train.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes for anomaly synthesis per trainer")
@@ -72,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
     sc.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per decode / post-processing task")
     sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
+    sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C")
+    sv.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=16, help="images per model forward pass (1 = no batching)")
+    sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
     return parser
 
 
@@ -118,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
         prompts_per_class=args.prompts_per_class, checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
         loader_workers=args.loader_workers, precision=args.precision, model=model,
     )
-    meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name, resume=args.resume)
+    meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name,
+                        resume="auto" if args.auto_resume else args.resume)
     return {"bundle": args.out, "version": meta["version"], "classes": meta["classes"], "thresholds": meta["thresholds"],
             "epochs": [{k: round(v, 5) for k, v in h.items()} for h in meta["training"]["history"]]}
 
@@ -147,7 +158,38 @@ def cmd_score(args: argparse.Namespace) -> dict:
                                     "images_per_second", "wall_seconds")}
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score}
+def cmd_serve(args: argparse.Namespace) -> dict:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from . import storage
+    from .bundle import META_FILE
+    from .serve import ServeArgs, build_app
+
+    settings = ServeArgs(bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size)
+    if not storage.exists(storage.join(args.bundle, META_FILE), args.s3_endpoint):
+        raise FileNotFoundError(f"{args.bundle} is not a model bundle: {META_FILE} not found")
+    ray.init(address="local")  # replicas inherit this process's environment (AWS_*, ONENIP_API_TOKEN)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}), name="onenip", route_prefix="/")
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        print(f"OneNIP scoring at {url}/v1/score (API docs {url}/docs); Ctrl-C stops", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too: container and service managers stop with it
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return {"url": url, "stopped": True}
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,12 +224,16 @@ def default_run_name(out: str) -> str:
 
 
 def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: str | None = None,
-                 run_name: str | None = None, resume: bool = False) -> dict[str, Any]:
+                 run_name: str | None = None, resume: bool | str = False) -> dict[str, Any]:
     """Run a ``TorchTrainer`` (``num_workers=0`` = in-process) and commit the bundle to ``cfg.out``.
 
     Runs are named (default ``onenip-<out basename>``) under ``storage_path``; an existing run is
     continued only with ``resume=True``, otherwise it is an error (no silent restarts).
+    ``resume="auto"`` continues the run if it has checkpoints and starts it otherwise: the mode
+    for jobs that are retried as a whole (KubeRay ``backoffLimit``, resubmitted ``ray job``).
     """
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -238,9 +242,9 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     run_name = run_name or default_run_name(cfg.out)
     run_uri = storage.join(storage_path, run_name)
     exists = storage.exists(storage.join(run_uri, "checkpoint_manager_snapshot.json"), endpoint)
-    if exists and not resume:
+    if exists and resume is False:
         raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, or a new --run-name")
-    if resume and not exists:
+    if resume is True and not exists:
         raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
@@ -293,9 +297,16 @@ def _worker_input_error(error: Exception) -> Exception | None:
 
 
 def _forwarded_env(endpoint: str | None) -> dict[str, str]:
-    """S3 settings reach the Train controller and workers (actors do not inherit the driver's env)."""
+    """S3 settings reach the Train controller and workers (actors do not inherit the driver's env).
+
+    In a submitted job (``ray job submit``, KubeRay RayJob) the variables the job's runtime_env
+    already sets are left out: they reach every worker anyway, and ``ray.init`` refuses a driver
+    runtime_env that repeats one of the job's env var keys ("Failed to merge the Job's runtime env").
+    """
     keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
     env = {k: os.environ[k] for k in keys if k in os.environ}
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
-    return env
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray for job drivers
+    from_job = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in from_job}

