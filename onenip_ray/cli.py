@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch-size", type=int, default=16, help="images per model forward pass (1 = no batching)")
     sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
+    rp = sub.add_parser("report", help="static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)")
+    rp.add_argument("--bundle", required=True, help="model bundle (local or s3://); re-scores the gallery images")
+    source = rp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--evaluation", default=None, help="output directory of `onenip evaluate` (metrics.json, predictions.parquet)")
+    source.add_argument("--scores", default=None, help="one partition OUTPUT/run_date=YYYY-MM-DD/ of `onenip score`, or one of its Parquet files")
+    rp.add_argument("--out", required=True, help="report folder (local or s3://): index.html, figures/, gallery/")
+    rp.add_argument("--gallery-size", type=int, default=24, help="images per gallery section (false positives, false negatives, ...)")
+    rp.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
     return parser
 
 
@@ -189,7 +198,15 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {"url": url, "stopped": True}
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve}
+def cmd_report(args: argparse.Namespace) -> dict:
+    from .report import build_report
+
+    return build_report(args.bundle, args.out, evaluation=args.evaluation, scores=args.scores, endpoint=args.s3_endpoint,
+                        gallery_size=args.gallery_size)
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

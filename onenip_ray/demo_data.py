@@ -55,7 +55,7 @@ def _washer(rng: np.random.Generator, size: int) -> np.ndarray:
     r = np.hypot(x - c[0], y - c[1])
     theta = np.arctan2(y - c[1], x - c[0])
     light = rng.uniform(-0.3, 0.3) - np.pi / 4
-    bench = _BACKGROUND["washer"] + 4 * cv2.blur(rng.normal(0, 1, (size, size)).astype(np.float32), (5, 5))
+    bench = _BACKGROUND["washer"][0] + 4 * cv2.blur(rng.normal(0, 1, (size, size)).astype(np.float32), (5, 5))
     metal = (150 + 6 * np.sin(2 * np.pi * r / 2.3) + 45 * np.cos(theta - light) ** 8
              - 35 * np.clip((r - (outer - 0.05 * size)) / (0.05 * size), 0, 1))  # darker chamfer
     metal += 2 * rng.normal(0, 1, (size, size))
@@ -136,7 +136,7 @@ def _paint(class_name: str, image: np.ndarray, kind: str, rng: np.random.Generat
         u, v = (x - cx) / rx, (y - cy) / ry
         inside = np.clip(1 - (u**2 + v**2), 0, 1)
         relief = (u + v) / np.sqrt(2) * inside  # slope of the dent along the light direction
-        img = img * (1 + 0.55 * relief[..., None])
+        img = img * (1 + 0.8 * relief[..., None])
     elif kind == "stain":  # an irregular translucent brownish blot with soft edges
         blob = cv2.GaussianBlur(_blob(rng, size, (cx, cy), rng.uniform(0.06, 0.11) * size), (0, 0), 1.2)
         a = blob.astype(np.float32)[..., None] / 255.0 * rng.uniform(0.55, 0.75)

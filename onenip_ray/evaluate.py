@@ -67,6 +67,7 @@ def evaluate(
             rows.append({
                 "image_uri": s.uri, "class_name": s.class_name, "routed_class": names[int(pred.class_index[i])],
                 "prompt_id": bundle.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(s.label), "defect": s.defect,
+                "mask_uri": s.mask_uri if s.label else None,
                 "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
                 "is_anomalous": raw > cal.threshold_raw,
             })

@@ -1,8 +1,9 @@
 """Training at scale (issue 5): S3 in and out on a real S3 server (moto), worker-failure recovery on
 a two-node Ray cluster, resuming a stopped run from the CLI, and bf16 autocast vs fp32 numerics.
 
-Timings on the 2-core CI box: S3 ≈ 20 s, two-node failover ≈ 50 s (own Ray instance in a
-subprocess), resume ≈ 40 s, bf16 ≈ 3 s (plus the session's tiny bundle when not built yet).
+Timings on a busy 2-core box (whole file ≈ 2 min): S3 ≈ 25–35 s (+6 s session Ray start),
+two-node failover ≈ 52 s (its own Ray instance, in a subprocess), resume ≈ 35–43 s, the rest < 2 s
+each (plus the session's tiny bundle when not built yet).
 """
 from __future__ import annotations
 

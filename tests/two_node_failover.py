@@ -39,7 +39,10 @@ def _kill_one_worker_after_first_checkpoint(run_dir: str, killed: dict, stop: th
     while len(workers) < 2:
         if stop.wait(0.2):
             return
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        try:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        except Exception:  # the dashboard's state API may still be starting: ask again
+            workers = []
     killed["worker_nodes"] = sorted({w.node_id for w in workers})
     snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
     while not os.path.exists(snapshot):
@@ -60,11 +63,13 @@ def main(data_root: str, work: str) -> None:
     from onenip_ray.train import run_training
 
     temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: unix sockets live here
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": True, "dashboard_port": _free_port(),
-        "object_store_memory": 128 * 2**20,
-    })
+    cluster = None
     try:
+        # the dashboard serves the state API (list_actors)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": True, "dashboard_port": _free_port(),
+            "object_store_memory": 128 * 2**20,
+        })
         cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
         ray.init(address=cluster.address, configure_logging=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -85,7 +90,8 @@ def main(data_root: str, work: str) -> None:
             json.dump({"meta": meta, "killed": killed}, f)
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
