@@ -46,7 +46,7 @@ class Bundle:
         return self.pool.class_names
 
     def predictor(self, device: str | torch.device = "cpu") -> Predictor:
-        return Predictor(self.backbone, self.model, self.pool, self.calibration.rec_scale, device)
+        return Predictor(self.backbone, self.model, self.pool, self.calibration.rec_scale, device, self.calibration.alpha)
 
 
 def write_bundle(

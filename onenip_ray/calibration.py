@@ -1,5 +1,9 @@
 """Per-class thresholds and map statistics from held-out training normals (no test labels).
 
+Fusion weight (``fusion="calibrated"``): α ∈ {0, 0.25, 0.5, 0.75, 1} maximising pixel AUROC on the
+held-out normals and their synthetic-anomaly copies (known masks; no test data). A well-trained
+reconstruction branch earns its weight; one that a short run left uninformative does not.
+
 Rule (documented in the README): for each class, the held-out normal images are scored with the
 class's own prompts; ``threshold_raw = margin × Q_q(scores)`` (defaults q = 0.99, margin = 1.1).
 The calibrated score is ``sigmoid((raw − threshold) / scale)`` with ``scale`` the spread of the
@@ -15,6 +19,8 @@ import numpy as np
 import torch
 
 from .data.synthesis import AnomalySynthesizer
+from .metrics import pixel_auroc
+from .model.onenip import Maps, fuse
 from .predictor import Predictor
 
 
@@ -27,22 +33,29 @@ class ClassCalibration:
     num_images: int
 
 
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 @dataclass
 class Calibration:
     rec_scale: float
     quantile: float
     margin: float
     per_class: dict[str, ClassCalibration]
+    alpha: float = 0.5
+    alpha_auroc: dict[str, float] | None = None  # calibration pixel AUROC per candidate α
 
     def to_dict(self) -> dict:
         return {"rec_scale": self.rec_scale, "quantile": self.quantile, "margin": self.margin,
+                "alpha": self.alpha, "alpha_auroc": self.alpha_auroc,
                 "rule": f"threshold_raw = {self.margin} x Q{self.quantile}(held-out normal scores)",
                 "per_class": {k: asdict(v) for k, v in self.per_class.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(rec_scale=float(d["rec_scale"]), quantile=float(d["quantile"]), margin=float(d["margin"]),
-                   per_class={k: ClassCalibration(**v) for k, v in d["per_class"].items()})
+                   per_class={k: ClassCalibration(**v) for k, v in d["per_class"].items()},
+                   alpha=float(d.get("alpha", 0.5)), alpha_auroc=d.get("alpha_auroc"))
 
 
 def calibrate(
@@ -57,14 +70,23 @@ def calibrate(
     """Fit ``rec_scale`` and the per-class thresholds; sets ``predictor.rec_scale``."""
     rng = np.random.default_rng(seed)
     names = predictor.class_names
-    rec_lo, rec_hi = np.inf, -np.inf
+    rec_maps, ref_maps, masks = [], [], []
     for cls, images in normals.items():
-        synthetic = np.stack([synthesizer(img, rng)[0] for img in images])
-        for batch in _batches(np.concatenate([images, synthetic]), batch_size):
-            idx = torch.full((len(batch),), names.index(cls))
-            rec = predictor.predict(batch, idx).reconstruction
-            rec_lo, rec_hi = min(rec_lo, float(rec.min())), max(rec_hi, float(rec.max()))
-    predictor.rec_scale = (rec_hi + rec_lo) / 2.0
+        pairs = [synthesizer(img, rng) for img in images]
+        batch_images = np.concatenate([images, np.stack([p[0] for p in pairs])])
+        masks.append(np.concatenate([np.zeros((len(images), *images.shape[1:3]), bool), np.stack([p[1] > 0 for p in pairs])]))
+        for batch in _batches(batch_images, batch_size):
+            pred = predictor.predict(batch, torch.full((len(batch),), names.index(cls)))
+            rec_maps.append(pred.reconstruction.cpu().numpy())
+            ref_maps.append(pred.refiner.cpu().numpy())
+    rec, ref, mask = np.concatenate(rec_maps), np.concatenate(ref_maps), np.concatenate(masks)
+    predictor.rec_scale = float(rec.max() + rec.min()) / 2.0
+    alpha_auroc = None
+    if predictor.config.fusion == "calibrated":
+        alpha_auroc = _alpha_auroc(rec, ref, mask, predictor)
+        valid = {a: v for a, v in alpha_auroc.items() if np.isfinite(v)}
+        if valid:  # ties go to the α nearest the paper's 0.5
+            predictor.alpha = float(max(valid, key=lambda a: (valid[a], -abs(float(a) - 0.5))))
     per_class = {}
     for cls, images in normals.items():
         scores, medians = [], []
@@ -82,7 +104,21 @@ def calibrate(
             map_low=float(np.median(np.concatenate(medians))),
             num_images=int(len(s)),
         )
-    return Calibration(rec_scale=predictor.rec_scale, quantile=quantile, margin=margin, per_class=per_class)
+    return Calibration(rec_scale=predictor.rec_scale, quantile=quantile, margin=margin, per_class=per_class,
+                       alpha=predictor.alpha, alpha_auroc=alpha_auroc)
+
+
+def _alpha_auroc(rec: np.ndarray, ref: np.ndarray, mask: np.ndarray, predictor: Predictor) -> dict[str, float]:
+    """Pixel AUROC of the fused map for each α of ``ALPHA_GRID`` (maps pooled 4× to bound cost)."""
+    if not mask.any():
+        return {str(a): float("nan") for a in ALPHA_GRID}
+    out = {}
+    for a in ALPHA_GRID:
+        fused = fuse(Maps(torch.from_numpy(rec), torch.from_numpy(ref)), predictor.config, predictor.rec_scale, a)
+        pooled = torch.nn.functional.avg_pool2d(fused.unsqueeze(1), 4)[:, 0].numpy()
+        target = torch.nn.functional.avg_pool2d(torch.from_numpy(mask).float().unsqueeze(1), 4)[:, 0].numpy() > 0.5
+        out[str(a)] = pixel_auroc(target, pooled)
+    return out
 
 
 def calibrated_score(raw: np.ndarray | float, cal: ClassCalibration, threshold: float | None = None) -> np.ndarray:

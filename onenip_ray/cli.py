@@ -19,7 +19,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="square network input size in pixels (multiple of 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,16 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(train)
     _add_model_flags(train)
     train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--epochs", type=int, default=10, help="passes over the training images (official recipe: 1000)")
     train.add_argument("--batch-size", type=int, default=8, help="per-worker batch size")
     train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (official 1e-4)")
     train.add_argument("--lr-step-epochs", type=int, default=800, help="StepLR period in epochs (official 800, gamma 0.1)")
     train.add_argument("--backbone-weights", default=None, help="backbone weights file or URI (safetensors or torch state dict)")
     train.add_argument("--textures", default=None, help="DTD-style texture folder (default: built-in procedural textures)")
     train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = in-process, no cluster)")
-    train.add_argument("--use-gpu", action="store_true")
-    train.add_argument("--seed", type=int, default=133)
+    train.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (NCCL); default CPU (gloo)")
+    train.add_argument("--seed", type=int, default=133, help="random seed (split, prompts, anomaly synthesis, initialisation)")
     train.add_argument("--decoder", default="v2", choices=["v2", "v1"], help="v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)")
+    train.add_argument("--fusion", default="calibrated", choices=["calibrated", "official", "paper"],
+                       help="map fusion: α chosen on calibration data (default), official α=0.5 rescaled, or paper Eq. 10")
+    train.add_argument("--alpha", type=float, default=0.5, help="refiner weight α for --fusion official/paper")
+    train.add_argument("--map-sigma", type=float, default=4.0, help="Gaussian smoothing of the fused map in px (0 = official: none)")
+    train.add_argument("--jitter-scale", type=float, default=20.0, help="feature jitter scale in training (official 20)")
     train.add_argument("--prompts-per-class", type=int, default=1, help="prompt-pool images per class")
     train.add_argument("--calibration-fraction", type=float, default=0.1, help="training normals held out for thresholds")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
@@ -58,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
     _add_data_flags(ev)
-    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
     ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=16, help="images per model batch")
 
     sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
     sc.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--heatmaps", action="store_true", help="write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/heatmaps/")
     sc.add_argument("--batch-size", type=int, default=32, help="images per model batch")
     sc.add_argument("--concurrency", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
-    sc.add_argument("--use-gpu", action="store_true")
+    sc.add_argument("--use-gpu", action="store_true", help="run the inference actors on GPUs (one each)")
     sc.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
     sc.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per decode / post-processing task")
     sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C")
     sv.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port")
     sv.add_argument("--max-batch-size", type=int, default=16, help="images per model forward pass (1 = no batching)")
     sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
@@ -128,7 +133,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from .train import run_training
 
-    model = ModelConfig(backbone=args.backbone, image_size=args.image_size, decoder=args.decoder)
+    model = ModelConfig(backbone=args.backbone, image_size=args.image_size, decoder=args.decoder, fusion=args.fusion,
+                        alpha=args.alpha, map_sigma=args.map_sigma, jitter_scale=args.jitter_scale)
     cfg = TrainConfig(
         dataset=args.dataset, data=tuple(args.data), out=args.out, classes=tuple(_classes(args.classes)),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_step_epochs=args.lr_step_epochs,

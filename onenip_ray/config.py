@@ -24,8 +24,11 @@ class ModelConfig:
     decoder: str = "v2"  # "v2" = post-fix official decoder; "v1" = the pre-fix bug (paper numbers)
     refiner_dim: int = 128
     feature_norm: str = "none"  # "none" (official) or "channel": standardise each backbone channel
-    fusion: str = "official"  # "official" (refiner rescaled to the S_rec range) or "paper" (Eq. 10)
+    # "calibrated": α chosen on the calibration set (held-out normals + synthetic anomalies);
+    # "official": α fixed, refiner rescaled to the S_rec range; "paper": Eq. 10 as written.
+    fusion: str = "calibrated"
     alpha: float = 0.5
+    map_sigma: float = 4.0  # Gaussian smoothing of the fused map in pixels (0 = none, as the official code)
     score_pool: int = 16  # image score = max of the k×k mean-pooled map
 
     def __post_init__(self) -> None:
@@ -33,8 +36,10 @@ class ModelConfig:
             raise ValueError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
         if self.decoder not in ("v1", "v2"):
             raise ValueError(f"decoder must be 'v1' or 'v2', got {self.decoder!r}")
-        if self.fusion not in ("official", "paper"):
-            raise ValueError(f"fusion must be 'official' or 'paper', got {self.fusion!r}")
+        if self.fusion not in ("calibrated", "official", "paper"):
+            raise ValueError(f"fusion must be 'calibrated', 'official' or 'paper', got {self.fusion!r}")
+        if self.map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
         if self.feature_norm not in ("none", "channel"):
             raise ValueError(f"feature_norm must be 'none' or 'channel', got {self.feature_norm!r}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -28,13 +28,15 @@ class Predictor:
     """Holds the frozen backbone, the trained OneNIP and the prompt pool whose encoded tokens are
     computed once here and reused for every image."""
 
-    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float, device: str | torch.device = "cpu") -> None:
+    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float, device: str | torch.device = "cpu",
+                 alpha: float | None = None) -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.model = model.to(self.device).eval()
         self.pool = pool
         self.config: ModelConfig = model.config
         self.rec_scale = float(rec_scale)
+        self.alpha = self.config.alpha if alpha is None else float(alpha)
         with torch.inference_mode():
             feats = pool.features.to(self.device)
             self.prompt_tokens = self.model.encode(feats)
@@ -69,7 +71,7 @@ class Predictor:
             class_index = class_index.to(self.device)
         prompt_index = retrieve(descriptors(feats), self.prompt_descriptors, self.pool_class, class_index)
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        fused = fuse(maps, self.config, self.rec_scale)
+        fused = fuse(maps, self.config, self.rec_scale, self.alpha)
         return Prediction(
             fused=fused,
             reconstruction=maps.reconstruction,

@@ -43,6 +43,8 @@ from .scoring import MAP_KEY, Scorer, find_regions, render_heatmap, render_overl
 INDEX = "index.html"
 FIGURES, GALLERY = "figures", "gallery"
 METRICS_FILE, PREDICTIONS_FILE, SUCCESS_FILE = "metrics.json", "predictions.parquet", "_SUCCESS.json"
+SCORE_COLUMNS = ("image_uri", "class_name", "class_source", "score_raw", "score", "threshold_raw", "is_anomalous",
+                 "status", "error", "latency_ms", "model_version", "run_date")
 THUMB_SIDE = 256  # longest side of gallery thumbnails and overlays
 METRIC_COLUMNS = (
     ("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I-F1max"),
@@ -73,9 +75,12 @@ class GalleryItem:
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def _read_table(uri: str, endpoint: str | None) -> pa.Table:
+def _read_table(uri: str, endpoint: str | None, columns: tuple[str, ...] | None = None) -> pa.Table:
     fs, path = storage.filesystem_for(uri, endpoint)
-    return pq.read_table(path, filesystem=fs)
+    if columns is not None:
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        columns = tuple(c for c in columns if c in present)
+    return pq.read_table(path, filesystem=fs, columns=list(columns) if columns is not None else None)
 
 
 def load_evaluation(uri: str, endpoint: str | None = None) -> Source:
@@ -108,8 +113,8 @@ def load_scores(uri: str, endpoint: str | None = None) -> Source:
     else:
         raise FileNotFoundError(f"{uri}: not a scored partition directory or Parquet file (written by `onenip score`)")
     rows: list[dict[str, Any]] = []
-    for f in files:
-        rows.extend(_read_table(f, endpoint).to_pylist())
+    for f in files:  # the columns the report uses (not the regions): a night of 10^6 rows stays manageable
+        rows.extend(_read_table(f, endpoint, SCORE_COLUMNS).to_pylist())
     marker = storage.join(partition, SUCCESS_FILE)
     run, notes = None, []
     if storage.exists(marker, endpoint):
@@ -236,7 +241,7 @@ def render_gallery(
         for row in chunk:
             try:
                 data = storage.read_bytes(row["image_uri"], endpoint)
-            except (OSError, FileNotFoundError) as exc:
+            except Exception as exc:  # moved or deleted since it was scored: a note on its card, not a failed report
                 done[row["image_uri"]] = GalleryItem(row, {}, f"cannot read the image now: {exc}")
                 continue
             readable.append(row)
@@ -266,8 +271,8 @@ def render_gallery(
                     mask = cv2.resize(mask.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST)
                     files["mask"] = f"{GALLERY}/{stem}_mask.png"
                     _write(out_dir, files["mask"], cv2.imencode(".png", mask)[1].tobytes())
-                except (OSError, ValueError) as exc:
-                    row = {**row, "mask_error": str(exc)}
+                except Exception:  # an unreadable mask: the card shows no ground truth
+                    pass
             done[uri] = GalleryItem({**row, "rescored": result}, files)
     return done
 
@@ -483,10 +488,14 @@ def _write_report(source: Source, bundle: Bundle, bundle_uri: str, work: str, en
         histogram_figure(os.path.join(work, FIGURES, f"hist_{slug}.png"), cls, groups, threshold)
         imgs.append(_img(f"{FIGURES}/hist_{slug}.png", f"score histogram, {cls}", "histogram"))
         figures += 1
-        figure_html.append(f"<h3 id=\"class-{slug}\">{html.escape(cls)}</h3><div class=\"figs\">{''.join(imgs)}</div>")
+        if labelled:  # a row per class: ROC, PR, histogram
+            figure_html.append(f"<h3 id=\"class-{slug}\">{html.escape(cls)}</h3><div class=\"figs\">{''.join(imgs)}</div>")
+        else:  # one histogram per class, side by side
+            figure_html.extend(imgs)
     title = "ROC and PR curves, score histograms" if labelled else "Score histograms"
+    body = "".join(figure_html) if labelled else f"<div class=\"figs\">{''.join(figure_html)}</div>"
     parts.append(f"<h2 id=\"curves\">{title}</h2><p class=\"muted\">Raw image scores; the dashed line / dot is the deployed "
-                 f"threshold of the class.</p>{''.join(figure_html)}")
+                 f"threshold of the class.</p>{body}")
 
     # gallery sections
     by_score = sorted(ok_rows, key=lambda r: -float(r["score"]))

@@ -66,7 +66,7 @@ def bundle_dir(parts, tmp_path_factory) -> str:
 def test_loaded_bundle_predicts_identically(parts, bundle_dir, images):
     backbone, model, pool, calibration = parts
     _, test = images
-    expected = Predictor(backbone, model, pool, calibration.rec_scale).predict(test)
+    expected = Predictor(backbone, model, pool, calibration.rec_scale, alpha=calibration.alpha).predict(test)
     bundle = load_bundle(bundle_dir)
     got = bundle.predictor().predict(test)
     assert torch.equal(got.fused, expected.fused)

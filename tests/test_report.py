@@ -229,3 +229,19 @@ def test_report_rejects_a_results_root_and_missing_inputs(tiny_bundle, scored_pa
     with pytest.raises(SystemExit):  # exactly one source
         cli_main(["report", "--bundle", tiny_bundle, "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_report_reads_and_writes_s3(tiny_bundle, evaluation_dir, s3_bucket):
+    """Evaluation on S3 in, report on S3 out (index.html last, so a readable report is complete)."""
+    from onenip_ray import storage
+
+    src = f"{s3_bucket}/eval"
+    for name in ("metrics.json", "predictions.parquet"):
+        storage.write_bytes(f"{src}/{name}", (evaluation_dir / name).read_bytes())
+    out = f"{s3_bucket}/reports/eval"
+    assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", src, "--out", out, "--gallery-size", "2"]) == 0
+    names = storage.list_files(out, relative=True)
+    assert "index.html" in names and any(n.startswith("figures/roc_") for n in names) and any(n.startswith("gallery/") for n in names)
+    page = _Page()
+    page.feed(storage.read_bytes(f"{out}/index.html").decode())
+    assert {i["src"] for i in page.images} <= set(names), "every image the page links is in the bucket"

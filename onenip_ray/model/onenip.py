@@ -155,16 +155,32 @@ def dice_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float, factor: 
     return (1.0 - num / den).mean()
 
 
-def fuse(maps: Maps, config: ModelConfig, rec_scale: float) -> torch.Tensor:
-    """Fused anomaly map S (N, H, W).
+def fuse(maps: Maps, config: ModelConfig, rec_scale: float, alpha: float | None = None) -> torch.Tensor:
+    """Fused anomaly map S (N, H, W): S = (1−α)·S_rec + α·s·M̂, then Gaussian smoothing
+    (``config.map_sigma``).
 
-    ``official``: S = (1−α)·S_rec + α·s·M̂ with s = (max+min)/2 of S_rec. The released code takes
-    s over the whole test set (transductive); we take it from calibration normals (``rec_scale``),
-    so one image's score never depends on the others. ``paper``: S = (1−α)·S_rec + α·M̂ (Eq. 10).
+    ``official``/``calibrated``: s = (max+min)/2 of S_rec. The released code takes s over the whole
+    test set (transductive); we take it from the calibration images (``rec_scale``), so one image's
+    score never depends on the others. ``paper``: s = 1 (Eq. 10). ``alpha`` overrides
+    ``config.alpha`` (the calibrated fusion stores its own).
     """
-    a = config.alpha
-    scale = rec_scale if config.fusion == "official" else 1.0
-    return (1.0 - a) * maps.reconstruction + a * scale * maps.refiner
+    a = config.alpha if alpha is None else alpha
+    scale = 1.0 if config.fusion == "paper" else rec_scale
+    return gaussian_blur((1.0 - a) * maps.reconstruction + a * scale * maps.refiner, config.map_sigma)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, H, W) maps (radius 4σ, edge-replicating padding)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out[:, 0]
 
 
 def image_scores(fused: torch.Tensor, pool: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from onenip_ray.config import ModelConfig
 from onenip_ray.model import onenip as onenip_module
-from onenip_ray.model.onenip import Maps, OneNIP, dice_loss, fuse, image_scores
+from onenip_ray.model.onenip import gaussian_blur, Maps, OneNIP, dice_loss, fuse, image_scores
 
 C = 24
 TINY = ModelConfig(image_size=64, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
@@ -161,12 +161,25 @@ def test_image_scores_are_the_max_of_the_mean_pooled_map():
 
 def test_fuse_official_and_paper():
     maps = Maps(reconstruction=torch.full((1, 4, 4), 2.0), refiner=torch.full((1, 4, 4), 0.5))
-    official = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="official"), rec_scale=3.0)
-    paper = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="paper"), rec_scale=3.0)
+    official = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="official", map_sigma=0), rec_scale=3.0)
+    paper = fuse(maps, ModelConfig(image_size=64, alpha=0.5, fusion="paper", map_sigma=0), rec_scale=3.0)
     assert torch.allclose(official, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 3.0 * 0.5))
     assert torch.allclose(paper, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 0.5))
-    only_rec = fuse(maps, ModelConfig(image_size=64, alpha=0.0), rec_scale=3.0)
+    only_rec = fuse(maps, ModelConfig(image_size=64, alpha=0.0, map_sigma=0), rec_scale=3.0)
     assert torch.equal(only_rec, maps.reconstruction)
+    assert torch.allclose(fuse(maps, ModelConfig(image_size=64, alpha=0.2), rec_scale=3.0, alpha=1.0), torch.full((1, 4, 4), 1.5))
+
+
+def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_peak():
+    flat = torch.full((2, 40, 40), 3.0)
+    assert torch.allclose(gaussian_blur(flat, 4.0), flat)
+    peak = torch.zeros(1, 41, 41)
+    peak[0, 20, 20] = 1.0
+    out = gaussian_blur(peak, 2.0)
+    assert abs(float(out.sum()) - 1.0) < 1e-4
+    assert float(out[0, 20, 20]) < 0.1 and float(out[0, 20, 24]) > 0.0
+    assert torch.allclose(out[0], out[0].T, atol=1e-7)
+    assert torch.equal(gaussian_blur(peak, 0.0), peak)
 
 
 def test_model_config_validation():
