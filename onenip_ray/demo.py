@@ -51,12 +51,25 @@ def _step(name: str, argv: list[str], logs: Path) -> dict:
     return json.loads(buffer.getvalue())
 
 
-def quiet_worker_logs() -> None:
-    """``worker_process_setup_hook`` of the demo's cluster: Ray Train's placement-group watchdog
-    asks the State API (served by the dashboard, which the demo does not start) every second
-    whether the controller lives, and warns each time it cannot; the warning is noise here."""
+def worker_setup() -> None:
+    """``worker_process_setup_hook`` of the demo's private cluster (runs in every worker process).
+
+    Ray Train's placement-group watchdog (``PlacementGroupCleaner``) asks the State API every
+    second whether the training controller still lives, without an address: Ray then auto-detects
+    *a* cluster on the machine. With another Ray cluster running beside the demo (a second demo, a
+    test session, ``onenip serve``), it may ask that one, hear "no such actor", and remove the
+    training's placement group, killing the run. Pinning ``RAY_ADDRESS`` to this worker's own
+    cluster prevents that. Its warning that the State API (served by the dashboard, which the
+    demo does not start) is unavailable is silenced: it repeats every second and is harmless.
+    """
     import logging
 
+    import ray
+
+    try:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception:  # not connected yet: nothing to pin
+        pass
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
@@ -69,7 +82,7 @@ def _start_ray() -> None:
     cpus = os.cpu_count() or 1
     temp_dir = tempfile.mkdtemp(prefix="ray-demo-", dir="/tmp")  # short path: Ray puts unix sockets here
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
-             runtime_env={"worker_process_setup_hook": "onenip_ray.demo.quiet_worker_logs"})
+             runtime_env={"worker_process_setup_hook": "onenip_ray.demo.worker_setup"})
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     print(f"started a local Ray cluster with {cpus} CPUs (no dashboard, auth disabled)", flush=True)
 
@@ -87,7 +100,7 @@ def main() -> int:
         data = write_demo_dataset(str(out / "data"), **SYNTHETIC)
         incoming = out / "incoming"
         write_incoming(str(incoming), size=SYNTHETIC["size"], **INCOMING)
-        classes, size, epochs = "", SYNTHETIC["size"], int(os.environ.get("EPOCHS", "15"))
+        classes, size, epochs = "", SYNTHETIC["size"], int(os.environ.get("EPOCHS", "10"))
         print(f"no dataset given: generated a SYNTHETIC 3-class set (woven, washer, label; seed {SYNTHETIC['seed']}) in {data}\n"
               f"and {len(os.listdir(incoming))} new images to score (seed {INCOMING['seed']}) in {incoming}", flush=True)
     else:

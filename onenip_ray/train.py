@@ -12,6 +12,7 @@ the driver commits it.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import json
 import os
 import re
@@ -238,7 +239,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path = storage_path or os.path.abspath(os.path.join("runs", "ray"))
+    storage_path = storage.normalize_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
     run_name = run_name or default_run_name(cfg.out)
     run_uri = storage.join(storage_path, run_name)
     exists = storage.exists(storage.join(run_uri, "checkpoint_manager_snapshot.json"), endpoint)
@@ -247,6 +248,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     if resume is True and not exists:
         raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
+    cfg = _absolute_paths(cfg)
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
         ray.init(runtime_env={"env_vars": _forwarded_env(endpoint)})
@@ -294,6 +296,15 @@ def _worker_input_error(error: Exception) -> Exception | None:
         if isinstance(failures[rank], (ValueError, FileNotFoundError)):
             return failures[rank]
     return None
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative local paths resolved in the driver: Ray Train workers run in another directory."""
+    def fix(uri: str | None) -> str | None:
+        return uri if uri is None or uri.startswith("s3://") else storage.normalize_uri(uri)
+
+    data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
+    return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))
 
 
 def _forwarded_env(endpoint: str | None) -> dict[str, str]:

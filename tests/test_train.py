@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,9 +102,12 @@ def test_evaluate_with_oracle_classes(trained, tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path):
+def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path, monkeypatch):
+    # relative paths, as a user types them: workers run elsewhere, so the driver must resolve them
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "bundle"
-    meta = run_training(_config(tiny_dataset, out, num_workers=2, epochs=2), storage_path=str(tmp_path / "ray"))
+    relative_data = os.path.relpath(tiny_dataset, tmp_path)
+    meta = run_training(_config(relative_data, "bundle", num_workers=2, epochs=2), storage_path="ray")
     assert len(meta["training"]["history"]) == 2
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
     assert meta["training"]["workers"] == 2
