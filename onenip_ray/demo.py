@@ -73,7 +73,7 @@ def worker_setup() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def _start_ray() -> None:
+def _start_ray() -> str:
     import ray
     import ray.data
 
@@ -85,6 +85,7 @@ def _start_ray() -> None:
              runtime_env={"worker_process_setup_hook": "onenip_ray.demo.worker_setup"})
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     print(f"started a local Ray cluster with {cpus} CPUs (no dashboard, auth disabled)", flush=True)
+    return temp_dir
 
 
 def main() -> int:
@@ -115,13 +116,21 @@ def main() -> int:
             print(f"make demo: error: {error}", file=sys.stderr)
             return 2
         print(f"dataset {data} ({classes or 'all classes'}); its test images (manifest {incoming}) stand in for new images", flush=True)
-    _start_ray()
+    temp_dir = _start_ray()
+    rc = 1
     try:
-        return _run(data, classes, size, epochs, incoming, synthetic, out, logs, t0)
+        rc = _run(data, classes, size, epochs, incoming, synthetic, out, logs, t0)
+        return rc
     finally:
+        import shutil
+
         import ray
 
         ray.shutdown()
+        if rc == 0:  # Ray's session logs are kept only when something failed
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            print(f"Ray session logs: {temp_dir}", file=sys.stderr)
 
 
 def _test_manifest(data: str, classes: str, path: Path, limit: int = 40) -> Path:
