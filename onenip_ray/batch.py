@@ -49,8 +49,6 @@ STAGING_DIR = "_staging"
 HEATMAP_DIR = "heatmaps"
 UNKNOWN_CLASS = "(unknown)"  # per-class key of error rows without a given class
 MAX_BLOCKS = 20_000  # bound on input blocks (Ray Data scheduling overhead on huge archives)
-_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @dataclass(frozen=True)
@@ -241,7 +239,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor) -> dic
     t_pipeline = time.perf_counter()
     if inputs:
         if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in _AWS_ENV if k in os.environ}})
+            ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
         pool_ref = ray.put(bundle.pool)  # held here until the write finishes (actor restarts re-read it)
         actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, ray.cluster_resources().get("CPU", 1.0) / (2 * cfg.concurrency)))
         blocks = max(1, min(MAX_BLOCKS, math.ceil(len(inputs) / cfg.batch_size)))

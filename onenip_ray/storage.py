@@ -6,6 +6,7 @@ Credentials come from the usual AWS environment variables / config chain.
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
@@ -212,3 +213,19 @@ def download_dir(uri: str, local_dir: str, endpoint: str | None = None) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with fs.open_input_stream(join_remote(base, name)) as source, open(target, "wb") as sink:
             shutil.copyfileobj(source, sink, _COPY_CHUNK)
+
+
+def ray_env_vars(endpoint: str | None) -> dict[str, str]:
+    """``runtime_env`` variables that give Ray actors (Train workers, Data actors) the driver's S3 settings.
+
+    In a submitted job (``ray job submit``, KubeRay RayJob) the variables the job's runtime_env
+    already sets are left out: they reach every worker anyway, and ``ray.init`` refuses a driver
+    runtime_env that repeats one of the job's env var keys ("Failed to merge the Job's runtime env").
+    """
+    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray for job drivers
+    from_job = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in from_job}

@@ -251,7 +251,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     cfg = _absolute_paths(cfg)
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": _forwarded_env(endpoint)})
+        ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
     if cfg.num_workers > 0 and not cfg.use_gpu:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers)
         config_dict["threads_per_worker"] = cpus
@@ -305,19 +305,3 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
     data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
     return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))
-
-
-def _forwarded_env(endpoint: str | None) -> dict[str, str]:
-    """S3 settings reach the Train controller and workers (actors do not inherit the driver's env).
-
-    In a submitted job (``ray job submit``, KubeRay RayJob) the variables the job's runtime_env
-    already sets are left out: they reach every worker anyway, and ``ray.init`` refuses a driver
-    runtime_env that repeats one of the job's env var keys ("Failed to merge the Job's runtime env").
-    """
-    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
-    env = {k: os.environ[k] for k in keys if k in os.environ}
-    if endpoint:
-        env["AWS_ENDPOINT_URL_S3"] = endpoint
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray for job drivers
-    from_job = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: v for k, v in env.items() if k not in from_job}

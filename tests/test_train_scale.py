@@ -190,7 +190,7 @@ def test_forwarded_env_leaves_out_what_the_submitted_job_sets(monkeypatch):
     with the same value; ``run_training`` then failed with "Failed to merge the Job's runtime env"."""
     from ray.runtime_env.runtime_env import _merge_runtime_env  # what ray.init does in a job driver
 
-    from onenip_ray.train import _forwarded_env
+    from onenip_ray.storage import ray_env_vars as _forwarded_env
 
     for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
