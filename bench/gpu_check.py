@@ -285,25 +285,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {'PASS' if r['ok'] else 'FAIL'}  {r['compare']:<22} {r['inputs']:<52} {detail}", flush=True)
             del cpu_ref
 
-        print(f"\n== (ii) training samples/s: {name} @ {size}px ==\n  {'batch':>6} {'fp32':>10} {'bf16':>10} {'bf16/fp32':>9}", flush=True)
-        for batch in train_batches:
-            if time.perf_counter() - start > args.budget_s:
-                results["skipped"].append(f"train {name} bs{batch}")
-                continue
-            r = {p: _rate(train_throughput, bench, size, batch, p, warmup, iters) for p in ("fp32", "bf16")}
-            results["train"].append({"backbone": name, "batch": batch, **r})
-            ratio = r["bf16"] / r["fp32"] if all(isinstance(v, float) for v in r.values()) else float("nan")
-            print(f"  {batch:>6} {_fmt(r['fp32']):>10} {_fmt(r['bf16']):>10} {ratio:>9.2f}", flush=True)
-
-        print(f"\n== (iii) inference images/s: {name} @ {size}px ==\n  {'batch':>6} {'fp32':>10} {'bf16':>10} {'bf16/fp32':>9}", flush=True)
-        for batch in infer_batches:
-            if time.perf_counter() - start > args.budget_s:
-                results["skipped"].append(f"infer {name} bs{batch}")
-                continue
-            r = {p: _rate(infer_throughput, bench, size, batch, p, warmup, iters) for p in ("fp32", "bf16")}
-            results["infer"].append({"backbone": name, "batch": batch, **r})
-            ratio = r["bf16"] / r["fp32"] if all(isinstance(v, float) for v in r.values()) else float("nan")
-            print(f"  {batch:>6} {_fmt(r['fp32']):>10} {_fmt(r['bf16']):>10} {ratio:>9.2f}", flush=True)
+        for title, kind, batches, measure in (("(ii) training samples/s", "train", train_batches, train_throughput),
+                                              ("(iii) inference images/s", "infer", infer_batches, infer_throughput)):
+            print(f"\n== {title}: {name} @ {size}px ==\n  {'batch':>6} {'fp32':>10} {'bf16':>10} {'bf16/fp32':>9}", flush=True)
+            for batch in batches:
+                if time.perf_counter() - start > args.budget_s:
+                    results["skipped"].append(f"{kind} {name} bs{batch}")
+                    continue
+                r = {p: _rate(measure, bench, size, batch, p, warmup, iters) for p in ("fp32", "bf16")}
+                results[kind].append({"backbone": name, "batch": batch, **r})
+                ratio = r["bf16"] / r["fp32"] if all(isinstance(v, float) for v in r.values()) else float("nan")
+                print(f"  {batch:>6} {_fmt(r['fp32']):>10} {_fmt(r['bf16']):>10} {ratio:>9.2f}", flush=True)
         if device.type == "cuda":
             results.setdefault("peak_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()

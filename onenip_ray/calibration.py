@@ -20,7 +20,7 @@ import torch
 
 from .data.synthesis import AnomalySynthesizer
 from .metrics import pixel_auroc
-from .model.onenip import Maps, fuse
+from .model.onenip import Maps, fuse, image_scores
 from .predictor import Predictor
 
 
@@ -70,10 +70,12 @@ def calibrate(
     """Fit ``rec_scale`` and the per-class thresholds; sets ``predictor.rec_scale``."""
     rng = np.random.default_rng(seed)
     names = predictor.class_names
-    rec_maps, ref_maps, masks = [], [], []
+    rec_maps, ref_maps, masks, normal_rows = [], [], [], {}
     for cls, images in normals.items():
         pairs = [synthesizer(img, rng) for img in images]
         batch_images = np.concatenate([images, np.stack([p[0] for p in pairs])])
+        offset = sum(len(m) for m in masks)
+        normal_rows[cls] = slice(offset, offset + len(images))
         masks.append(np.concatenate([np.zeros((len(images), *images.shape[1:3]), bool), np.stack([p[1] > 0 for p in pairs])]))
         for batch in _batches(batch_images, batch_size):
             pred = predictor.predict(batch, torch.full((len(batch),), names.index(cls)))
@@ -88,20 +90,16 @@ def calibrate(
         if valid:  # ties go to the α nearest the paper's 0.5
             predictor.alpha = float(max(valid, key=lambda a: (valid[a], -abs(float(a) - 0.5))))
     per_class = {}
-    for cls, images in normals.items():
-        scores, medians = [], []
-        for batch in _batches(images, batch_size):
-            pred = predictor.predict(batch, torch.full((len(batch),), names.index(cls)))
-            scores.append(pred.scores.cpu().numpy())
-            medians.append(pred.fused.flatten(1).median(dim=1).values.cpu().numpy())
-        s = np.concatenate(scores)
+    for cls, rows in normal_rows.items():  # the normals' maps are already here: fuse, don't re-run the model
+        fused = fuse(Maps(torch.from_numpy(rec[rows]), torch.from_numpy(ref[rows])), predictor.config, predictor.rec_scale, predictor.alpha)
+        s = image_scores(fused, predictor.config.score_pool).numpy()
         q = float(np.quantile(s, quantile))
         spread = float(np.quantile(s, 0.9) - np.quantile(s, 0.1)) if len(s) > 2 else 0.0
         per_class[cls] = ClassCalibration(
             threshold_raw=margin * q,
             score_scale=max(spread, 0.05 * abs(q), 1e-6),
             normal_median=float(np.median(s)),
-            map_low=float(np.median(np.concatenate(medians))),
+            map_low=float(np.median(fused.flatten(1).median(dim=1).values.numpy())),
             num_images=int(len(s)),
         )
     return Calibration(rec_scale=predictor.rec_scale, quantile=quantile, margin=margin, per_class=per_class,

@@ -16,7 +16,7 @@ from .bundle import load_bundle
 from .calibration import calibrated_score
 from .data.images import decode_mask, resize_mask
 from .data.layouts import read_datasets
-from .metrics import class_metrics, summarize
+from .metrics import class_metrics, confusion, summarize
 from .training_data import load_images
 
 
@@ -99,9 +99,8 @@ def evaluate(
 
 def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """Operating point at the deployed (calibrated) threshold."""
-    pred = scores > threshold
-    tp, fp = int((pred & (labels == 1)).sum()), int((pred & (labels == 0)).sum())
-    fn, tn = int((~pred & (labels == 1)).sum()), int((~pred & (labels == 0)).sum())
+    c = confusion(labels, scores > threshold)
+    tp, fp, fn, tn = c["TP"], c["FP"], c["FN"], c["TN"]
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")

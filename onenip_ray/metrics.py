@@ -191,6 +191,13 @@ def pixel_aupro(
     return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
 
 
+def confusion(labels: np.ndarray, flagged: np.ndarray) -> dict[str, int]:
+    """TP/FP/FN/TN counts of boolean decisions against 0/1 labels."""
+    labels, flagged = _as_bool(np.asarray(labels)), np.asarray(flagged, dtype=bool)
+    return {"TP": int((flagged & labels).sum()), "FP": int((flagged & ~labels).sum()),
+            "FN": int((~flagged & labels).sum()), "TN": int((~flagged & ~labels).sum())}
+
+
 def class_metrics(
     labels: np.ndarray,
     scores: np.ndarray,

@@ -42,9 +42,6 @@ class Predictor:
             self.prompt_tokens = self.model.encode(feats)
             self.prompt_descriptors = descriptors(feats)
         self.pool_class = pool.class_index.to(self.device)
-        mean = torch.tensor(backbone.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(backbone.std, device=self.device).view(1, 3, 1, 1)
-        self._mean, self._std = mean, std
 
     @property
     def class_names(self) -> list[str]:
@@ -52,8 +49,7 @@ class Predictor:
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 RGB (N, S, S, 3) at the model's image size → normalised (N, 3, S, S)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self._mean) / self._std
+        return self.backbone.normalize(torch.from_numpy(np.ascontiguousarray(images)))
 
     @torch.inference_mode()
     def features(self, images: np.ndarray) -> torch.Tensor:

@@ -53,9 +53,9 @@ def descriptors(features: torch.Tensor) -> torch.Tensor:
 
 def retrieve(query: torch.Tensor, pool: torch.Tensor, pool_class: torch.Tensor, class_index: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the most cosine-similar prompt per query (paper §3.5). With ``class_index``
-    (oracle / given class) only that class's prompts compete."""
+    (oracle / given class) only that class's prompts compete; an entry of -1 retrieves freely."""
     sims = query @ pool.T
     if class_index is not None:
-        allowed = pool_class[None, :] == class_index[:, None]
+        allowed = (pool_class[None, :] == class_index[:, None]) | (class_index[:, None] < 0)
         sims = sims.masked_fill(~allowed, float("-inf"))
     return sims.argmax(dim=1)

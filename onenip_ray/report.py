@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .bundle import Bundle, load_bundle
 from .data.images import decode_image, decode_mask
-from .metrics import _clf_curve
+from .metrics import _clf_curve, confusion
 from .scoring import MAP_KEY, Scorer, find_regions, render_heatmap, render_overlay
 
 INDEX = "index.html"
@@ -146,11 +146,6 @@ def curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray] | No
         "fpr": np.concatenate([[0.0], fps / fps[-1]]), "tpr": np.concatenate([[0.0], tps / tps[-1]]),
         "recall": tps / tps[-1], "precision": tps / (tps + fps),
     }
-
-
-def _confusion(labels: np.ndarray, flagged: np.ndarray) -> dict[str, int]:
-    return {"TP": int((flagged & (labels == 1)).sum()), "FP": int((flagged & (labels == 0)).sum()),
-            "FN": int((~flagged & (labels == 1)).sum()), "TN": int((~flagged & (labels == 0)).sum())}
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -433,12 +428,12 @@ def _write_report(source: Source, bundle: Bundle, bundle_uri: str, work: str, en
         table_rows, classes_css = [], []
         for cls, cm in sorted((m.get("per_class") or {}).items()):
             cls_rows = grouped.get(cls, [])
-            conf = _confusion(np.array([int(r["label"]) for r in cls_rows], int), np.array([bool(r["is_anomalous"]) for r in cls_rows], bool))
+            conf = confusion(np.array([int(r["label"]) for r in cls_rows], int), np.array([bool(r["is_anomalous"]) for r in cls_rows], bool))
             table_rows.append([html.escape(cls), str(cm.get("num_images", len(cls_rows)))] + [_fmt(cm.get(k), pct=True) for k, _ in METRIC_COLUMNS]
                               + [str(conf[k]) for k in ("TP", "FP", "FN", "TN")])
             classes_css.append("")
         if m.get("mean"):
-            conf = _confusion(np.array([int(r["label"]) for r in ok_rows], int), np.array([bool(r["is_anomalous"]) for r in ok_rows], bool))
+            conf = confusion(np.array([int(r["label"]) for r in ok_rows], int), np.array([bool(r["is_anomalous"]) for r in ok_rows], bool))
             table_rows.append(["mean", str(m.get("num_images", len(ok_rows)))] + [_fmt(m["mean"].get(k), pct=True) for k, _ in METRIC_COLUMNS]
                               + [str(conf[k]) for k in ("TP", "FP", "FN", "TN")])
             classes_css.append("mean")
@@ -471,7 +466,7 @@ def _write_report(source: Source, bundle: Bundle, bundle_uri: str, work: str, en
                 flagged = raw > threshold if threshold is not None else None
                 roc_op = pr_op = None
                 if flagged is not None:
-                    conf = _confusion(labels, flagged)
+                    conf = confusion(labels, flagged)
                     tpr = conf["TP"] / max(1, conf["TP"] + conf["FN"])
                     roc_op = (conf["FP"] / max(1, conf["FP"] + conf["TN"]), tpr)
                     pr_op = (tpr, conf["TP"] / (conf["TP"] + conf["FP"])) if conf["TP"] + conf["FP"] else None

@@ -271,19 +271,9 @@ class Scorer:
         start = time.perf_counter()
         p = self.predictor
         feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
-        class_index = np.asarray(class_index, np.int64)
-        n, size = len(inputs), self.spec.image_size
-        fused = torch.empty((n, size, size), device=p.device)
-        scores = torch.empty(n, device=p.device)
-        prompt_index = torch.empty(n, dtype=torch.int64, device=p.device)
-        for given in (True, False):
-            rows = np.flatnonzero((class_index >= 0) == given)
-            if not len(rows):
-                continue
-            idx = torch.from_numpy(rows).to(p.device)
-            pred = p.predict_features(feats[idx], torch.from_numpy(class_index[rows]) if given else None)
-            fused[idx], scores[idx], prompt_index[idx] = pred.fused, pred.scores, pred.prompt_index
-        return Inference(fused.cpu().numpy(), scores.double().cpu().numpy(), prompt_index.cpu().numpy(), time.perf_counter() - start)
+        pred = p.predict_features(feats, torch.from_numpy(np.asarray(class_index, np.int64)))
+        return Inference(pred.fused.cpu().numpy(), pred.scores.double().cpu().numpy(), pred.prompt_index.cpu().numpy(),
+                         time.perf_counter() - start)
 
     def score_bytes(
         self, items: list[Item], threshold_override: float | None = None, with_maps: bool = False

@@ -62,17 +62,16 @@ class SyntheticPairs(Dataset):
         return idx, torch.from_numpy(image), torch.from_numpy(mask), prompt
 
 
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    x = (x - mean) / std
+def _backbone_input(backbone, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = backbone.normalize(images)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _feature_cache(backbone, images: np.ndarray, mean, std, device, channels_last: bool, autocast, batch: int = 32) -> torch.Tensor:
+def _feature_cache(backbone, images: np.ndarray, channels_last: bool, autocast, batch: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
         with autocast():
-            out.append(backbone(_normalise(torch.from_numpy(images[i : i + batch]), mean, std, device, channels_last)).float())
+            out.append(backbone(_backbone_input(backbone, torch.from_numpy(images[i : i + batch]), channels_last)).float())
     return torch.cat(out)
 
 
@@ -98,8 +97,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     backbone = build_backbone(cfg.model, weights).to(device)
     if on_gpu:
         backbone = backbone.to(memory_format=torch.channels_last)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
 
     t0 = time.perf_counter()
     data = build_training_set(
@@ -108,7 +105,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     )
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    clean_features = _feature_cache(backbone, data.images, mean, std, device, on_gpu, autocast)
+    clean_features = _feature_cache(backbone, data.images, on_gpu, autocast)
     cache_s = time.perf_counter() - t0
 
     textures = TextureSource.from_folder(cfg.textures, endpoint) if cfg.textures else TextureSource.procedural(cfg.seed)
@@ -140,7 +137,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         for idx, synthetic_images, masks, prompt_idx in loader:
             wait_s += time.perf_counter() - t_wait
             with autocast():
-                synthetic = backbone(_normalise(synthetic_images, mean, std, device, on_gpu))
+                synthetic = backbone(_backbone_input(backbone, synthetic_images, on_gpu))
                 losses = model(clean_features[idx.to(device)], synthetic.float(), masks.to(device), clean_features[prompt_idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()

@@ -36,6 +36,8 @@ class FrozenBackbone(nn.Module):
         cfg = body.pretrained_cfg
         self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -46,6 +48,11 @@ class FrozenBackbone(nn.Module):
     def train(self, mode: bool = True) -> "FrozenBackbone":
         """Frozen: BatchNorm keeps running statistics whatever the caller asks."""
         return super().train(False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, H, W, 3) on any device → normalised float input (N, 3, H, W) on the backbone's."""
+        x = images.to(self._mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
