@@ -23,6 +23,10 @@ class ModelConfig:
     jitter_prob: float = 1.0
     decoder: str = "v2"  # "v2" = post-fix official decoder; "v1" = the pre-fix bug (paper numbers)
     refiner_dim: int = 128
+    # Residual-branch output layers (attention out_proj, FFN/MLP last linear) start at this gain × the
+    # official xavier init (1.0 = official). With 1.0 the post-norm stack collapses to an
+    # input-independent output for thousands of steps; 0.1 trains in ~100 (docs/training.md).
+    residual_init: float = 0.1
     feature_norm: str = "none"  # "none" (official) or "channel": standardise each backbone channel
     # "calibrated": α chosen on the calibration set (held-out normals + synthetic anomalies);
     # "official": α fixed, refiner rescaled to the S_rec range; "paper": Eq. 10 as written.
@@ -42,6 +46,8 @@ class ModelConfig:
             raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
         if self.feature_norm not in ("none", "channel"):
             raise ValueError(f"feature_norm must be 'none' or 'channel', got {self.feature_norm!r}")
+        if not 0.0 < self.residual_init <= 1.0:
+            raise ValueError(f"residual_init must be in (0, 1], got {self.residual_init}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))

@@ -56,6 +56,9 @@ class OneNIP(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() > 1 and "pos_embed" not in name and not name.startswith("refiner."):
                 nn.init.xavier_uniform_(p)
+        with torch.no_grad():
+            for layer in self.transformer.residual_branch_outputs():
+                layer.weight.mul_(config.residual_init)
 
     def set_feature_statistics(self, features: torch.Tensor) -> None:
         """Per-channel mean/std of clean training features (only with ``feature_norm="channel"``)."""

@@ -50,6 +50,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.zeros_(proj.bias)  # as nn.MultiheadAttention (the official layer) initialises them
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, nq, d = q.shape
@@ -142,6 +144,15 @@ class ReconstructionTransformer(nn.Module):
         self.final_drop = nn.Dropout(dropout)
         self.final_norm = nn.LayerNorm(dim)
         self.register_buffer("mask", neighbor_mask(grid), persistent=False)
+
+    def residual_branch_outputs(self) -> list[nn.Linear]:
+        """The last linear layer of every residual branch (attention out_proj, FFN/MLP output)."""
+        layers: list[nn.Linear] = []
+        for enc in self.encoder:
+            layers += [enc.self_attn.out_proj, enc.linear2]
+        for dec in self.decoder:
+            layers += [dec.cross_attn_prompt_to_image.out_proj, dec.mlp[2], dec.cross_attn_image_to_prompt.out_proj]
+        return layers + [self.final_attn.out_proj]
 
     def _mask(self) -> torch.Tensor | None:
         return self.mask if self.use_neighbor_mask else None

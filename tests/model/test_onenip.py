@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -191,7 +192,23 @@ def test_model_config_validation():
         ModelConfig(fusion="sum")
     with pytest.raises(ValueError, match="alpha"):
         ModelConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="residual_init"):
+        ModelConfig(residual_init=0.0)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**TINY.to_dict(), "extra": 1})
     assert ModelConfig.from_dict(TINY.to_dict()) == TINY
     assert TINY.grid == 4
+
+
+def test_residual_init_scales_only_the_residual_branch_outputs():
+    torch.manual_seed(3)
+    official = OneNIP(replace(TINY, residual_init=1.0), C)
+    torch.manual_seed(3)
+    scaled = OneNIP(replace(TINY, residual_init=0.1), C)
+    branch = {id(layer.weight) for layer in scaled.transformer.residual_branch_outputs()}
+    assert len(branch) == 2 + 3 + 1  # encoder: attn + FFN; decoder: 2 attns + MLP; final attention
+    for (name, a), b in zip(official.named_parameters(), scaled.parameters()):
+        expected = a * 0.1 if id(b) in branch else a
+        torch.testing.assert_close(b, expected, msg=name)
+    attn = scaled.transformer.encoder[0].self_attn
+    assert all((p.bias == 0).all() for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj))
