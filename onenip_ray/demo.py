@@ -109,7 +109,7 @@ def main() -> int:
             data, classes = str(SHARED_MVTEC), "bottle"
         else:
             classes = os.environ.get("CLASSES", "")
-        size, epochs = 224, int(os.environ.get("EPOCHS", "8"))
+        size, epochs = 224, int(os.environ.get("EPOCHS", "5"))
         try:
             incoming = _test_manifest(data, classes, out / "incoming.parquet")
         except (ValueError, FileNotFoundError) as error:
