@@ -28,6 +28,7 @@ from . import storage
 from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
+from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .model.build import build_backbone, build_onenip
 from .predictor import Predictor
@@ -246,6 +247,9 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
         raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
     cfg = _absolute_paths(cfg)
+    # Dataset layout errors are deterministic: raise them here, before Ray starts, instead of in a
+    # worker that FailureConfig would restart max_failures times.
+    read_datasets(parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
         ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})

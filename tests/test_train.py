@@ -121,14 +121,32 @@ def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path,
         run_training(_config(tiny_dataset, out, num_workers=2, epochs=2), storage_path=str(tmp_path / "ray"))
 
 
-@pytest.mark.slow
-def test_cli_dataset_error_raised_in_a_ray_worker_exits_2(ray_cluster, tmp_path, capsys):
-    """The error is raised inside a Train worker (wrapped by Ray in WorkerGroupError); the CLI still
-    prints the worker's message and exits 2 instead of a traceback."""
+def test_cli_dataset_layout_error_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """Layout errors are checked in the driver: no Train worker (and no retry) is started for them."""
+    import ray.train.torch
     from onenip_ray.cli import main
 
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("a trainer was started for a missing root"))
     missing = tmp_path / "nowhere"
     code = main(["train", "--data", str(missing), "--out", str(tmp_path / "bundle"), "--num-workers", "1",
-                 "--max-failures", "0", "--epochs", "1", "--image-size", "64", "--storage-path", str(tmp_path / "ray")])
+                 "--max-failures", "2", "--epochs", "1", "--image-size", "64", "--storage-path", str(tmp_path / "ray")])
     assert code == 2
     assert f"onenip train: error: dataset root {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_dataset_error_raised_in_a_ray_worker_exits_2(ray_cluster, tiny_dataset, tmp_path, capsys):
+    """An unreadable training image is found by the Train worker that decodes it (Ray wraps the
+    error in WorkerGroupError); the CLI still prints the worker's message and exits 2."""
+    import shutil
+    from onenip_ray.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    broken = sorted((root / "disc" / "train" / "good").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    code = main(["train", "--data", str(root), "--out", str(tmp_path / "bundle"), "--num-workers", "1",
+                 "--max-failures", "0", "--epochs", "1", "--image-size", "64", "--storage-path", str(tmp_path / "ray")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "onenip train: error:" in err and broken.name in err, err
