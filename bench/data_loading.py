@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = build_backbone(cfg, require_pretrained=False)
     torch.manual_seed(0)
     model = build_onenip(cfg, backbone.channels)
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-    x = ((torch.from_numpy(images[:batch]).permute(0, 3, 1, 2).float() / 255.0) - mean) / std
+    x = backbone.normalize(torch.from_numpy(images[:batch]))
     backbone_ms = per_image_ms(lambda: backbone(x), batch)
 
     with torch.no_grad():
@@ -145,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsynthesis = {100 * synth_ms / step_ms:.2f} % (built-in textures) / {100 * folder_synth_ms / step_ms:.2f} % "
           f"(texture folder) of a CPU training step; one core synthesises {1000 / synth_ms:.0f} / {1000 / folder_synth_ms:.0f} images/s.")
     print("conclusion:")
-    print(f"  CPU workers: inline synthesis (loader_workers=0) is {100 * share:.1f} % of the step time; a DataLoader "
-          "process would take a core away from the step for that: keep it inline.")
+    verdict = ("a DataLoader process would take a core away from the step for that: keep it inline" if share < 0.1 else
+               "worth a DataLoader process (--loader-workers 1) if a core is free for it")
+    print(f"  CPU workers: inline synthesis (loader_workers=0) is {100 * share:.1f} % of the step time; {verdict}.")
     if args.gpu_train_rate:
         cores = args.gpu_train_rate * worst / 1000.0
         print(f"  GPU at {args.gpu_train_rate:.0f} images/s: synthesis needs {cores:.1f} cores (worst case above) "

@@ -84,8 +84,6 @@ class Bench:
             backbone, self.pretrained = FrozenBackbone(self.config.backbone, self.config.out_indices), False
         self.backbone = backbone.to(device)
         self.model = build_onenip(self.config, backbone.channels).to(device).eval()
-        self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
         self.channels_last = device.type == "cuda"
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -96,17 +94,20 @@ class Bench:
         return contextlib.nullcontext()
 
     def to_input(self, images) -> torch.Tensor:
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
-        x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = self.backbone.normalize(images if isinstance(images, torch.Tensor) else torch.from_numpy(images))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
-    def predict(self, images, prompt_feats, prompt_class, rec_scale: float, precision: str) -> dict:
+    def encode_prompts(self, prompt_feats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt tokens and descriptors, once and in fp32 (as ``Predictor`` caches them)."""
+        return self.model.encode(prompt_feats), descriptors(prompt_feats)
+
+    @torch.inference_mode()
+    def predict(self, images, prompts, prompt_class, rec_scale: float, precision: str) -> dict:
+        tokens, prompt_descriptors = prompts
         with self.autocast(precision):
             feats = self.backbone(self.to_input(images))
-            tokens = self.model.encode(prompt_feats)
-            idx = retrieve(descriptors(feats), descriptors(prompt_feats), prompt_class)
+            idx = retrieve(descriptors(feats), prompt_descriptors, prompt_class)
             maps = self.model.maps(feats, tokens[idx])
             fused = fuse(maps, self.config, rec_scale)
             scores = image_scores(fused, self.config.score_pool)
@@ -149,11 +150,12 @@ def precision_check(bench: Bench, size: int, n: int, cpu_reference: Bench | None
     rec_scale = float((rec.amax() + rec.amin()) / 2)
     rows = []
     for name, images in ((f"random uint8 ×{n}", random_images(size, n)), (source, real)):
-        fp32 = bench.predict(images, prompt_feats, prompt_class, rec_scale, "fp32")
-        bf16 = bench.predict(images, prompt_feats, prompt_class, rec_scale, "bf16")
+        prompts = bench.encode_prompts(prompt_feats)
+        fp32 = bench.predict(images, prompts, prompt_class, rec_scale, "fp32")
+        bf16 = bench.predict(images, prompts, prompt_class, rec_scale, "bf16")
         rows.append({"inputs": name, "compare": "bf16 vs fp32 (" + bench.device.type + ")", **compare(fp32, bf16)})
         if cpu_reference is not None:
-            cpu_prompts = prompt_feats.cpu()
+            cpu_prompts = cpu_reference.encode_prompts(prompt_feats.cpu())
             cpu = cpu_reference.predict(images, cpu_prompts, prompt_class.cpu(), rec_scale, "fp32")
             rows.append({"inputs": name, "compare": "gpu fp32 vs cpu fp32", **compare(cpu, fp32)})
     # training losses
@@ -219,9 +221,9 @@ def infer_throughput(bench: Bench, size: int, batch: int, precision: str, warmup
     dev = bench.device
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=dev)
     with torch.inference_mode():
-        prompt_feats = bench.backbone(bench.to_input(images[:3])).float()
+        prompts = bench.encode_prompts(bench.backbone(bench.to_input(images[:3])).float())
     prompt_class = torch.arange(3, device=dev)
-    return batch / _timed(lambda: bench.predict(images, prompt_feats, prompt_class, 1.0, precision), dev, warmup, iters)
+    return batch / _timed(lambda: bench.predict(images, prompts, prompt_class, 1.0, precision), dev, warmup, iters)
 
 
 def _rate(fn, *args) -> float | str:
@@ -302,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         del bench
 
     results["seconds"] = time.perf_counter() - start
-    ok = all(r["ok"] for rows in results["precision"].values() for r in rows)
-    print(f"\nprecision checks: {'all PASS' if ok else 'FAILURES (see above)'}; skipped: {results['skipped'] or 'none'}; "
+    checks = [r["ok"] for rows in results["precision"].values() for r in rows]
+    ok = bool(checks) and all(checks)
+    print(f"\nprecision checks: {'all PASS' if ok else 'FAILURES (see above)' if checks else 'NONE RAN'}; skipped: {results['skipped'] or 'none'}; "
           f"{results['seconds']:.0f} s", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .batch import UNKNOWN_CLASS
 from .bundle import Bundle, load_bundle
 from .data.images import decode_image, decode_mask
 from .metrics import _clf_curve, confusion
@@ -69,7 +70,6 @@ class Source:
 
 @dataclass
 class GalleryItem:
-    row: dict[str, Any]
     files: dict[str, str]  # role (image, overlay, heatmap, mask) -> path relative to the report
     error: str | None = None
 
@@ -109,7 +109,7 @@ def load_scores(uri: str, endpoint: str | None = None) -> Source:
             raise FileNotFoundError(f"{uri}: not one scored partition (no Parquet files directly in it){hint}")
         files = [storage.join(uri, *n.split("/")) for n in names]
     elif storage.exists(uri, endpoint) and uri.lower().endswith(".parquet"):
-        partition, files = (posixpath.dirname(uri) if uri.startswith(storage.S3_SCHEME) else os.path.dirname(os.path.abspath(uri))), [uri]
+        partition, files = posixpath.dirname(storage.normalize_uri(uri)), [uri]
     else:
         raise FileNotFoundError(f"{uri}: not a scored partition directory or Parquet file (written by `onenip score`)")
     rows: list[dict[str, Any]] = []
@@ -126,11 +126,11 @@ def load_scores(uri: str, endpoint: str | None = None) -> Source:
 
 
 # -- numbers -------------------------------------------------------------------------------------
-def _fmt(value: Any, pct: bool = False, digits: int = 1) -> str:
+def _fmt(value: Any, pct: bool = False) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–"
     if pct:
-        return f"{100 * value:.{digits}f}"
+        return f"{100 * value:.1f}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
@@ -162,10 +162,6 @@ def _figure(width: float = 4.0, height: float = 3.2):
     return fig, fig.add_subplot()
 
 
-def _save(fig, path: str) -> None:
-    fig.savefig(path, format="png")
-
-
 def roc_figure(path: str, cls: str, c: dict[str, np.ndarray], auroc: float | None, operating: tuple[float, float] | None) -> None:
     fig, ax = _figure()
     ax.plot(c["fpr"], c["tpr"], color=DEFECT_COLOUR, lw=2, drawstyle="default",
@@ -175,7 +171,7 @@ def roc_figure(path: str, cls: str, c: dict[str, np.ndarray], auroc: float | Non
         ax.plot(*operating, "o", color=THRESHOLD_COLOUR, label="deployed threshold")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="false positive rate", ylabel="true positive rate", title=f"ROC — {cls}")
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
+    fig.savefig(path, format="png")
 
 
 def pr_figure(path: str, cls: str, c: dict[str, np.ndarray], ap: float | None, base_rate: float, operating: tuple[float, float] | None) -> None:
@@ -187,7 +183,7 @@ def pr_figure(path: str, cls: str, c: dict[str, np.ndarray], ap: float | None, b
         ax.plot(*operating, "o", color=THRESHOLD_COLOUR, label="deployed threshold")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall", ylabel="precision", title=f"PR — {cls}")
     ax.legend(loc="lower left", fontsize=8)
-    _save(fig, path)
+    fig.savefig(path, format="png")
 
 
 def histogram_figure(path: str, cls: str, groups: list[tuple[str, np.ndarray, str]], threshold: float | None) -> None:
@@ -204,7 +200,7 @@ def histogram_figure(path: str, cls: str, groups: list[tuple[str, np.ndarray, st
         ax.axvline(threshold, color=THRESHOLD_COLOUR, ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
     ax.set(xlabel="image score (raw)", ylabel="images", title=f"scores — {cls}")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    fig.savefig(path, format="png")
 
 
 # -- gallery -------------------------------------------------------------------------------------
@@ -237,7 +233,7 @@ def render_gallery(
             try:
                 data = storage.read_bytes(row["image_uri"], endpoint)
             except Exception as exc:  # moved or deleted since it was scored: a note on its card, not a failed report
-                done[row["image_uri"]] = GalleryItem(row, {}, f"cannot read the image now: {exc}")
+                done[row["image_uri"]] = GalleryItem({}, f"cannot read the image now: {exc}")
                 continue
             readable.append(row)
             payloads.append((row["image_uri"], data, row.get("class_name") if given_class else None))
@@ -246,7 +242,7 @@ def render_gallery(
         scored = scorer.score_bytes(payloads, with_maps=True)
         for row, (uri, data, _), result in zip(readable, payloads, scored):
             if result["status"] != "ok":
-                done[uri] = GalleryItem(row, {}, result["error"])
+                done[uri] = GalleryItem({}, result["error"])
                 continue
             fused = result[MAP_KEY]
             cal = spec.class_calibration(result["class_name"])
@@ -257,24 +253,19 @@ def render_gallery(
             stem = _stem(uri)
             files = {"image": f"{GALLERY}/{stem}_image.jpg", "overlay": f"{GALLERY}/{stem}_overlay.jpg", "heatmap": f"{GALLERY}/{stem}_heatmap.png"}
             bgr = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
-            _write(out_dir, files["image"], cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-            _write(out_dir, files["overlay"], render_overlay(thumb, fused, cal, regions, threshold))
-            _write(out_dir, files["heatmap"], render_heatmap(fused, cal, threshold))
+            storage.write_bytes(os.path.join(out_dir, files["image"]), cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+            storage.write_bytes(os.path.join(out_dir, files["overlay"]), render_overlay(thumb, fused, cal, regions, threshold))
+            storage.write_bytes(os.path.join(out_dir, files["heatmap"]), render_heatmap(fused, cal, threshold))
             if row.get("mask_uri"):
                 try:
                     mask = decode_mask(storage.read_bytes(row["mask_uri"], endpoint), row["mask_uri"])
                     mask = cv2.resize(mask.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST)
                     files["mask"] = f"{GALLERY}/{stem}_mask.png"
-                    _write(out_dir, files["mask"], cv2.imencode(".png", mask)[1].tobytes())
+                    storage.write_bytes(os.path.join(out_dir, files["mask"]), cv2.imencode(".png", mask)[1].tobytes())
                 except Exception:  # an unreadable mask: the card shows no ground truth
                     pass
-            done[uri] = GalleryItem({**row, "rescored": result}, files)
+            done[uri] = GalleryItem(files)
     return done
-
-
-def _write(out_dir: str, relative: str, data: bytes) -> None:
-    with open(os.path.join(out_dir, relative), "wb") as f:
-        f.write(data)
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -292,13 +283,13 @@ th:first-child,td:first-child{text-align:left} thead th{background:#f3f3f3} tr.m
 """
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "", row_classes: list[str] | None = None, table_id: str = "") -> str:
+def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None, table_id: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join(
         f"<tr{f' class={chr(34)}{row_classes[i]}{chr(34)}' if row_classes and row_classes[i] else ''}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
         for i, r in enumerate(rows)
     )
-    attrs = (f' id="{table_id}"' if table_id else "") + (f' class="{cls}"' if cls else "")
+    attrs = f' id="{table_id}"' if table_id else ""
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -325,7 +316,7 @@ def _threshold_for(cls: str, rows: list[dict[str, Any]], bundle: Bundle) -> floa
 def _by_class(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        grouped.setdefault(r.get("class_name") or "(unknown)", []).append(r)
+        grouped.setdefault(r.get("class_name") or UNKNOWN_CLASS, []).append(r)
     return dict(sorted(grouped.items()))
 
 

@@ -36,7 +36,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .bundle import load_bundle
 from .data.images import DEFAULT_MAX_PIXELS
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
-from .scoring import Scorer, render_heatmap
+from .scoring import Prepared, Scorer, render_heatmap
 
 TOKEN_ENV = "ONENIP_API_TOKEN"
 DEFAULT_MAX_BODY_BYTES = 20_000_000
@@ -317,6 +317,10 @@ class OneNIPService:
         if prepared.error is not None:
             raise ClientError(413 if exceeds_pixel_limit(data, self.spec.max_pixels) else 400, prepared.error)
         out = await self.infer_batch((prepared.input, prepared.class_index))
+        # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
+        return await asyncio.to_thread(self._result_row, prepared, out, options)
+
+    def _result_row(self, prepared: Prepared, out: ModelOutput, options: ScoreOptions) -> dict[str, Any]:
         row = self.spec.result_row(
             prepared, out.fused, out.score_raw, out.prompt_index, run_id=self.scorer.run_id, run_date=utc_now().date(),
             upstream_ms=prepared.prepare_ms + out.batch_seconds * 1e3, threshold_override=options.threshold,

@@ -247,9 +247,10 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
         raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
     cfg = _absolute_paths(cfg)
-    # Dataset layout errors are deterministic: raise them here, before Ray starts, instead of in a
-    # worker that FailureConfig would restart max_failures times.
-    read_datasets(parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
+    if cfg.num_workers > 0:
+        # Dataset layout errors are deterministic: raise them here, before Ray starts, instead of in
+        # a worker that FailureConfig would restart max_failures times (in-process runs raise at once).
+        read_datasets(parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
         ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
