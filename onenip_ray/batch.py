@@ -39,7 +39,7 @@ from . import storage
 from .bundle import load_bundle
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .prompts import PromptPool
-from .schema import RESULT_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, to_table
+from .schema import RESULT_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, UNKNOWN_CLASS, to_table
 from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap, render_overlay
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -47,7 +47,6 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv")
 SUCCESS_FILE = "_SUCCESS.json"
 STAGING_DIR = "_staging"
 HEATMAP_DIR = "heatmaps"
-UNKNOWN_CLASS = "(unknown)"  # per-class key of error rows without a given class
 MAX_BLOCKS = 20_000  # bound on input blocks (Ray Data scheduling overhead on huge archives)
 
 
@@ -153,12 +152,14 @@ class InferenceActor:
         n, size = len(batch["image_uri"]), self.scorer.spec.image_size
         fused = np.zeros((n, size, size), np.float32)
         scores, prompt_index, infer_ms = np.full(n, np.nan), np.full(n, -1, np.int64), np.zeros(n)
+        similarity = np.full(n, np.nan)
         ok = np.flatnonzero(batch["error"] == "")
         if len(ok):
             out = self.scorer.infer(batch["input"][ok], batch["class_index"][ok])
             fused[ok], scores[ok], prompt_index[ok], infer_ms[ok] = out.fused, out.scores, out.prompt_index, out.seconds * 1e3
+            similarity[ok] = out.similarity
         result = {k: v for k, v in batch.items() if k != "input"}
-        result.update(fused=fused, score_raw=scores, prompt_index=prompt_index, infer_ms=infer_ms)
+        result.update(fused=fused, score_raw=scores, prompt_index=prompt_index, route_similarity=similarity, infer_ms=infer_ms)
         return result
 
 
@@ -185,13 +186,14 @@ def finish_batch(
         fused = batch["fused"][i]
         stem = heatmap_name(image_uri)
         row = spec.result_row(
-            prepared, fused, float(batch["score_raw"][i]), int(batch["prompt_index"][i]), run_id=run_id, run_date=run_date,
+            prepared, fused, float(batch["score_raw"][i]), int(batch["prompt_index"][i]), float(batch["route_similarity"][i]),
+            run_id=run_id, run_date=run_date,
             upstream_ms=prepared.prepare_ms + float(batch["infer_ms"][i]),
             heatmap_uri=storage.join(heatmaps[1], f"{stem}.png") if heatmaps else None,
         )
         if heatmaps:
             start = time.perf_counter()
-            cal = spec.class_calibration(row["class_name"])
+            cal = spec.prompt_calibration(int(batch["prompt_index"][i]))
             storage.write_bytes(storage.join(heatmaps[0], f"{stem}.png"), render_heatmap(fused, cal), endpoint)
             if row["is_anomalous"]:
                 _write_overlay(image_uri, fused, cal, row["regions"], storage.join(heatmaps[0], f"{stem}_overlay.jpg"), endpoint)
@@ -304,7 +306,8 @@ def _dedupe(fs: pafs.FileSystem, data_path: str, expected: set[str]) -> tuple[li
 
 
 def _counts(fs: pafs.FileSystem, files: list[str]) -> dict[str, Any]:
-    """Totals and per-class counts (``total, ok, error, anomalous``)."""
+    """Totals and per-class counts (``total, ok, error, anomalous``); ``unknown`` = ok rows of
+    images that resemble no class of the model (``class_name`` = ``UNKNOWN_CLASS``)."""
     columns = ["class_name", "status", "is_anomalous"]
     table = pa.concat_tables([pq.read_table(p, columns=columns, filesystem=fs) for p in files])
     per_class: dict[str, Counter] = {}
@@ -317,7 +320,9 @@ def _counts(fs: pafs.FileSystem, files: list[str]) -> dict[str, Any]:
     for c in per_class.values():
         totals.update(c)
     keys = ("total", STATUS_OK, STATUS_ERROR, "anomalous")
-    return {"counts": {k: totals[k] for k in keys}, "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())}}
+    counts = {k: totals[k] for k in keys}
+    counts["unknown"] = per_class.get(UNKNOWN_CLASS, Counter())[STATUS_OK]
+    return {"counts": counts, "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())}}
 
 
 def _listing(fs: pafs.FileSystem, path: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ from .model.onenip import OneNIP
 from .predictor import Predictor
 from .prompts import PromptPool
 
-FORMAT = "onenip-bundle/1"
+FORMAT = "onenip-bundle/2"  # /2: memory in the prompt pool, fusion weights and routing floors in the calibration
 MODEL_FILE, PROMPTS_FILE, META_FILE = "model.safetensors", "prompts.safetensors", "bundle.json"
 
 
@@ -46,7 +46,8 @@ class Bundle:
         return self.pool.class_names
 
     def predictor(self, device: str | torch.device = "cpu") -> Predictor:
-        return Predictor(self.backbone, self.model, self.pool, self.calibration.rec_scale, device, self.calibration.alpha)
+        c = self.calibration
+        return Predictor(self.backbone, self.model, self.pool, c.rec_scale, device, c.alpha, c.neighbor_weight, c.neighbor_scale)
 
 
 def write_bundle(
@@ -67,7 +68,7 @@ def write_bundle(
     digest = hashlib.sha256(model_bytes)
     # Not ``prompt_bytes``: safetensors writes the metadata in hash-map order, which changes from
     # call to call, so the pool's content (tensors without metadata, then names/ids) is hashed.
-    digest.update(save_safetensors({"features": pool.features.contiguous().float(), "class_index": pool.class_index.to(torch.int64)}))
+    digest.update(save_safetensors(pool.tensors()))
     digest.update(json.dumps([pool.class_names, pool.prompt_ids], sort_keys=True).encode())
     digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
     meta = {

@@ -9,6 +9,8 @@ import sys
 
 from .config import ModelConfig, TrainConfig
 
+T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs
+
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa", "btad", "folder"], help="layout of --data roots")
@@ -19,7 +21,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
-    p.add_argument("--image-size", type=int, default=224, help="square network input size in pixels (multiple of 16)")
+    p.add_argument("--image-size", type=int, default=M.image_size, help="square network input size in pixels (multiple of 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(train)
     _add_model_flags(train)
     train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
-    train.add_argument("--epochs", type=int, default=10, help="passes over the training images (official recipe: 1000)")
-    train.add_argument("--batch-size", type=int, default=8, help="per-worker batch size")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (official 1e-4)")
-    train.add_argument("--lr-step-epochs", type=int, default=800, help="StepLR period in epochs (official 800, gamma 0.1)")
+    train.add_argument("--epochs", type=int, default=T.epochs, help="passes over the training images (official recipe: 1000)")
+    train.add_argument("--steps-per-epoch", type=int, default=T.steps_per_epoch,
+                       help="optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
+    train.add_argument("--batch-size", type=int, default=T.batch_size, help="per-worker batch size")
+    train.add_argument("--lr", type=float, default=T.lr, help="AdamW peak learning rate (official 1e-4 over 1000 epochs)")
+    train.add_argument("--lr-schedule", default=T.lr_schedule, choices=["cosine", "step"],
+                       help="cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs")
+    train.add_argument("--warmup-fraction", type=float, default=T.warmup_fraction, help="share of the steps spent warming up (cosine)")
+    train.add_argument("--no-balance-classes", dest="balance_classes", action="store_false",
+                       help="draw training images uniformly instead of every class equally often")
     train.add_argument("--backbone-weights", default=None, help="backbone weights file or URI (safetensors or torch state dict)")
     train.add_argument("--textures", default=None, help="DTD-style texture folder (default: built-in procedural textures)")
     train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = in-process, no cluster)")
@@ -50,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--jitter-scale", type=float, default=20.0, help="feature jitter scale in training (official 20)")
     train.add_argument("--residual-init", type=float, default=0.1,
                        help="gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
-    train.add_argument("--prompts-per-class", type=int, default=1, help="prompt-pool images per class")
-    train.add_argument("--calibration-fraction", type=float, default=0.1, help="training normals held out for thresholds")
+    train.add_argument("--prompts-per-class", type=int, default=T.prompts_per_class,
+                       help="prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
+    train.add_argument("--memory-per-class", type=int, default=T.memory_per_class,
+                       help="normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
+    train.add_argument("--calibration-fraction", type=float, default=T.calibration_fraction,
+                       help="training normals held out for thresholds (at least 5, at most half a class)")
+    train.add_argument("--target-fpr", type=float, default=T.target_fpr, help="false-positive rate the per-class thresholds aim at")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
     train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
     resume = train.add_mutually_exclusive_group()
@@ -62,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
     train.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes for anomaly synthesis per trainer")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
+
+    ac = sub.add_parser("add-class", help="add (or --replace) a product class from a few good images; writes a new bundle")
+    ac.add_argument("--bundle", required=True, help="source model bundle (local or s3://); left untouched")
+    ac.add_argument("--class", dest="class_name", required=True, help="name of the class to add")
+    ac.add_argument("--normals", required=True, help="good images: folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri")
+    ac.add_argument("--out", required=True, help="the new bundle (local or s3://); must differ from --bundle")
+    ac.add_argument("--replace", action="store_true", help="replace the class if the bundle already has it")
+    ac.add_argument("--prompts-per-class", type=int, default=None, help="prompt images for the class (default: as the bundle was trained)")
+    ac.add_argument("--memory-per-class", type=int, default=None, help="normal patches kept for the class (default: as the bundle was trained)")
+    ac.add_argument("--target-fpr", type=float, default=None, help="false-positive rate of the class's threshold (default: the bundle's)")
+    ac.add_argument("--seed", type=int, default=T.seed, help="random seed (folds, synthetic anomalies)")
+    ac.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
     _add_data_flags(ev)
@@ -140,7 +165,9 @@ def cmd_train(args: argparse.Namespace) -> dict:
                         residual_init=args.residual_init)
     cfg = TrainConfig(
         dataset=args.dataset, data=tuple(args.data), out=args.out, classes=tuple(_classes(args.classes)),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_step_epochs=args.lr_step_epochs,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, balance_classes=args.balance_classes,
+        memory_per_class=args.memory_per_class, target_fpr=args.target_fpr,
         seed=args.seed, textures=args.textures, backbone_weights=args.backbone_weights,
         num_workers=args.num_workers, use_gpu=args.use_gpu, calibration_fraction=args.calibration_fraction,
         prompts_per_class=args.prompts_per_class, checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
@@ -160,6 +187,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
                       oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint)
     return {"metrics": os.path.join(args.out, "metrics.json"), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
             "per_class": report["per_class"]}
+
+
+def cmd_add_class(args: argparse.Namespace) -> dict:
+    from .add_class import add_class
+
+    return add_class(args.bundle, args.class_name, args.normals, args.out, replace_class=args.replace,
+                     prompts_per_class=args.prompts_per_class, memory_per_class=args.memory_per_class,
+                     target_fpr=args.target_fpr, seed=args.seed, endpoint=args.s3_endpoint)
 
 
 def cmd_score(args: argparse.Namespace) -> dict:
@@ -214,7 +249,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
                         gallery_size=args.gallery_size)
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
+COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
             "report": cmd_report}
 
 

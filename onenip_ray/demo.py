@@ -160,7 +160,7 @@ def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthe
     timings = {}
     t = time.time()
     trained = _step("train", ["train", *common, "--out", str(bundle), "--epochs", str(epochs), "--image-size", str(size),
-                              "--lr", os.environ.get("LR", "1e-3"), "--batch-size", "4", "--num-workers", "1",
+                              "--steps-per-epoch", "0", "--lr", os.environ.get("LR", "1e-3"), "--batch-size", "4", "--num-workers", "1",
                               "--storage-path", str(out / "ray"), "--run-name", time.strftime("demo-%Y%m%d-%H%M%S")], logs)
     timings["train"] = time.time() - t
     history = trained.get("epochs", [])

@@ -13,11 +13,19 @@ import torch
 
 from . import storage
 from .bundle import load_bundle
-from .calibration import calibrated_score
+from .calibration import bound, calibrated_score
 from .data.images import decode_mask, resize_mask
 from .data.layouts import read_datasets
-from .metrics import class_metrics, confusion, summarize
+from .schema import UNKNOWN_CLASS
+from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
+from .model.onenip import Maps, fuse, image_scores
 from .training_data import load_images
+
+
+# Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
+BRANCHES = {"onenip": 0.0, "neighbor": 1.0}
+# Other target false-positive rates of the same threshold rule: what each would have given here.
+SWEEP_FPR = (0.01, 0.05, 0.1, 0.2)
 
 
 def evaluate(
@@ -52,38 +60,60 @@ def evaluate(
         truth = torch.tensor([names.index(s.class_name) for s in batch])
         pred = predictor.predict(images, truth if oracle else None)
         fused = pred.fused.cpu().numpy()
+        branches = {name: fuse(Maps(pred.reconstruction, pred.refiner, pred.neighbor), predictor.config, predictor.rec_scale,
+                               predictor.alpha, beta, predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
         for i, s in enumerate(batch):
             if s.label and s.mask_uri:
                 mask = resize_mask(decode_mask(storage.read_bytes(s.mask_uri, endpoint), s.mask_uri), size)
             else:
                 mask = np.zeros((size, size), dtype=bool)
-            acc = per_class.setdefault(s.class_name, {"labels": [], "scores": [], "masks": [], "maps": []})
+            acc = per_class.setdefault(s.class_name, {"labels": [], "scores": [], "masks": [], "maps": [], **{b: [] for b in BRANCHES}})
             raw = float(pred.scores[i])
             acc["labels"].append(int(mask.any()) if s.label else 0)
             acc["scores"].append(raw)
             acc["masks"].append(mask)
             acc["maps"].append(fused[i].astype(np.float32))
+            for b in BRANCHES:
+                acc[b].append(branches[b][i].astype(np.float32))
             cal = bundle.calibration.per_class[s.class_name]
+            routed = names[int(pred.class_index[i])]
+            similarity = float(pred.similarity[i])
+            unknown = not oracle and similarity < bundle.calibration.per_class[routed].route_floor
             rows.append({
-                "image_uri": s.uri, "class_name": s.class_name, "routed_class": names[int(pred.class_index[i])],
+                "image_uri": s.uri, "class_name": s.class_name, "routed_class": UNKNOWN_CLASS if unknown else routed,
+                "route_similarity": similarity,
                 "prompt_id": bundle.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(s.label), "defect": s.defect,
                 "mask_uri": s.mask_uri if s.label else None,
                 "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
                 "is_anomalous": raw > cal.threshold_raw,
             })
     results: dict[str, dict[str, float]] = {}
+    branch_results: dict[str, dict[str, dict[str, float]]] = {}
+    sweeps: dict[str, dict[str, dict[str, float]]] = {}
     for cls in sorted(per_class):
         acc = per_class[cls]
         labels, scores = np.array(acc["labels"]), np.array(acc["scores"])
         m = class_metrics(labels, scores, np.stack(acc["masks"]), np.stack(acc["maps"]))
-        m.update(_at_threshold(labels, scores, bundle.calibration.per_class[cls].threshold_raw))
+        cal = bundle.calibration.per_class[cls]
+        m.update(_at_threshold(labels, scores, cal.threshold_raw))
+        sweeps[cls] = {}
+        for fpr in SWEEP_FPR:
+            t = bound(cal.normal_mean, cal.normal_std, cal.num_images, fpr)
+            sweeps[cls][str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores, t)}
         m["num_images"] = int(len(labels))
+        m["unknown_fraction"] = float(np.mean([r["routed_class"] == UNKNOWN_CLASS for r in rows if r["class_name"] == cls]))
         results[cls] = m
+        branch_results[cls] = {b: _branch_metrics(labels, np.stack(acc["masks"]), np.stack(acc[b]), bundle.config.score_pool)
+                               for b in BRANCHES}
     routing = float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan")
     report = {
         "per_class": results,
         "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
         "routing_accuracy": routing,
+        "threshold_sweep": sweeps,
+        "branches": {"per_class": branch_results,
+                     "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
+                     "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
         "prompt_mode": "oracle" if oracle else "retrieval",
         "model_version": bundle.version,
         "bundle": bundle_uri,
@@ -95,6 +125,12 @@ def evaluate(
         json.dump(report, f, indent=2)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, "predictions.parquet"))
     return report
+
+
+def _branch_metrics(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, pool: int) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and pixel AP of one branch's maps (image score as deployed)."""
+    return {"image_auroc": image_auroc(labels, image_scores(torch.from_numpy(maps), pool).numpy()),
+            "pixel_auroc": pixel_auroc(masks, maps), "pixel_ap": pixel_ap(masks, maps)}
 
 
 def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:

@@ -8,8 +8,8 @@ import torch
 
 from .config import ModelConfig
 from .model.backbone import FrozenBackbone
-from .model.onenip import OneNIP, fuse, image_scores
-from .prompts import PromptPool, descriptors, retrieve
+from .model.onenip import Maps, OneNIP, fuse, image_scores, upsample
+from .prompts import PromptPool, descriptors, neighbor_distances, retrieve
 
 
 @dataclass
@@ -19,9 +19,11 @@ class Prediction:
     fused: torch.Tensor  # (N, H, W)
     reconstruction: torch.Tensor  # (N, H, W)
     refiner: torch.Tensor  # (N, H, W)
+    neighbor: torch.Tensor  # (N, H, W); zeros where the class has no memory
     scores: torch.Tensor  # (N,)
     prompt_index: torch.Tensor  # (N,)
     class_index: torch.Tensor  # (N,)
+    similarity: torch.Tensor  # (N,) cosine similarity of the retrieval descriptor to the chosen prompt's
 
 
 class Predictor:
@@ -29,7 +31,7 @@ class Predictor:
     computed once here and reused for every image."""
 
     def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float, device: str | torch.device = "cpu",
-                 alpha: float | None = None) -> None:
+                 alpha: float | None = None, neighbor_weight: float = 0.0, neighbor_scale: float = 1.0) -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.model = model.to(self.device).eval()
@@ -37,11 +39,22 @@ class Predictor:
         self.config: ModelConfig = model.config
         self.rec_scale = float(rec_scale)
         self.alpha = self.config.alpha if alpha is None else float(alpha)
+        self.neighbor_weight, self.neighbor_scale = float(neighbor_weight), float(neighbor_scale)
+        self.set_pool(pool)
+
+    def set_pool(self, pool: PromptPool) -> None:
+        """Use ``pool``: its prompts are encoded here, once."""
+        self.pool = pool
         with torch.inference_mode():
             feats = pool.features.to(self.device)
             self.prompt_tokens = self.model.encode(feats)
             self.prompt_descriptors = descriptors(feats)
         self.pool_class = pool.class_index.to(self.device)
+        self.memory, self.memory_class = pool.memory.to(self.device), pool.memory_class.to(self.device)
+
+    def fuse(self, maps: Maps) -> torch.Tensor:
+        """The fused anomaly map with this predictor's calibrated scales and weights."""
+        return fuse(maps, self.config, self.rec_scale, self.alpha, self.neighbor_weight, self.neighbor_scale)
 
     @property
     def class_names(self) -> list[str]:
@@ -65,14 +78,19 @@ class Predictor:
     def predict_features(self, feats: torch.Tensor, class_index: torch.Tensor | None = None) -> Prediction:
         if class_index is not None:
             class_index = class_index.to(self.device)
-        prompt_index = retrieve(descriptors(feats), self.prompt_descriptors, self.pool_class, class_index)
+        with torch.autocast(self.device.type, enabled=False):  # near-equal prompts of a class: decide in float32
+            prompt_index, similarity = retrieve(descriptors(feats.float()), self.prompt_descriptors, self.pool_class, class_index)
+        routed = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        fused = fuse(maps, self.config, self.rec_scale, self.alpha)
+        maps.neighbor = upsample(neighbor_distances(feats, self.memory, self.memory_class, routed), self.config.image_size)
+        fused = self.fuse(maps)
         return Prediction(
             fused=fused,
             reconstruction=maps.reconstruction,
             refiner=maps.refiner,
+            neighbor=maps.neighbor,
             scores=image_scores(fused, self.config.score_pool),
             prompt_index=prompt_index,
-            class_index=self.pool_class[prompt_index],
+            class_index=routed,
+            similarity=similarity,
         )

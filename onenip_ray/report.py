@@ -35,11 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .batch import UNKNOWN_CLASS
 from .bundle import Bundle, load_bundle
 from .data.images import decode_image, decode_mask
 from .metrics import _clf_curve, confusion
 from .scoring import MAP_KEY, Scorer, find_regions, render_heatmap, render_overlay
+from .schema import UNKNOWN_CLASS
 
 INDEX = "index.html"
 FIGURES, GALLERY = "figures", "gallery"
@@ -245,7 +245,7 @@ def render_gallery(
                 done[uri] = GalleryItem({}, result["error"])
                 continue
             fused = result[MAP_KEY]
-            cal = spec.class_calibration(result["class_name"])
+            cal = spec.prompt_calibration(spec.prompt_ids.index(result["prompt_id"]))
             threshold = float(result["threshold_raw"])
             thumb = _thumbnail(decode_image(data, uri))
             height, width = thumb.shape[:2]

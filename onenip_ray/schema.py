@@ -17,6 +17,10 @@ SCHEMA_VERSION = "onenip-result/1"
 STATUS_OK, STATUS_ERROR = "ok", "error"
 CLASS_GIVEN, CLASS_RETRIEVED = "given", "retrieved"
 THRESHOLD_PER_CLASS, THRESHOLD_MANUAL = "per_class", "manual"
+# ``class_name`` of an image that resembles no class of the model (retrieval similarity below the
+# nearest class's calibrated floor; such an image is ``is_anomalous``), and the per-class key of
+# error rows without a given class.
+UNKNOWN_CLASS = "(unknown)"
 
 REGION_TYPE = pa.struct([
     pa.field("x", pa.int32(), nullable=False),
@@ -35,6 +39,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("class_name", pa.string()),
         pa.field("class_source", pa.string()),
+        pa.field("route_similarity", pa.float64()),
         pa.field("prompt_id", pa.string()),
         pa.field("score_raw", pa.float64()),
         pa.field("score", pa.float64()),
@@ -61,7 +66,7 @@ RESULT_SCHEMA = pa.schema(
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
 # Model outputs: null in every error row.
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    "prompt_id", "score_raw", "score", "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px",
+    "route_similarity", "prompt_id", "score_raw", "score", "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px",
     "defect_area_pct", "max_pixel_score", "num_regions", "regions", "heatmap_uri",
 )
 

@@ -27,7 +27,8 @@ from .bundle import Bundle, load_bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_image
 from .schema import (
-    CLASS_GIVEN, CLASS_RETRIEVED, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, error_row, utc_now,
+    CLASS_GIVEN, CLASS_RETRIEVED, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
+    utc_now,
 )
 
 Item = tuple[str, bytes, str | None]
@@ -56,6 +57,7 @@ class Inference:
     fused: np.ndarray  # (N, S, S) float32
     scores: np.ndarray  # (N,) float64
     prompt_index: np.ndarray  # (N,) int64
+    similarity: np.ndarray  # (N,) float64 retrieval similarity to the chosen prompt
     seconds: float
 
 
@@ -111,12 +113,17 @@ class ScoringSpec:
     def class_calibration(self, class_name: str) -> ClassCalibration:
         return self.calibration.per_class[class_name]
 
+    def prompt_calibration(self, prompt_index: int) -> ClassCalibration:
+        """The calibration of the class a prompt belongs to (also for images flagged unknown)."""
+        return self.class_calibration(self.class_names[self.prompt_class[prompt_index]])
+
     def result_row(
         self,
         prepared: Prepared,
         fused: np.ndarray,
         score_raw: float,
         prompt_index: int,
+        route_similarity: float,
         *,
         run_id: str,
         run_date: dt.date,
@@ -125,19 +132,23 @@ class ScoringSpec:
         heatmap_uri: str | None = None,
     ) -> dict[str, Any]:
         """The ``status=ok`` row for one image from its fused map (network resolution) and score;
-        ``latency_ms`` is ``upstream_ms`` (decode, model batch) plus this post-processing."""
+        ``latency_ms`` is ``upstream_ms`` (decode, model batch) plus this post-processing. A
+        retrieved image below its nearest class's ``route_floor`` is ``UNKNOWN_CLASS`` and anomalous
+        (scored against that nearest class)."""
         start = time.perf_counter()
         class_name = self.class_names[self.prompt_class[prompt_index]]
         cal = self.class_calibration(class_name)
+        if prepared.class_name is None and route_similarity < cal.route_floor:
+            class_name = UNKNOWN_CLASS
         threshold = cal.threshold_raw if threshold_override is None else float(threshold_override)
-        is_anomalous = score_raw > threshold
+        is_anomalous = score_raw > threshold or class_name == UNKNOWN_CLASS
         regions, area = ([], 0) if not is_anomalous else find_regions(
             fused, threshold, self.score_pool, prepared.width, prepared.height, include_peak=True)
         row = dict.fromkeys(RESULT_COLUMNS)
         row.update(
             image_uri=prepared.image_uri, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
             class_name=class_name, class_source=CLASS_GIVEN if prepared.class_name is not None else CLASS_RETRIEVED,
-            prompt_id=self.prompt_ids[prompt_index], score_raw=float(score_raw),
+            route_similarity=float(route_similarity), prompt_id=self.prompt_ids[prompt_index], score_raw=float(score_raw),
             score=float(calibrated_score(score_raw, cal, threshold)), threshold_raw=threshold,
             threshold_source=THRESHOLD_PER_CLASS if threshold_override is None else THRESHOLD_MANUAL,
             is_anomalous=bool(is_anomalous), defect_area_px=area,
@@ -273,7 +284,7 @@ class Scorer:
         feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
         pred = p.predict_features(feats, torch.from_numpy(np.asarray(class_index, np.int64)))
         return Inference(pred.fused.cpu().numpy(), pred.scores.double().cpu().numpy(), pred.prompt_index.cpu().numpy(),
-                         time.perf_counter() - start)
+                         pred.similarity.double().cpu().numpy(), time.perf_counter() - start)
 
     def score_bytes(
         self, items: list[Item], threshold_override: float | None = None, with_maps: bool = False
@@ -289,7 +300,8 @@ class Scorer:
             out = self.infer(np.stack([prepared[i].input for i in chunk]), np.array([prepared[i].class_index for i in chunk]))
             for j, i in enumerate(chunk):
                 row = self.spec.result_row(
-                    prepared[i], out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), run_id=self.run_id,
+                    prepared[i], out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), float(out.similarity[j]),
+                    run_id=self.run_id,
                     run_date=run_date, upstream_ms=prepared[i].prepare_ms + out.seconds * 1e3,
                     threshold_override=threshold_override,
                 )

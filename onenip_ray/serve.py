@@ -88,6 +88,7 @@ class ModelOutput(NamedTuple):
     fused: np.ndarray
     score_raw: float
     prompt_index: int
+    route_similarity: float
     batch_seconds: float
 
 
@@ -309,7 +310,8 @@ class OneNIPService:
         inputs = np.stack([x for x, _ in items])
         class_index = np.array([c for _, c in items], np.int64)
         out = await asyncio.to_thread(self.scorer.infer, inputs, class_index)
-        return [ModelOutput(out.fused[i], float(out.scores[i]), int(out.prompt_index[i]), out.seconds) for i in range(len(items))]
+        return [ModelOutput(out.fused[i], float(out.scores[i]), int(out.prompt_index[i]), float(out.similarity[i]), out.seconds)
+                for i in range(len(items))]
 
     async def score_upload(self, image_uri: str, data: bytes, options: ScoreOptions) -> dict[str, Any]:
         """The ``status=ok`` result row for one upload; unusable images raise ``ClientError``."""
@@ -322,11 +324,12 @@ class OneNIPService:
 
     def _result_row(self, prepared: Prepared, out: ModelOutput, options: ScoreOptions) -> dict[str, Any]:
         row = self.spec.result_row(
-            prepared, out.fused, out.score_raw, out.prompt_index, run_id=self.scorer.run_id, run_date=utc_now().date(),
+            prepared, out.fused, out.score_raw, out.prompt_index, out.route_similarity, run_id=self.scorer.run_id,
+            run_date=utc_now().date(),
             upstream_ms=prepared.prepare_ms + out.batch_seconds * 1e3, threshold_override=options.threshold,
         )
         if options.return_heatmap:
-            png = render_heatmap(out.fused, self.spec.class_calibration(row["class_name"]), options.threshold)
+            png = render_heatmap(out.fused, self.spec.prompt_calibration(out.prompt_index), options.threshold)
             row["heatmap_uri"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         return row
 

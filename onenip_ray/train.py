@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 import json
+import math
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any
@@ -32,7 +34,7 @@ from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .model.build import build_backbone, build_onenip
 from .predictor import Predictor
-from .prompts import PromptPool
+from .prompts import build_pool
 from .training_data import TrainingSet, build_training_set, parse_data_specs
 
 STATE_FILE = "state.pt"
@@ -61,6 +63,38 @@ class SyntheticPairs(Dataset):
         image, mask = self.synthesizer(self.data.images[idx], rng)
         prompt = int(rng.choice(self.by_class[int(self.data.labels[idx])]))
         return idx, torch.from_numpy(image), torch.from_numpy(mask), prompt
+
+
+def epoch_order(data: TrainingSet, samples: int, balance: bool, rng: np.random.Generator) -> np.ndarray:
+    """``samples`` training-image indices for one epoch, shuffled. ``balance``: every class gets the
+    same share (its images cycled in fresh permutations), so a 40-image class is not drowned by a
+    200-image one; otherwise the training images in permuted passes."""
+    train = data.train_index
+    groups = [train[data.labels[train] == c] for c in range(len(data.class_names))] if balance else [train]
+    groups = [g for g in groups if len(g)]
+    counts = np.full(len(groups), samples // len(groups))
+    counts[rng.permutation(len(groups))[: samples - counts.sum()]] += 1
+    parts = []
+    for group, n in zip(groups, counts):
+        cycles = [rng.permutation(group) for _ in range(-(-n // len(group)))]
+        parts.append(np.concatenate(cycles)[:n] if cycles else group[:0])
+    return rng.permutation(np.concatenate(parts))
+
+
+def lr_factor(cfg: TrainConfig, total_steps: int):
+    """The schedule as a multiplier of ``cfg.lr`` per optimiser step (see ``TrainConfig``)."""
+    if cfg.lr_schedule == "step":
+        drop = int(0.8 * total_steps)
+        return lambda step: 0.1 if step >= drop else 1.0
+    warmup = max(1, round(cfg.warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _backbone_input(backbone, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -102,7 +136,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     data = build_training_set(
         parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes), cfg.model.image_size,
-        cfg.calibration_fraction, cfg.prompts_per_class, cfg.seed, endpoint,
+        cfg.calibration_fraction, cfg.seed, endpoint,
     )
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -114,8 +148,10 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_onenip(cfg.model, backbone.channels).to(device)
     model.set_feature_statistics(clean_features[data.train_index])
+    samples = (cfg.steps_per_epoch * cfg.batch_size * world) if cfg.steps_per_epoch else len(data.train_index)
+    steps_per_epoch = -(-len(range(rank, samples, world)) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps_per_epoch))
     start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     if start_epoch == 0:
         torch.manual_seed(cfg.seed * 1000 + rank)
@@ -129,7 +165,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     train_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(data.train_index)[rank::world]
+        order = epoch_order(data, samples, cfg.balance_classes, np.random.default_rng([cfg.seed, epoch]))[rank::world]
         loader = DataLoader(SyntheticPairs(data, order, synthesizer, by_class, (cfg.seed, epoch, rank)),
                             batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=on_gpu)
         sums = {"loss": 0.0, "mse": 0.0, "dice": 0.0}
@@ -144,17 +180,20 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             losses.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            scheduler.step()
             sums["loss"] += float(losses.total.detach())
             sums["mse"] += float(losses.mse)
             sums["dice"] += float(losses.dice)
             steps += 1
             t_wait = time.perf_counter()
-        scheduler.step()
         seconds = time.perf_counter() - t_epoch
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
                        samples_per_second=len(order) / max(seconds, 1e-9), loader_wait_seconds=wait_s)
         history.append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                  f"{seconds:.0f} s, {metrics['samples_per_second']:.2f} samples/s", file=sys.stderr, flush=True)
         last = epoch == cfg.epochs - 1
         if not last:
             due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
@@ -199,12 +238,9 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
 
 def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict) -> None:
     model.eval()
-    pool = PromptPool(
-        class_names=data.class_names,
-        prompt_ids=data.ids(data.prompt_index),
-        class_index=torch.from_numpy(data.labels[data.prompt_index]),
-        features=clean_features[data.prompt_index].cpu(),
-    )
+    train = data.train_index
+    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.labels[train]), clean_features[train].cpu(),
+                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
@@ -212,7 +248,7 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
         idx = data.calibration_index[data.labels[data.calibration_index] == c]
         calib[name] = data.images[idx] if len(idx) else data.images[data.labels == c][:1]
     t0 = time.perf_counter()
-    calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, quantile=cfg.threshold_quantile)
+    calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
     write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
 

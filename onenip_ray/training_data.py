@@ -11,6 +11,7 @@ from .data.images import decode_image, resize_image
 from .data.layouts import Sample, read_datasets
 
 DATASET_KINDS = ("mvtec", "visa", "btad", "folder")
+MIN_CALIBRATION_IMAGES = 5  # below this a threshold is a guess (see calibration.py)
 
 
 def parse_data_specs(default_kind: str, data: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
@@ -50,7 +51,6 @@ class TrainingSet:
     labels: np.ndarray  # class index per image
     train_index: np.ndarray  # queries (and training prompts)
     calibration_index: np.ndarray  # held out for thresholds
-    prompt_index: np.ndarray  # the inference prompt pool (subset of train_index)
 
     def ids(self, index: np.ndarray) -> list[str]:
         return [self.samples[i].uri for i in index]
@@ -61,24 +61,22 @@ def build_training_set(
     classes: list[str] | None,
     image_size: int,
     calibration_fraction: float,
-    prompts_per_class: int,
     seed: int,
     endpoint: str | None = None,
 ) -> TrainingSet:
-    """Read the training split and hold out ``calibration_fraction`` of each class (≥ 1 image
-    when the class has ≥ 2) for calibration; pick ``prompts_per_class`` pool prompts per class."""
+    """Read the training split and hold out ``calibration_fraction`` of each class for
+    calibration: at least ``MIN_CALIBRATION_IMAGES``, at most half of the class."""
     samples = [s for s in read_datasets(specs, classes or None, endpoint) if s.split == "train"]
     names = sorted({s.class_name for s in samples})
     labels = np.array([names.index(s.class_name) for s in samples], dtype=np.int64)
     rng = np.random.default_rng(seed)
-    train, calib, prompts = [], [], []
+    train, calib = [], []
     for c in range(len(names)):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_cal = min(len(idx) - 1, max(1, int(round(calibration_fraction * len(idx))))) if calibration_fraction > 0 else 0
+        wanted = max(MIN_CALIBRATION_IMAGES, int(round(calibration_fraction * len(idx))))
+        n_cal = min(len(idx) // 2, wanted) if calibration_fraction > 0 else 0
         calib.extend(idx[:n_cal])
-        rest = idx[n_cal:]
-        train.extend(rest)
-        prompts.extend(rest[: max(1, prompts_per_class)])
+        train.extend(idx[n_cal:])
     return TrainingSet(
         class_names=names,
         samples=samples,
@@ -86,5 +84,4 @@ def build_training_set(
         labels=labels,
         train_index=np.sort(np.array(train, dtype=np.int64)),
         calibration_index=np.sort(np.array(calib, dtype=np.int64)),
-        prompt_index=np.array(prompts, dtype=np.int64),
     )

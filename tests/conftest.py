@@ -20,6 +20,11 @@ needs_bottle = pytest.mark.skipif(
     not BOTTLE.is_dir(),
     reason=f"real MVTec AD bottle data not found at {BOTTLE} (only CI and dev machines have ../shared)",
 )
+VISA_ROOT = SHARED_DATA / "visa"
+needs_visa = pytest.mark.skipif(
+    not (VISA_ROOT / "split_csv" / "1cls.csv").is_file(),
+    reason=f"real VisA data (capsules, macaroni1) not found at {VISA_ROOT} (only CI and dev machines have ../shared)",
+)
 
 
 def _free_port() -> int:
@@ -237,6 +242,6 @@ def tiny_bundle(tiny_dataset, tmp_path_factory) -> str:
 
     work = tmp_path_factory.mktemp("tiny_bundle")
     out = str(work / "bundle")
-    cfg = TrainConfig(data=(str(tiny_dataset),), out=out, epochs=1, batch_size=4, num_workers=0, model=ModelConfig(image_size=64))
+    cfg = TrainConfig(data=(str(tiny_dataset),), out=out, epochs=1, batch_size=4, steps_per_epoch=0, num_workers=0, model=ModelConfig(image_size=64))
     run_training(cfg, storage_path=str(work / "ray"))
     return out

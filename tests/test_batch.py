@@ -182,7 +182,8 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
 
     # the commit marker carries the counts; nothing staged is left behind
     marker = json.loads(client.get_object(Bucket=bucket, Key="scores/run_date=2026-11-27/_SUCCESS.json")["Body"].read())
-    assert marker["counts"] == {"total": len(files), "ok": len(files) - len(errors), "error": len(errors), "anomalous": len(anomalous)}
+    assert marker["counts"] == {"total": len(files), "ok": len(files) - len(errors), "error": len(errors), "anomalous": len(anomalous),
+                                "unknown": 0}  # every input is a disc or stripes image
     assert marker["per_class"]["disc"]["anomalous"] == marker["per_class"]["disc"]["ok"] > 0
     assert marker["model_version"] == scorer.spec.model_version and marker["run_id"] == summary["run_id"]
     assert marker["images_per_second"] > 0 and marker["wall_seconds"] > 0

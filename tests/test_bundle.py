@@ -123,7 +123,8 @@ def _content_hash(bundle_dir: str) -> str:
         digest = hashlib.sha256(f.read())
     with open(os.path.join(bundle_dir, PROMPTS_FILE), "rb") as f:
         pool = PromptPool.from_bytes(f.read())
-    digest.update(save_safetensors({"features": pool.features, "class_index": pool.class_index}))
+    digest.update(save_safetensors({"features": pool.features, "class_index": pool.class_index, "memory": pool.memory,
+                                    "memory_class": pool.memory_class}))
     digest.update(json.dumps([pool.class_names, pool.prompt_ids]).encode())
     digest.update(json.dumps([meta["config"], meta["calibration"]], sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -165,7 +166,7 @@ def test_bundle_holds_no_pickle(bundle_dir, monkeypatch):
     assert keys and all(k.startswith(("onenip.", "backbone.")) for k in keys)
     assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("onenip.") for k in keys)
     with safe_open(os.path.join(bundle_dir, PROMPTS_FILE), framework="pt") as f:
-        assert set(f.keys()) == {"features", "class_index"}
+        assert set(f.keys()) == {"features", "class_index", "memory", "memory_class"}
     with open(os.path.join(bundle_dir, META_FILE)) as f:
         json.load(f)
     for name in (MODEL_FILE, PROMPTS_FILE):

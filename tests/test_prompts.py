@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from onenip_ray.prompts import PromptPool, descriptors, retrieve
+from safetensors.torch import save as save_safetensors
+
+from onenip_ray.prompts import PromptPool, build_pool, descriptors, neighbor_distances, retrieve, select_prompts, subsample
 
 
 def _pool() -> PromptPool:
@@ -33,7 +35,7 @@ def test_pool_bytes_round_trip(tmp_path):
     path = tmp_path / "prompts.safetensors"
     path.write_bytes(data)
     with safe_open(str(path), framework="pt") as f:
-        assert set(f.keys()) == {"features", "class_index"}
+        assert set(f.keys()) == {"features", "class_index", "memory", "memory_class"}
         meta = f.metadata()
     assert json.loads(meta["class_names"]) == ["bottle", "cable"]
     assert json.loads(meta["prompt_ids"]) == pool.prompt_ids
@@ -72,14 +74,74 @@ def test_retrieve_picks_the_most_similar_prompt():
     pool = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0, 0, 1), _unit(1, 1, 0)])
     pool_class = torch.tensor([0, 1, 2, 1])
     queries = torch.stack([_unit(0.9, 0.1, 0), _unit(0.1, 0.2, 1), _unit(1, 0.8, 0), _unit(0, 1, 0.1)])
-    assert retrieve(queries, pool, pool_class).tolist() == [0, 2, 3, 1]
+    index, similarity = retrieve(queries, pool, pool_class)
+    assert index.tolist() == [0, 2, 3, 1]
+    assert torch.allclose(similarity, (queries * pool[index]).sum(1))
 
 
 def test_retrieve_respects_the_class_restriction():
     pool = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0.7, 0.7, 0), _unit(0, 0, 1)])
     pool_class = torch.tensor([0, 1, 1, 2])
     queries = torch.stack([_unit(1, 0, 0), _unit(1, 0, 0), _unit(1, 0, 0)])
-    assert retrieve(queries, pool, pool_class).tolist() == [0, 0, 0]
-    restricted = retrieve(queries, pool, pool_class, torch.tensor([0, 1, 2]))
+    assert retrieve(queries, pool, pool_class)[0].tolist() == [0, 0, 0]
+    restricted = retrieve(queries, pool, pool_class, torch.tensor([0, 1, 2]))[0]
     assert restricted.tolist() == [0, 2, 3]  # best within class 1 is the diagonal prompt
     assert pool_class[restricted].tolist() == [0, 1, 2]
+
+
+def test_memory_round_trips_and_an_old_pool_without_memory_loads():
+    pool = _pool()
+    pool.memory, pool.memory_class = torch.randn(5, 8), torch.tensor([0, 0, 1, 1, 1])
+    back = PromptPool.from_bytes(pool.to_bytes())
+    assert torch.equal(back.memory, pool.memory) and back.memory_class.tolist() == [0, 0, 1, 1, 1]
+    old = save_safetensors({"features": pool.features, "class_index": pool.class_index},
+                           metadata={"class_names": json.dumps(pool.class_names), "prompt_ids": json.dumps(pool.prompt_ids)})
+    assert PromptPool.from_bytes(old).memory.shape == (0, 8)
+
+
+def test_select_prompts_covers_the_clusters_of_a_class():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(4)[:3] * 5
+    points = torch.cat([c + 0.1 * torch.randn(10, 4, generator=g) for c in centres])  # 3 clusters of 10
+    chosen = select_prompts(F.normalize(points, dim=1), 3)
+    assert sorted(i // 10 for i in chosen.tolist()) == [0, 1, 2]  # one prompt per cluster
+    assert len(select_prompts(F.normalize(points, dim=1), 50)) == 30  # never more than the class has
+
+
+def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
+    feats = torch.randn(7, 8, 3, 3)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    pool = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=2, memory_per_class=0)
+    assert pool.class_index.tolist() == [0, 0, 1, 1]
+    assert pool.memory.shape == (7 * 9, 8) and (pool.memory_class == 1).sum() == 4 * 9
+    capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=1, memory_per_class=10)
+    assert (capped.memory_class == 0).sum() == 10 and (capped.memory_class == 1).sum() == 10
+    assert len(subsample(100, 10, seed=3).unique()) == 10 and torch.equal(subsample(5, 10), torch.arange(5))
+
+
+def test_neighbor_distances_match_brute_force_within_the_class():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(3, 4, 2, 2, generator=g)
+    memory = torch.randn(20, 4, generator=g)
+    memory_class = torch.tensor([0] * 10 + [1] * 10)
+    got = neighbor_distances(feats, memory, memory_class, torch.tensor([1, 0, 1]), chunk=1)
+    for n, c in enumerate([1, 0, 1]):
+        bank = memory[memory_class == c]
+        for y in range(2):
+            for x in range(2):
+                expected = (bank - feats[n, :, y, x]).norm(dim=1).min()
+                assert torch.isclose(got[n, y, x], expected, atol=1e-5)
+    assert torch.equal(neighbor_distances(feats, memory, memory_class, torch.tensor([2, 2, 2])), torch.zeros(3, 2, 2))
+
+
+def test_a_class_is_removed_and_added_back_with_consistent_indices():
+    pool = build_pool(["a", "b", "c"], [f"i{k}" for k in range(6)], torch.tensor([0, 0, 1, 1, 2, 2]), torch.randn(6, 8, 2, 2),
+                      prompts_per_class=1, memory_per_class=0)
+    without = pool.without_class("b")
+    assert without.class_names == ["a", "c"] and without.class_index.tolist() == [0, 1]
+    assert without.memory_class.unique().tolist() == [0, 1] and len(without.memory) == 16
+    b = pool.class_index == 1
+    back = without.with_class("b", [pool.prompt_ids[i] for i in torch.nonzero(b).flatten().tolist()], pool.features[b],
+                              pool.memory[pool.memory_class == 1])
+    assert back.class_names == ["a", "c", "b"] and back.class_index.tolist() == [0, 1, 2]
+    assert torch.equal(back.memory[back.memory_class == 2], pool.memory[pool.memory_class == 1])

@@ -10,7 +10,7 @@ import pytest
 from onenip_ray.schema import OUTPUT_COLUMNS, RESULT_COLUMNS, RESULT_SCHEMA, SCHEMA_VERSION, error_row, to_table
 
 EXPECTED = [
-    "image_uri", "image_sha256", "width", "height", "class_name", "class_source", "prompt_id", "score_raw", "score",
+    "image_uri", "image_sha256", "width", "height", "class_name", "class_source", "route_similarity", "prompt_id", "score_raw", "score",
     "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px", "defect_area_pct", "max_pixel_score",
     "num_regions", "regions", "heatmap_uri", "status", "error", "model_version", "run_id", "run_date", "scored_at",
     "latency_ms",

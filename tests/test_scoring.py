@@ -159,7 +159,8 @@ def test_find_regions_in_original_pixels():
 
 
 def test_heatmap_uses_class_statistics_not_per_image():
-    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, map_low=1.0, num_images=5)
+    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, normal_mean=2.0, normal_std=0.5, map_low=1.0,
+                           num_images=5, normal_similarity_min=0.9)
     assert heat_levels(np.array([[0.5, 1.0, 2.0, 3.0, 5.0, 9.0]]), cal).tolist() == [[0, 0, 64, 128, 255, 255]]
     flat = np.full((64, 64), 3.0, np.float32)  # per-image min-max would make this all 0 (or NaN)
     png = cv2.imdecode(np.frombuffer(render_heatmap(flat, cal), np.uint8), cv2.IMREAD_COLOR)
@@ -169,7 +170,8 @@ def test_heatmap_uses_class_statistics_not_per_image():
 
 
 def test_overlay_is_a_jpeg_at_original_size():
-    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, map_low=1.0, num_images=5)
+    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, normal_mean=2.0, normal_std=0.5, map_low=1.0,
+                           num_images=5, normal_similarity_min=0.9)
     image = np.full((120, 200, 3), 200, np.uint8)
     fused = np.ones((64, 64), np.float32)
     fused[10:30, 10:30] = 6.0

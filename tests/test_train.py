@@ -24,7 +24,7 @@ TINY = ModelConfig(image_size=64)
 
 
 def _config(root, out, **overrides) -> TrainConfig:
-    kwargs = dict(data=(str(root),), out=str(out), num_workers=0, epochs=1, batch_size=4, model=TINY)
+    kwargs = dict(data=(str(root),), out=str(out), num_workers=0, epochs=1, batch_size=4, steps_per_epoch=0, model=TINY)
     kwargs.update(overrides)
     return TrainConfig(**kwargs)
 
@@ -46,7 +46,7 @@ def test_in_process_training_writes_a_bundle_that_loads_and_scores(trained, tiny
     assert len(training["history"]) == 1 and training["epochs"] == 1
     assert training["workers"] == 1
     # 12 normals per class, 10 % held out for calibration → 1 per class
-    assert training["train_images"] == 22 and training["calibration_images"] == 2
+    assert training["train_images"] == 14 and training["calibration_images"] == 10  # 5 held out per class
     assert all(math.isfinite(training["history"][0][k]) for k in ("loss", "mse", "dice"))
     assert meta["classes"] == ["disc", "stripes"] and set(meta["thresholds"]) == {"disc", "stripes"}
 
@@ -79,6 +79,19 @@ def test_evaluate_writes_metrics_and_one_row_per_test_image(trained, tiny_datase
         assert written["mean"][key] == pytest.approx(np.mean([m[key] for m in written["per_class"].values()]))
     assert written["routing_accuracy"] == 1.0
     assert written["prompt_mode"] == "retrieval" and written["num_images"] == 12
+    assert all(m["unknown_fraction"] == 0.0 for m in written["per_class"].values())
+    # each branch alone: β = 0 (OneNIP's maps) and β = 1 (nearest neighbour); the fused map is one of
+    # them or in between, with the weights calibration chose
+    branches = written["branches"]
+    assert set(branches["per_class"]["disc"]) == {"onenip", "neighbor"}
+    assert branches["weights"]["neighbor_weight"] == load_bundle(out).calibration.neighbor_weight
+    for b in ("onenip", "neighbor"):
+        assert 0.0 <= branches["mean"][b]["pixel_auroc"] <= 1.0
+    # the threshold rule at other false-positive targets: a lower target, a higher threshold
+    sweep = written["threshold_sweep"]["disc"]
+    assert [sweep[k]["threshold_raw"] for k in ("0.01", "0.05", "0.1", "0.2")] == sorted(
+        (sweep[k]["threshold_raw"] for k in ("0.01", "0.05", "0.1", "0.2")), reverse=True)
+    assert sweep["0.05"]["threshold_raw"] == pytest.approx(meta["thresholds"]["disc"])
 
     table = pq.read_table(tmp_path / "eval" / "predictions.parquet")
     assert table.num_rows == 12
@@ -91,6 +104,7 @@ def test_evaluate_writes_metrics_and_one_row_per_test_image(trained, tiny_datase
         assert 0.0 <= r["score"] <= 1.0
         assert r["is_anomalous"] == (r["score_raw"] > r["threshold_raw"])
         assert r["threshold_raw"] == pytest.approx(meta["thresholds"][r["class_name"]])
+        assert r["routed_class"] == r["class_name"] and 0.0 < r["route_similarity"] <= 1.0 + 1e-6
 
 
 def test_evaluate_with_oracle_classes(trained, tiny_dataset, tmp_path):
@@ -150,3 +164,29 @@ def test_cli_dataset_error_raised_in_a_ray_worker_exits_2(ray_cluster, tiny_data
     assert code == 2
     err = capsys.readouterr().err
     assert "onenip train: error:" in err and broken.name in err, err
+
+
+def test_epoch_order_balances_classes_whatever_their_size():
+    from onenip_ray.train import epoch_order
+    from onenip_ray.training_data import TrainingSet
+
+    labels = np.array([0] * 40 + [1] * 200)
+    data = TrainingSet(["small", "large"], [], np.zeros((240, 1, 1, 3), np.uint8), labels, np.arange(240), np.zeros(0, np.int64))
+    order = epoch_order(data, 200, True, np.random.default_rng(0))
+    assert len(order) == 200 and np.bincount(labels[order]).tolist() == [100, 100]
+    assert len(set(order[labels[order] == 0].tolist())) == 40  # every small-class image, cycled
+    plain = epoch_order(data, 240, False, np.random.default_rng(0))
+    assert sorted(plain.tolist()) == list(range(240))
+
+
+def test_lr_schedule_warms_up_then_decays_for_short_and_long_runs():
+    from onenip_ray.train import lr_factor
+
+    for total in (30, 100_000):
+        f = lr_factor(TrainConfig(warmup_fraction=0.1), total)
+        warm = max(1, round(0.1 * total))
+        assert f(0) == pytest.approx(1 / warm) and f(warm - 1) == pytest.approx(1.0)
+        assert f(warm + (total - warm) // 2) == pytest.approx(0.505, abs=0.05)
+        assert f(total - 1) == pytest.approx(0.01, abs=0.01)
+    step = lr_factor(TrainConfig(lr_schedule="step"), 1000)
+    assert step(799) == 1.0 and step(800) == 0.1

@@ -60,11 +60,11 @@ def test_training_reads_and_writes_s3(ray_cluster, s3_bucket, s3_env, tiny_datas
     client = boto3.client("s3", endpoint_url=s3_env)
     assert _upload_tree(client, bucket, tiny_dataset, "data") == 2 * (12 + 3 + 3 + 3)
     out = f"{s3_bucket}/bundles/x"
-    cfg = TrainConfig(data=(f"{s3_bucket}/data",), out=out, num_workers=1, epochs=2, batch_size=4, checkpoint_every=1, model=TINY)
+    cfg = TrainConfig(data=(f"{s3_bucket}/data",), out=out, num_workers=1, epochs=2, batch_size=4, steps_per_epoch=0, checkpoint_every=1, model=TINY)
     meta = run_training(cfg, endpoint=s3_env, storage_path=f"{s3_bucket}/runs")
 
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
-    assert meta["training"]["train_images"] == 22
+    assert meta["training"]["train_images"] == 14  # 12 per class, 5 held out for calibration
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]]
     run = "runs/onenip-x"
     assert f"{run}/checkpoint_manager_snapshot.json" in keys
@@ -114,7 +114,7 @@ def test_cli_resume_continues_from_the_last_epoch(ray_cluster, tiny_dataset, tmp
 
     out = tmp_path / "bundle"
     common = ["train", "--data", str(tiny_dataset), "--out", str(out), "--num-workers", "1", "--image-size", "64",
-              "--batch-size", "4", "--storage-path", str(tmp_path / "ray"), "--run-name", "nightly-7"]
+              "--batch-size", "4", "--steps-per-epoch", "0", "--storage-path", str(tmp_path / "ray"), "--run-name", "nightly-7"]
     assert main([*common, "--epochs", "2", "--auto-resume"]) == 0  # no run yet: --auto-resume starts it
     first = json.loads(capsys.readouterr().out)
     assert [e["epoch"] for e in first["epochs"]] == [1, 2]

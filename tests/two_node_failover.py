@@ -79,7 +79,7 @@ def main(data_root: str, work: str) -> None:
         killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint,
                                   args=(os.path.join(storage_path, RUN_NAME), killed, stop), daemon=True)
         killer.start()
-        cfg = TrainConfig(data=(data_root,), out=os.path.join(work, "bundle"), num_workers=2, epochs=3, batch_size=4,
+        cfg = TrainConfig(data=(data_root,), out=os.path.join(work, "bundle"), num_workers=2, epochs=3, batch_size=4, steps_per_epoch=0,
                           checkpoint_every=1, max_failures=1, model=ModelConfig(image_size=64))
         t0 = time.time()
         meta = run_training(cfg, storage_path=storage_path, run_name=RUN_NAME)

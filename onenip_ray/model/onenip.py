@@ -26,6 +26,7 @@ class Maps:
 
     reconstruction: torch.Tensor  # S_rec = ||F̂ − F||₂, upsampled (N, H, W)
     refiner: torch.Tensor  # sigmoid of the refiner logits (N, H, W)
+    neighbor: torch.Tensor | None = None  # distance to the class's nearest normal patch, upsampled (N, H, W)
 
 
 class OneNIP(nn.Module):
@@ -143,10 +144,14 @@ class OneNIP(nn.Module):
         recon = self.reconstruct(self._encode(features), encoded_prompt)
         error = recon - features
         size = self.config.image_size
-        s_rec = error.norm(dim=1, keepdim=True)
-        s_rec = F.interpolate(s_rec, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        s_rec = upsample(error.norm(dim=1), size)
         refined = torch.sigmoid(self.refiner(error.abs(), size))[:, 0]
         return Maps(reconstruction=s_rec, refiner=refined)
+
+
+def upsample(grid_map: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, h, w) feature-grid map → (N, size, size), bilinear with aligned corners (official)."""
+    return F.interpolate(grid_map.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
 def dice_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float, factor: float) -> torch.Tensor:
@@ -158,9 +163,11 @@ def dice_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float, factor: 
     return (1.0 - num / den).mean()
 
 
-def fuse(maps: Maps, config: ModelConfig, rec_scale: float, alpha: float | None = None) -> torch.Tensor:
-    """Fused anomaly map S (N, H, W): S = (1−α)·S_rec + α·s·M̂, then Gaussian smoothing
-    (``config.map_sigma``).
+def fuse(maps: Maps, config: ModelConfig, rec_scale: float, alpha: float | None = None,
+         neighbor_weight: float = 0.0, neighbor_scale: float = 1.0) -> torch.Tensor:
+    """Fused anomaly map S (N, H, W): S = (1−α)·S_rec + α·s·M̂; with a neighbour map and
+    ``neighbor_weight`` β > 0, S ← (1−β)·S + β·n·S_nn (n = ``neighbor_scale`` puts S_nn in S_rec's
+    units); then Gaussian smoothing (``config.map_sigma``).
 
     ``official``/``calibrated``: s = (max+min)/2 of S_rec. The released code takes s over the whole
     test set (transductive); we take it from the calibration images (``rec_scale``), so one image's
@@ -169,7 +176,10 @@ def fuse(maps: Maps, config: ModelConfig, rec_scale: float, alpha: float | None 
     """
     a = config.alpha if alpha is None else alpha
     scale = 1.0 if config.fusion == "paper" else rec_scale
-    return gaussian_blur((1.0 - a) * maps.reconstruction + a * scale * maps.refiner, config.map_sigma)
+    fused = (1.0 - a) * maps.reconstruction + a * scale * maps.refiner
+    if neighbor_weight > 0 and maps.neighbor is not None:
+        fused = (1.0 - neighbor_weight) * fused + neighbor_weight * neighbor_scale * maps.neighbor
+    return gaussian_blur(fused, config.map_sigma)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

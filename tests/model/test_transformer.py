@@ -104,7 +104,7 @@ DECODER_LAYER = 2 * ATTENTION + (256 * 1024 + 1024) + (1024 * 256 + 256) + 3 * 5
 
 @pytest.fixture(scope="module")
 def paper_model() -> OneNIP:
-    return OneNIP(ModelConfig(backbone="tf_efficientnet_b4"), 272)
+    return OneNIP(ModelConfig(backbone="tf_efficientnet_b4", image_size=224), 272)  # the paper's main table
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -1,0 +1,140 @@
+"""A new product class from a few good images, without retraining.
+
+The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
+its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
+threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
+Every normal is scored by a pool built from the *other* normals (k-fold, at most 5 folds), so no
+image is calibrated against itself; a single normal is calibrated on shifted and re-lit views of
+itself. The result is a new bundle version (new content hash); the source bundle is untouched.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import storage
+from .batch import list_inputs
+from .bundle import commit_bundle, load_bundle, write_bundle
+from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
+from .data.images import ImageError, decode_image, resize_image
+from .data.synthesis import AnomalySynthesizer, TextureSource
+from .prompts import PromptPool, build_pool
+
+MIN_NORMALS = 1
+RECOMMENDED_NORMALS = 8
+MAX_FOLDS = 5
+
+
+def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Decode every image under a folder / prefix or in a manifest; unreadable ones are named."""
+    uris = [u for u, _ in list_inputs(uri, endpoint)]
+    images, bad = [], []
+    for u in uris:
+        try:
+            images.append(resize_image(decode_image(storage.read_bytes(u, endpoint), name=u), size))
+        except (ImageError, OSError) as exc:
+            bad.append(f"{u} ({exc})")
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
+    if len(images) < MIN_NORMALS:
+        raise ValueError(f"{uri}: found {len(images)} normal images; a class needs at least {MIN_NORMALS} "
+                         f"({RECOMMENDED_NORMALS} or more recommended, 20+ for a threshold near the target false-positive rate)")
+    return uris, np.stack(images)
+
+
+def views_of_one(image: np.ndarray, count: int = 8) -> np.ndarray:
+    """Shifted (±2–6 px, edge-replicated) and re-lit (±5 %) copies of one image: the calibration
+    normals when a class has a single good image."""
+    out = []
+    for i in range(count):
+        dy, dx = (i % 3 - 1) * (2 + i % 5), ((i // 3) % 3 - 1) * (2 + i % 4)
+        shifted = np.roll(np.pad(image, ((6, 6), (6, 6), (0, 0)), mode="edge"), (dy, dx), axis=(0, 1))[6:-6, 6:-6]
+        out.append(np.clip(shifted.astype(np.float32) * (0.95 + 0.1 * i / (count - 1)), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def add_class(
+    bundle_uri: str,
+    class_name: str,
+    normals_uri: str,
+    out_uri: str,
+    *,
+    replace_class: bool = False,
+    prompts_per_class: int | None = None,
+    memory_per_class: int | None = None,
+    target_fpr: float | None = None,
+    seed: int = 133,
+    endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Write ``out_uri``: the bundle at ``bundle_uri`` plus (or with a replaced) ``class_name``."""
+    if storage.normalize_uri(out_uri).rstrip("/") == storage.normalize_uri(bundle_uri).rstrip("/"):
+        raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
+    if not class_name or class_name != class_name.strip():
+        raise ValueError(f"invalid class name {class_name!r}")
+    bundle = load_bundle(bundle_uri, endpoint)
+    train_cfg = bundle.meta.get("training", {}).get("config", {})
+    k = prompts_per_class or int(train_cfg.get("prompts_per_class", 4))
+    memory_cap = int(train_cfg.get("memory_per_class", 0)) if memory_per_class is None else memory_per_class
+    fpr = bundle.calibration.target_fpr if target_fpr is None else target_fpr
+    base, per_class = bundle.pool, dict(bundle.calibration.per_class)
+    if class_name in base.class_names:
+        if not replace_class:
+            raise ValueError(f"class {class_name!r} is already in {bundle_uri}; pass --replace to replace it")
+        base = base.without_class(class_name)
+        per_class.pop(class_name)
+
+    uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
+    predictor = bundle.predictor()
+    feats = torch.cat([predictor.features(images[i : i + 16]) for i in range(0, len(images), 16)])
+    synthesizer = AnomalySynthesizer(bundle.config.image_size, TextureSource.procedural(seed))
+    rng = np.random.default_rng(seed)
+
+    def pool_of(rows: np.ndarray) -> PromptPool:
+        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows], k, memory_cap, seed)
+        return base.with_class(class_name, one.prompt_ids, one.features, one.memory)
+
+    if len(images) == 1:
+        predictor.set_pool(pool_of(np.array([0])))
+        scored = score_normals(predictor, class_name, views_of_one(images[0]), synthesizer, rng)
+    else:
+        folds = np.array_split(rng.permutation(len(images)), min(MAX_FOLDS, len(images)))
+        parts = []
+        for held in folds:
+            predictor.set_pool(pool_of(np.setdiff1d(np.arange(len(images)), held)))
+            parts.append(score_normals(predictor, class_name, images[held], synthesizer, rng))
+        scored = _normals_first(parts)
+    cal = class_calibration(predictor, scored, fpr)
+    per_class[class_name] = cal
+    pool = pool_of(np.arange(len(images)))
+    floors = route_floors(pool, {c: v.normal_similarity_min for c, v in per_class.items()})
+    per_class = {c: replace(v, route_floor=floors[c]) for c, v in per_class.items()}
+    calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
+
+    training = dict(bundle.meta.get("training", {}))
+    training["added_classes"] = [*training.get("added_classes", []), {
+        "class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
+        "prompts": k, "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
+        "replaced": class_name in bundle.pool.class_names,
+    }]
+    local = tempfile.mkdtemp(prefix="onenip-add-class-")
+    try:
+        meta = write_bundle(local, bundle.config, bundle.backbone, bundle.model, pool, calibration, training)
+        commit_bundle(local, out_uri, endpoint)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
+            "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw, "route_floor": floors[class_name]}
+
+
+def _normals_first(parts: list[CalibrationMaps]) -> CalibrationMaps:
+    """Fold results joined as one class's maps: all normals, then all synthetic copies."""
+    def join(key: str) -> np.ndarray:
+        return np.concatenate([getattr(p, key)[: p.num_normals] for p in parts] + [getattr(p, key)[p.num_normals :] for p in parts])
+
+    return CalibrationMaps(join("reconstruction"), join("refiner"), join("neighbor"), join("masks"),
+                           np.concatenate([p.similarity for p in parts]), sum(p.num_normals for p in parts))

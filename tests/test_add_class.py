@@ -1,0 +1,110 @@
+"""`onenip add-class` (a new class from a few good images, no retraining) and unknown products."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from onenip_ray.add_class import add_class, views_of_one
+from onenip_ray.bundle import load_bundle
+from onenip_ray.cli import main
+from onenip_ray.schema import UNKNOWN_CLASS
+from onenip_ray.scoring import Scorer
+
+
+def _checker(rng: np.random.Generator) -> np.ndarray:
+    """A third product unlike the tiny dataset's discs and stripes: a tilted checkerboard."""
+    y, x = np.mgrid[0:96, 0:96].astype(np.float32)
+    angle = rng.uniform(0.2, 0.4)
+    u, v = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+    board = ((u // 12 + v // 12) % 2).astype(np.float32)
+    image = np.stack([board * 200 + 30, board * 40 + 90, (1 - board) * 180 + 40], -1) + rng.normal(0, 6, (96, 96, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checker_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("checker")
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        cv2.imwrite(str(root / f"{i:02d}.png"), _checker(rng))
+    return root
+
+
+def _digest(folder: str) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_add_class_writes_a_new_version_and_leaves_the_source_untouched(tiny_bundle, checker_dir, tmp_path):
+    before = _digest(tiny_bundle)
+    out = str(tmp_path / "b2")
+    result = add_class(tiny_bundle, "checker", str(checker_dir), out)
+    assert _digest(tiny_bundle) == before
+    source, added = load_bundle(tiny_bundle), load_bundle(out)
+    assert added.classes == [*source.classes, "checker"] and result["from_version"] == source.version
+    assert added.version == result["version"] != source.version
+    assert set(added.calibration.per_class) == set(added.classes)
+    checker = added.calibration.per_class["checker"]
+    assert checker.num_images == 8 and checker.threshold_raw > checker.normal_mean
+    assert added.meta["training"]["added_classes"][-1]["normals"] == 8
+    # the trained weights are shared: only the pool and the calibration change
+    for key, value in source.model.state_dict().items():
+        assert np.array_equal(value.numpy(), added.model.state_dict()[key].numpy()), key
+    # Scorer (batch and serve) uses the new bundle as it is: a new checkerboard is routed to the new class
+    rows = Scorer(added, batch_size=4).score_bytes([("new.png", _png(_checker(np.random.default_rng(99))), None)])
+    assert rows[0]["status"] == "ok" and rows[0]["class_name"] == "checker", rows[0]
+
+
+def test_a_single_normal_is_calibrated_on_views_of_itself(tiny_bundle, checker_dir, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((checker_dir / "00.png").read_bytes())
+    result = add_class(tiny_bundle, "checker", str(one), str(tmp_path / "b1"))
+    cal = load_bundle(str(tmp_path / "b1")).calibration.per_class["checker"]
+    assert result["normals"] == 1 and cal.num_images == len(views_of_one(np.zeros((8, 8, 3), np.uint8)))
+    assert np.isfinite(cal.threshold_raw)
+
+
+def test_bad_input_is_refused_with_a_clear_message(tiny_bundle, checker_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"'disc' is already in .*--replace"):
+        add_class(tiny_bundle, "disc", str(checker_dir), str(tmp_path / "x"))
+    replaced = add_class(tiny_bundle, "disc", str(checker_dir), str(tmp_path / "r"), replace_class=True)
+    assert load_bundle(str(tmp_path / "r")).classes == ["stripes", "disc"] and replaced["added"] == "disc"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"found 0 normal images; a class needs at least 1"):
+        add_class(tiny_bundle, "new", str(empty), str(tmp_path / "y"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "good.png").write_bytes((checker_dir / "00.png").read_bytes())
+    (broken / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"1 of 2 normal images cannot be read: .*bad\.png"):
+        add_class(tiny_bundle, "new", str(broken), str(tmp_path / "z"))
+    with pytest.raises(ValueError, match="must differ from --bundle"):
+        add_class(tiny_bundle, "new", str(checker_dir), tiny_bundle)
+    # the CLI: exit code 2 and the reason, nothing written
+    assert main(["add-class", "--bundle", tiny_bundle, "--class", "disc", "--normals", str(checker_dir), "--out", str(tmp_path / "c")]) == 2
+    assert "already in" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_an_image_of_no_known_class_is_flagged_unknown(tiny_bundle, tiny_dataset, checker_dir):
+    scorer = Scorer.from_uri(tiny_bundle, batch_size=4)
+    checkers = [(p.name, p.read_bytes(), None) for p in sorted(checker_dir.iterdir())]
+    known = [(str(p), p.read_bytes(), None) for p in sorted(tiny_dataset.glob("*/test/*/*.png"))]
+    rows = scorer.score_bytes(checkers + known)
+    unknown, rest = rows[: len(checkers)], rows[len(checkers) :]
+    for r in unknown:
+        floor = scorer.spec.prompt_calibration(scorer.spec.prompt_ids.index(r["prompt_id"])).route_floor
+        assert r["class_name"] == UNKNOWN_CLASS and r["is_anomalous"] and r["route_similarity"] < floor, r
+    assert all(r["class_name"] in ("disc", "stripes") for r in rest)
+    assert all(r["route_similarity"] > 0.5 for r in rest)
+    # a caller-given class is trusted: no unknown flag
+    given = scorer.score_bytes([(n, d, "disc") for n, d, _ in checkers[:2]])
+    assert all(r["class_name"] == "disc" for r in given)
