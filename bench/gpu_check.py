@@ -107,7 +107,7 @@ class Bench:
         tokens, prompt_descriptors = prompts
         with self.autocast(precision):
             feats = self.backbone(self.to_input(images))
-            idx = retrieve(descriptors(feats), prompt_descriptors, prompt_class)
+            idx = retrieve(descriptors(feats.float()), prompt_descriptors, prompt_class)[0]
             maps = self.model.maps(feats, tokens[idx])
             fused = fuse(maps, self.config, rec_scale)
             scores = image_scores(fused, self.config.score_pool)
