@@ -1,92 +1,92 @@
 """Nightly batch scoring: a streaming Ray Data pipeline from an image archive to one Parquet partition.
 
-Stages (``run_batch_scoring``):
+Stages (``run_batch_scoring``), under the date's lease (``lease.py``; one writer per output and date):
 
-1. list the inputs in the driver (a folder / ``s3://`` prefix, recursively, or a Parquet/CSV
-   manifest with ``image_uri`` and optional ``class_name``), deduplicated by URI;
-2. CPU tasks: read the bytes and ``ScoringSpec.prepare`` them (decode with guards, resize,
-   normalise); read and decode failures become error rows, never task failures;
+1. stream the inputs from a folder / ``s3://`` prefix (recursive) or a Parquet/CSV manifest with
+   ``image_uri`` and optional ``class_name`` (deduplicated), in chunks of ``chunk_size``: the driver
+   never holds more keys than one chunk; inputs that an earlier failed run of the same date and
+   model version already scored are skipped (resume);
+2. per chunk, CPU tasks read the bytes (transient errors retried) and ``ScoringSpec.prepare`` them;
+   failures become error rows with an ``error_kind``, never task failures;
 3. an actor pool (``InferenceActor``; one per GPU with ``use_gpu``) holds the model; the prompt pool
    is ``ray.put`` once by the driver and every actor ``ray.get``s it and encodes its tokens once;
 4. CPU tasks: ``ScoringSpec.result_row`` (calibrated score, regions, areas) and, with heat maps,
    a PNG per image and an overlay JPEG per anomalous image;
-5. ``write_parquet`` into ``OUTPUT/_staging/<run_id>/``, then the driver checks that every input
-   appears exactly once (dropping duplicates left by retried tasks) and commits: the partition
-   ``OUTPUT/run_date=YYYY-MM-DD/`` is replaced (local: directory renames; S3: new objects copied
-   in, old ones deleted) and ``_SUCCESS.json`` inside it is written last.
+5. ``write_parquet`` into the run's staging folder; the driver accounts each chunk in Arrow (every
+   input exactly once, duplicates of retried tasks dropped), checks the run against its limits
+   (``max_error_fraction``, empty input) and commits with ``nightly.commit`` (journaled, repairable).
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import math
 import os
 import posixpath
+import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
+from . import nightly, storage
 from .bundle import load_bundle
+from .config import LEASE_SECONDS, BatchConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .lease import Lease
 from .prompts import PromptPool
-from .schema import RESULT_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, UNKNOWN_CLASS, to_table
+from .schema import (
+    ERROR_MISSING, ERROR_TRANSIENT, ERROR_UNREADABLE, FILE_SCHEMA, PARTITION_COLUMN, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK,
+    UNKNOWN_CLASS, to_table,
+)
 from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap, render_overlay
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
-SUCCESS_FILE = "_SUCCESS.json"
-STAGING_DIR = "_staging"
-HEATMAP_DIR = "heatmaps"
-MAX_BLOCKS = 20_000  # bound on input blocks (Ray Data scheduling overhead on huge archives)
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """One scoring run. ``actor_cpus=None``: 1 CPU per GPU actor; on CPU-only clusters at most
-    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run."""
-
-    bundle: str
-    input: str
-    output: str
-    run_date: dt.date
-    endpoint: str | None = None
-    heatmaps: bool = False
-    batch_size: int = 32
-    concurrency: int = 1
-    use_gpu: bool = False
-    actor_cpus: float | None = None
-    task_cpus: float = 1.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_file: int = 100_000
-    run_id: str | None = None
+MAX_BLOCKS = 20_000  # bound on input blocks per chunk (Ray Data scheduling overhead)
+INPUT_SCHEMA = pa.schema([pa.field("image_uri", pa.string()), pa.field("class_name", pa.string())])
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def list_inputs(uri: str, endpoint: str | None = None) -> list[tuple[str, str | None]]:
-    """``(image_uri, class_name or None)`` for every image under a folder / prefix (recursive,
-    ``IMAGE_EXTENSIONS``), or every row of a Parquet/CSV manifest. Relative manifest URIs are
-    resolved against the manifest's folder; repeated URIs keep their first row."""
+def iter_input_chunks(uri: str, endpoint: str | None = None, chunk_size: int = 100_000) -> Iterator[pa.Table]:
+    """Tables of at most ``chunk_size`` inputs (``INPUT_SCHEMA``; ``class_name`` null = retrieve)
+    from every image under a folder / prefix (recursive, ``IMAGE_EXTENSIONS``), or every row of a
+    Parquet/CSV manifest. Relative manifest URIs are resolved against the manifest's folder;
+    repeated URIs keep their first row. No URI appears in two chunks."""
     if uri.lower().endswith(MANIFEST_EXTENSIONS) and not storage.is_dir(uri, endpoint):
-        items = _read_manifest(uri, endpoint)
-    else:
-        items = [(u, None) for u in storage.list_files(uri, IMAGE_EXTENSIONS, endpoint)]
-    unique: dict[str, str | None] = {}
-    for image_uri, class_name in items:
-        unique.setdefault(image_uri, class_name)
-    return list(unique.items())
+        table = _read_manifest(uri, endpoint)
+        for offset in range(0, table.num_rows, chunk_size):
+            yield table.slice(offset, chunk_size)
+        return
+    batch: list[str] = []
+    for image_uri in storage.iter_files(uri, IMAGE_EXTENSIONS, endpoint):
+        batch.append(image_uri)
+        if len(batch) == chunk_size:
+            yield _input_table(batch)
+            batch = []
+    if batch:
+        yield _input_table(batch)
 
 
-def _read_manifest(uri: str, endpoint: str | None) -> list[tuple[str, str | None]]:
+def _input_table(uris: list[str]) -> pa.Table:
+    return pa.table({"image_uri": pa.array(uris, pa.string()), "class_name": pa.nulls(len(uris), pa.string())}, schema=INPUT_SCHEMA)
+
+
+def list_inputs(uri: str, endpoint: str | None = None) -> list[tuple[str, str | None]]:
+    """All inputs as ``(image_uri, class_name or None)`` (small inputs; the pipeline streams chunks)."""
+    return [(row["image_uri"], row["class_name"]) for chunk in iter_input_chunks(uri, endpoint) for row in chunk.to_pylist()]
+
+
+def _read_manifest(uri: str, endpoint: str | None) -> pa.Table:
     fs, path = storage.filesystem_for(uri, endpoint)
     if uri.lower().endswith(".parquet"):
         table = pq.read_table(path, filesystem=fs)
@@ -95,31 +95,40 @@ def _read_manifest(uri: str, endpoint: str | None) -> list[tuple[str, str | None
             table = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     if "image_uri" not in table.column_names:
         raise ValueError(f"manifest {uri} has no image_uri column (columns: {table.column_names})")
-    uris = table.column("image_uri").cast(pa.string()).to_pylist()
-    classes = table.column("class_name").cast(pa.string()).to_pylist() if "class_name" in table.column_names else [None] * len(uris)
+    uris = pc.cast(table.column("image_uri"), pa.string()).combine_chunks()
+    empty = pc.indices_nonzero(pc.fill_null(pc.equal(uris, ""), True))
+    if len(empty):
+        raise ValueError(f"manifest {uri}: row {empty[0].as_py()} has an empty image_uri")
+    if "class_name" in table.column_names:
+        classes = pc.cast(table.column("class_name"), pa.string()).combine_chunks()
+        classes = pc.if_else(pc.equal(pc.fill_null(classes, ""), ""), pa.scalar(None, pa.string()), classes)
+    else:
+        classes = pa.nulls(len(uris), pa.string())
+    absolute = pc.or_(pc.or_(pc.starts_with(uris, storage.S3_SCHEME), pc.starts_with(uris, "/")),
+                      pc.starts_with(uris, storage.FILE_SCHEME))
     base = posixpath.dirname(storage.normalize_uri(uri))
-    items = []
-    for row, (image_uri, class_name) in enumerate(zip(uris, classes)):
-        if not image_uri:
-            raise ValueError(f"manifest {uri}: row {row} has an empty image_uri")
-        if not (image_uri.startswith(storage.S3_SCHEME) or os.path.isabs(image_uri) or image_uri.startswith(storage.FILE_SCHEME)):
-            image_uri = storage.join(base, image_uri)
-        items.append((image_uri, class_name or None))
-    return items
+    resolved = pc.if_else(absolute, uris, pc.binary_join_element_wise(base, uris, "/"))
+    order = pa.array(np.arange(len(uris)))
+    first = pa.table({"image_uri": resolved, "order": order}).group_by("image_uri", use_threads=False).aggregate([("order", "min")])
+    keep = pc.sort_indices(first.column("order_min"))
+    rows = pc.take(first.column("order_min"), keep)
+    return pa.table({"image_uri": pc.take(resolved, rows), "class_name": pc.take(classes, rows)}, schema=INPUT_SCHEMA)
 
 
 # -- pipeline stages ------------------------------------------------------------------------------
 def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> dict[str, np.ndarray]:
     """Read and prepare each input; failures are carried in ``error`` (``""`` = none)."""
     size = spec.image_size
-    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "class_index", "image_sha256", "width", "height", "error", "prepare_ms")}
+    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "class_index", "image_sha256", "width", "height", "error",
+                                            "error_kind", "prepare_ms")}
     inputs = np.zeros((batch.num_rows, 3, size, size), np.float32)
     for i, (image_uri, class_name) in enumerate(zip(batch.column("image_uri").to_pylist(), batch.column("class_name").to_pylist())):
         start = time.perf_counter()
         try:
-            data = storage.read_bytes(image_uri, endpoint)
+            data = storage.read_bytes(image_uri, endpoint)  # transient failures already retried
         except Exception as exc:  # one unreadable object is one error row, never a failed task
-            prepared = Prepared(image_uri, class_name, -1, None, None, None, None, f"{image_uri}: cannot read: {exc}", 0.0)
+            kind = ERROR_MISSING if isinstance(exc, FileNotFoundError) else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE
+            prepared = Prepared(image_uri, class_name, -1, None, None, None, None, f"{image_uri}: cannot read: {exc}", 0.0, kind)
         else:
             prepared = spec.prepare(image_uri, data, class_name)
         if prepared.input is not None:
@@ -131,8 +140,10 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
         out["width"].append(prepared.width or 0)
         out["height"].append(prepared.height or 0)
         out["error"].append(prepared.error or "")
+        out["error_kind"].append(prepared.error_kind or "")
         out["prepare_ms"].append((time.perf_counter() - start) * 1e3)
-    result = {k: np.array(v, dtype=object if k in ("image_uri", "class_name", "image_sha256", "error") else None) for k, v in out.items()}
+    text = ("image_uri", "class_name", "image_sha256", "error", "error_kind")
+    result = {k: np.array(v, dtype=object if k in text else None) for k, v in out.items()}
     result["input"] = inputs
     return result
 
@@ -172,13 +183,14 @@ def finish_batch(
     batch: dict[str, np.ndarray], spec: ScoringSpec, run_id: str, run_date: dt.date,
     heatmaps: tuple[str, str] | None, endpoint: str | None,
 ) -> pa.Table:
-    """Result rows in ``RESULT_SCHEMA``; ``heatmaps`` = (staging dir written now, final dir named in rows)."""
+    """Result rows in ``FILE_SCHEMA`` (the partition key lives in the path); ``heatmaps`` = (staging
+    dir written now, final dir named in rows)."""
     rows = []
     for i, image_uri in enumerate(batch["image_uri"]):
         prepared = Prepared(
             image_uri, batch["class_name"][i] or None, int(batch["class_index"][i]), batch["image_sha256"][i] or None,
             int(batch["width"][i]) or None, int(batch["height"][i]) or None, None, batch["error"][i] or None,
-            float(batch["prepare_ms"][i]),
+            float(batch["prepare_ms"][i]), batch["error_kind"][i] or None,
         )
         if prepared.error is not None:
             rows.append(spec.error_row(prepared, run_id=run_id, run_date=run_date))
@@ -199,7 +211,7 @@ def finish_batch(
                 _write_overlay(image_uri, fused, cal, row["regions"], storage.join(heatmaps[0], f"{stem}_overlay.jpg"), endpoint)
             row["latency_ms"] += (time.perf_counter() - start) * 1e3
         rows.append(row)
-    return to_table(rows)
+    return to_table(rows).drop_columns([PARTITION_COLUMN])
 
 
 def _write_overlay(image_uri: str, fused: np.ndarray, cal, regions: list[dict], target: str, endpoint: str | None) -> None:
@@ -218,169 +230,275 @@ def _separate_stage() -> dict[str, Any]:
     return {}
 
 
+def _staged_names() -> Any:
+    """Ray Data file names for staged Parquet (``…parquet.staged``: no reader's glob matches them)."""
+    from ray.data.datasource import FilenameProvider
+
+    class StagedNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{write_uuid}_{task_index:06}-{{i}}{nightly.STAGED_SUFFIX}"
+
+    return StagedNames()
+
+
 # -- run ----------------------------------------------------------------------------------------
-def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor) -> dict[str, Any]:
-    """Score every input image once into ``OUTPUT/run_date=…/`` and return the run summary
-    (also written as its ``_SUCCESS.json``). ``actor_cls`` is the inference class of step 3."""
-    import ray
-    import ray.data
+@dataclass
+class _Tally:
+    """Accounting of the run so far: staged files and counts, without any per-key Python objects."""
 
+    files: list[str]
+    groups: Counter  # (class_name, status, error_kind, is_anomalous) -> rows
+    inputs: int = 0
+    resumed: int = 0
+    duplicates_dropped: int = 0
+
+
+def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor, on_commit_step: nightly.OnStep | None = None) -> dict[str, Any]:
+    """Score every input image once into ``OUTPUT/run_date=…/`` and return the run summary (also
+    written as its ``_SUCCESS.json``). Raises ``LeaseHeld`` when another run writes the same date,
+    ``RunRejected`` over a limit. ``actor_cls`` is the inference class of step 3;
+    ``on_commit_step`` is passed to ``nightly.commit``."""
     started_at, t_start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.default_endpoint(cfg.endpoint)
     run_id = cfg.run_id or f"{cfg.run_date:%Y%m%d}-{uuid.uuid4().hex[:8]}"
-    bundle = load_bundle(cfg.bundle, endpoint)
-    spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels)
-    inputs = list_inputs(cfg.input, endpoint)
-    fs, out_root = storage.filesystem_for(cfg.output, endpoint)
-    staging = storage.join(cfg.output, STAGING_DIR, run_id)
-    partition_name = f"run_date={cfg.run_date:%Y-%m-%d}"
-    heatmaps = (storage.join(staging, HEATMAP_DIR), storage.join(cfg.output, HEATMAP_DIR, partition_name)) if cfg.heatmaps else None
-    staging_path = storage.filesystem_for(staging, endpoint)[1]
-    data_path = posixpath.join(staging_path, "data")
+    layout = nightly.NightLayout(cfg.output, cfg.run_date, endpoint)
+    fs = layout.fs
+    with Lease(layout.lease_uri, run_id, endpoint, ttl=cfg.lease_seconds) as lease:
+        repaired = nightly.repair(layout)
+        bundle = load_bundle(cfg.bundle, endpoint)
+        spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
+        run_dir = layout.path(layout.run_uri(run_id))
+        nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
+            "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
+            "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
+        earlier = _earlier_results(layout, fs, bundle.version, run_id)
+        heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
 
-    t_pipeline = time.perf_counter()
-    if inputs:
-        if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
-        pool_ref = ray.put(bundle.pool)  # held here until the write finishes (actor restarts re-read it)
-        actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, ray.cluster_resources().get("CPU", 1.0) / (2 * cfg.concurrency)))
-        blocks = max(1, min(MAX_BLOCKS, math.ceil(len(inputs) / cfg.batch_size)))
-        ds = ray.data.from_items([{"image_uri": u, "class_name": c} for u, c in inputs], override_num_blocks=blocks)
-        ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "endpoint": endpoint}, batch_size=cfg.batch_size,
-                            batch_format="pyarrow", num_cpus=cfg.task_cpus, ray_remote_args_fn=_separate_stage)
-        ds = ds.map_batches(
-            actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus, num_gpus=1 if cfg.use_gpu else 0,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
-                                   "device": "cuda" if cfg.use_gpu else "cpu", "threads": max(1, int(actor_cpus)),
-                                   "max_pixels": cfg.max_pixels},
-        )
-        ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
-                                                     "heatmaps": heatmaps, "endpoint": endpoint},
-                            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.task_cpus)
-        ds.write_parquet(data_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file)
-        del pool_ref
-    else:
-        fs.create_dir(data_path, recursive=True)
-        pq.write_table(RESULT_SCHEMA.empty_table(), posixpath.join(data_path, "empty.parquet"), filesystem=fs)
-    pipeline_s = time.perf_counter() - t_pipeline
+        t_pipeline = time.perf_counter()
+        tally, reused = _Tally(files=[], groups=Counter()), []
+        pool_ref = None
+        for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
+            tally.inputs += chunk.num_rows
+            if earlier is not None:
+                done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
+                reused.append(chunk.filter(done).column("image_uri"))
+                chunk = chunk.filter(pc.invert(done))
+            if not chunk.num_rows:
+                continue
+            if pool_ref is None:
+                pool_ref = _start_ray(endpoint, bundle.pool)
+            data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
+            _score_chunk(chunk, cfg, spec, run_id, heatmaps, endpoint, pool_ref, actor_cls, fs, data_path)
+            _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
+        if reused:
+            _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), posixpath.join(run_dir, "data", "resumed"), tally)
+        pipeline_s = time.perf_counter() - t_pipeline
 
-    files, dropped = _dedupe(fs, data_path, {u for u, _ in inputs})
-    summary = {
-        "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": bundle.version, "schema_version": SCHEMA_VERSION,
-        "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": storage.join(cfg.output, partition_name),
-        **_counts(fs, files), "duplicates_dropped": dropped,
-        "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(files))],
-        "heatmaps": heatmaps[1] if heatmaps else None,
-        "started_at": started_at.isoformat(timespec="seconds"), "pipeline_seconds": round(pipeline_s, 3),
-        "images_per_second": round(len(inputs) / pipeline_s, 3) if pipeline_s > 0 else None,
-        "config": {k: (str(v) if isinstance(v, dt.date) else v) for k, v in asdict(cfg).items()},
-    }
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-    _commit(fs, out_root, staging_path, files, partition_name, summary, cfg.output.startswith(storage.S3_SCHEME))
+        summary = _summary(cfg, run_id, bundle.version, layout, tally, started_at, pipeline_s, repaired,
+                           sorted({*earlier.column("run_id").to_pylist()}) if earlier is not None and tally.resumed else [])
+        _check_limits(cfg, summary, fs, run_dir)
+        if not tally.files:  # an allowed empty night: one empty file keeps the partition readable
+            empty = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
+            fs.create_dir(posixpath.dirname(empty), recursive=True)
+            pq.write_table(FILE_SCHEMA.empty_table(), empty, filesystem=fs)
+            tally.files.append(empty)
+            summary["files"] = [f"part-{run_id}-00000.parquet"]
+        summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+        lease.check()
+        heat_dirs = [posixpath.join(layout.path(layout.run_uri(r)), "heatmaps") for r in summary["resumed_from"]]
+        nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary, on_commit_step)
+    nightly.tidy(layout)
     return summary
 
 
-def _dedupe(fs: pafs.FileSystem, data_path: str, expected: set[str]) -> tuple[list[str], int]:
-    """Staged Parquet files (sorted), rewritten without repeated ``image_uri`` rows (first kept);
-    raises when an input is missing or an unknown one appears. Returns (files, rows dropped)."""
-    infos = fs.get_file_info(pafs.FileSelector(data_path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    seen: set[str] = set()
-    dropped = 0
-    for path in files:
-        uris = pq.read_table(path, columns=["image_uri"], filesystem=fs).column("image_uri").to_pylist()
-        keep = []
-        for uri in uris:
-            keep.append(uri not in seen)
-            seen.add(uri)
-        if not all(keep):
-            dropped += keep.count(False)
-            table = pq.read_table(path, filesystem=fs, schema=RESULT_SCHEMA).filter(pa.array(keep))
-            pq.write_table(table, path, filesystem=fs)
-    missing, unknown = expected - seen, seen - expected
-    if missing or unknown:
-        raise RuntimeError(f"staged results do not match the inputs: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
-                           f"{len(unknown)} unexpected (e.g. {sorted(unknown)[:3]}); nothing was committed")
-    return files, dropped
+def _start_ray(endpoint: str | None, pool: PromptPool) -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
+    return ray.put(pool)  # held by the driver for the whole run (actor restarts re-read it)
 
 
-def _counts(fs: pafs.FileSystem, files: list[str]) -> dict[str, Any]:
-    """Totals and per-class counts (``total, ok, error, anomalous``); ``unknown`` = ok rows of
-    images that resemble no class of the model (``class_name`` = ``UNKNOWN_CLASS``)."""
-    columns = ["class_name", "status", "is_anomalous"]
-    table = pa.concat_tables([pq.read_table(p, columns=columns, filesystem=fs) for p in files])
+def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: str, heatmaps: tuple[str, str] | None,
+                 endpoint: str | None, pool_ref: Any, actor_cls: type, fs: pafs.FileSystem, data_path: str) -> None:
+    """One pass of the Ray Data pipeline over ``chunk``, staged as Parquet under ``data_path``."""
+    import ray
+    import ray.data
+
+    actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, ray.cluster_resources().get("CPU", 1.0) / (2 * cfg.concurrency)))
+    rows_per_block = max(cfg.batch_size, math.ceil(chunk.num_rows / MAX_BLOCKS))
+    ds = ray.data.from_arrow([chunk.slice(o, rows_per_block) for o in range(0, chunk.num_rows, rows_per_block)])
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "endpoint": endpoint}, batch_size=cfg.batch_size,
+                        batch_format="pyarrow", num_cpus=cfg.task_cpus, ray_remote_args_fn=_separate_stage)
+    ds = ds.map_batches(
+        actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus, num_gpus=1 if cfg.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
+                               "device": "cuda" if cfg.use_gpu else "cpu", "threads": max(1, int(actor_cpus)),
+                               "max_pixels": spec.max_pixels},
+    )
+    ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
+                                                 "heatmaps": heatmaps, "endpoint": endpoint},
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.task_cpus)
+    ds.write_parquet(data_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file, filename_provider=_staged_names())
+
+
+def _staged_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    return sorted(p for n, p in nightly.listing(fs, path).items() if n.endswith(nightly.STAGED_SUFFIX))
+
+
+ACCOUNT_COLUMNS = ["image_uri", "class_name", "status", "error_kind", "is_anomalous"]
+
+
+def _read_rows(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> pa.Table:
+    """``columns`` of ``files`` with ``_file`` (index into ``files``) and ``_row`` (row within it)."""
+    parts = []
+    for i, path in enumerate(files):
+        t = storage.retry(lambda: pq.read_table(path, columns=columns, filesystem=fs))
+        parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32)))
+                     .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns}
+                                                          | {"_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
+
+
+def _keep_first(rows: pa.Table) -> pa.Array:
+    """Boolean mask: the first row of every ``image_uri`` (in file, then row order)."""
+    order = pa.array(np.arange(rows.num_rows))
+    first = pa.table({"image_uri": rows.column("image_uri"), "order": order}).group_by(
+        "image_uri", use_threads=False).aggregate([("order", "min")]).column("order_min")
+    mask = np.zeros(rows.num_rows, bool)
+    mask[first.to_numpy()] = True
+    return pa.array(mask)
+
+
+def _account(fs: pafs.FileSystem, files: list[str], expected: pa.ChunkedArray, tally: _Tally) -> None:
+    """Check that ``files`` hold every ``expected`` URI exactly once after dropping repeats (rows
+    of retried tasks; files are rewritten without them) and add them to ``tally``."""
+    rows = _read_rows(fs, files, ACCOUNT_COLUMNS)
+    keep = _keep_first(rows)
+    kept = rows.filter(keep)
+    seen = kept.column("image_uri")
+    missing = pc.sum(pc.invert(pc.is_in(expected, value_set=seen))).as_py() or 0
+    unexpected = pc.sum(pc.invert(pc.is_in(seen, value_set=expected))).as_py() or 0
+    if missing or unexpected:
+        lost = expected.filter(pc.invert(pc.is_in(expected, value_set=seen)))[:3].to_pylist()
+        raise RuntimeError(f"staged results do not match the inputs: {missing} missing (e.g. {lost}), {unexpected} unexpected; "
+                           "nothing was committed")
+    dropped = rows.num_rows - kept.num_rows
+    if dropped:
+        files_with_drops = set(rows.filter(pc.invert(keep)).column("_file").to_pylist())
+        for i in sorted(files_with_drops):
+            mask = pc.equal(kept.column("_file"), i)
+            rows_kept = kept.filter(mask).column("_row")
+            table = pq.read_table(files[i], filesystem=fs, schema=FILE_SCHEMA).take(rows_kept)
+            pq.write_table(table, files[i], filesystem=fs)
+    tally.duplicates_dropped += dropped
+    tally.files.extend(files)
+    for key in kept.group_by(ACCOUNT_COLUMNS[1:], use_threads=False).aggregate([("image_uri", "count")]).to_pylist():
+        tally.groups[(key["class_name"], key["status"], key["error_kind"], bool(key["is_anomalous"]))] += key["image_uri_count"]
+
+
+def _earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_version: str, run_id: str) -> pa.Table | None:
+    """``ok`` rows that earlier unfinished runs of this date scored with the same model version
+    (``image_uri``, ``run_id``, ``_path``): a restarted night scores only the rest. Unreadable
+    (half-written) files are ignored; error rows are tried again."""
+    runs = layout.path(layout.runs_uri)
+    parts = []
+    for info in fs.get_file_info(pafs.FileSelector(runs, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or posixpath.basename(info.path) == run_id:
+            continue
+        meta = nightly.read_json(fs, posixpath.join(info.path, nightly.RUN_FILE)) or {}
+        if meta.get("model_version") != model_version:
+            continue
+        for path in _staged_files(fs, posixpath.join(info.path, "data")):
+            try:
+                t = pq.read_table(path, columns=["image_uri", "status"], filesystem=fs)
+            except (OSError, pa.ArrowInvalid):
+                continue
+            ok = t.filter(pc.equal(t.column("status"), STATUS_OK)).column("image_uri")
+            parts.append(pa.table({"image_uri": ok, "run_id": pa.array([meta["run_id"]] * len(ok), pa.string()),
+                                   "_path": pa.array([path] * len(ok), pa.string())}))
+    if not parts:
+        return None
+    table = pa.concat_tables(parts)
+    return table.filter(_keep_first(table))
+
+
+def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedArray, target_dir: str, tally: _Tally) -> None:
+    """Copy the reused rows of earlier runs into this run's staging and account them."""
+    chosen = earlier.filter(pc.is_in(earlier.column("image_uri"), value_set=reused))
+    fs.create_dir(target_dir, recursive=True)
+    files = []
+    for i, path in enumerate(sorted(set(chosen.column("_path").to_pylist()))):
+        uris = chosen.filter(pc.equal(chosen.column("_path"), path)).column("image_uri")
+        table = pq.read_table(path, filesystem=fs, schema=FILE_SCHEMA)
+        table = table.filter(pc.and_(pc.is_in(table.column("image_uri"), value_set=uris), pc.equal(table.column("status"), STATUS_OK)))
+        target = posixpath.join(target_dir, f"{i:05d}{nightly.STAGED_SUFFIX}")
+        pq.write_table(table, target, filesystem=fs)
+        files.append(target)
+    _account(fs, files, reused, tally)
+    tally.resumed += len(reused)
+
+
+def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: _Tally, started_at: dt.datetime,
+             pipeline_s: float, repaired: str | None, resumed_from: list[str]) -> dict[str, Any]:
     per_class: dict[str, Counter] = {}
-    for cls, status, anomalous in zip(*(table.column(c).to_pylist() for c in columns)):
+    errors: Counter = Counter()
+    for (cls, status, kind, anomalous), n in tally.groups.items():
         c = per_class.setdefault(cls or UNKNOWN_CLASS, Counter())
-        c["total"] += 1
-        c[status] += 1
-        c["anomalous"] += bool(anomalous)
-    totals = Counter()
+        c["total"] += n
+        c[status] += n
+        c["anomalous"] += n if anomalous else 0
+        if status == STATUS_ERROR:
+            errors[kind or "unknown"] += n
+    totals: Counter = Counter()
     for c in per_class.values():
         totals.update(c)
     keys = ("total", STATUS_OK, STATUS_ERROR, "anomalous")
     counts = {k: totals[k] for k in keys}
     counts["unknown"] = per_class.get(UNKNOWN_CLASS, Counter())[STATUS_OK]
-    return {"counts": counts, "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())}}
+    if counts["total"] != tally.inputs:
+        raise RuntimeError(f"{counts['total']} result rows for {tally.inputs} inputs; nothing was committed")
+    scored = tally.inputs - tally.resumed
+    return {
+        "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": model_version, "schema_version": SCHEMA_VERSION,
+        "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": layout.partition_uri,
+        "counts": counts, "errors_by_kind": dict(sorted(errors.items())),
+        "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())},
+        "duplicates_dropped": tally.duplicates_dropped, "resumed": tally.resumed, "resumed_from": resumed_from,
+        "repaired": repaired, "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(tally.files))],
+        "heatmaps": layout.heatmaps_uri if cfg.heatmaps else None,
+        "started_at": started_at.isoformat(timespec="seconds"), "pipeline_seconds": round(pipeline_s, 3),
+        "images_per_second": round(scored / pipeline_s, 3) if pipeline_s > 0 and scored else None,
+        "config": {k: (str(v) if isinstance(v, dt.date) else v) for k, v in asdict(cfg).items()},
+    }
 
 
-def _listing(fs: pafs.FileSystem, path: str) -> dict[str, str]:
-    """Files under ``path`` (recursive) as {relative name: full path}; empty when absent."""
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return {}
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return {posixpath.relpath(i.path, path): i.path for i in infos if i.type == pafs.FileType.File}
+def _check_limits(cfg: BatchConfig, summary: dict[str, Any], fs: pafs.FileSystem, run_dir: str) -> None:
+    """Raise ``RunRejected`` (after writing ``rejected.json`` beside the staged rows) when the run
+    is empty without ``allow_empty`` or its error share is above ``max_error_fraction``."""
+    counts, reason = summary["counts"], None
+    if counts["total"] == 0 and not cfg.allow_empty:
+        reason = f"no input images in {cfg.input} (pass --allow-empty to commit an empty night)"
+    elif counts["total"] and counts[STATUS_ERROR] / counts["total"] > cfg.max_error_fraction:
+        kinds = ", ".join(f"{k} {n}" for k, n in summary["errors_by_kind"].items())
+        reason = (f"{counts[STATUS_ERROR]} of {counts['total']} inputs ({100 * counts[STATUS_ERROR] / counts['total']:.1f} %) are errors "
+                  f"({kinds}), above --max-error-fraction {cfg.max_error_fraction}")
+    if reason is None:
+        return
+    nightly.write_json(fs, posixpath.join(run_dir, nightly.REJECTED_FILE), {"reason": reason, **summary})
+    raise nightly.RunRejected(f"run {summary['run_id']} rejected: {reason}. The committed partition {summary['partition']} is unchanged; "
+                      f"the new rows stay staged in {posixpath.join(run_dir, 'data')} for inspection")
 
 
-def _write_json(fs: pafs.FileSystem, path: str, content: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(content, indent=2, default=str).encode())
-
-
-def _replace_dir(fs: pafs.FileSystem, new: str, dest: str, retired: str) -> None:
-    """Local: ``dest`` becomes ``new`` by two renames (old tree moved aside, then deleted)."""
-    fs.create_dir(posixpath.dirname(dest), recursive=True)
-    if fs.get_file_info(dest).type != pafs.FileType.NotFound:
-        fs.move(dest, retired)
-    fs.move(new, dest)
-    if fs.get_file_info(retired).type != pafs.FileType.NotFound:
-        fs.delete_dir(retired)
-
-
-def _commit(fs: pafs.FileSystem, out_root: str, staging: str, files: list[str], partition_name: str,
-            summary: dict[str, Any], is_s3: bool) -> None:
-    """Replace ``run_date=…/`` (and its heat maps) with the staged run; ``_SUCCESS.json`` last."""
-    partition = posixpath.join(out_root, partition_name)
-    heat_final = posixpath.join(out_root, HEATMAP_DIR, partition_name)
-    heat_new = posixpath.join(staging, HEATMAP_DIR)
-    if not is_s3:
-        new_partition = posixpath.join(staging, "partition")
-        fs.create_dir(new_partition)
-        for source, name in zip(files, summary["files"]):
-            fs.move(source, posixpath.join(new_partition, name))
-        _write_json(fs, posixpath.join(new_partition, SUCCESS_FILE), summary)
-        if summary["heatmaps"]:
-            fs.create_dir(heat_new, recursive=True)
-            _replace_dir(fs, heat_new, heat_final, posixpath.join(staging, "retired-heatmaps"))
-        elif fs.get_file_info(heat_final).type != pafs.FileType.NotFound:
-            fs.delete_dir(heat_final)
-        _replace_dir(fs, new_partition, partition, posixpath.join(staging, "retired"))
-    else:  # no rename on S3: readers trust a partition only while its _SUCCESS.json exists
-        marker = posixpath.join(partition, SUCCESS_FILE)
-        if fs.get_file_info(marker).type == pafs.FileType.File:
-            fs.delete_file(marker)
-        old_heat, new_heat = _listing(fs, heat_final), _listing(fs, heat_new)
-        for name, source in new_heat.items():
-            fs.move(source, posixpath.join(heat_final, name))
-        for name in old_heat.keys() - new_heat.keys():
-            fs.delete_file(old_heat[name])
-        old_files = _listing(fs, partition)
-        for source, name in zip(files, summary["files"]):
-            fs.move(source, posixpath.join(partition, name))
-        for name in old_files.keys() - set(summary["files"]):
-            fs.delete_file(old_files[name])
-        _write_json(fs, marker, summary)
-    fs.delete_dir(staging)
-    if not is_s3 and not _listing(fs, posixpath.dirname(staging)):
-        fs.delete_dir(posixpath.dirname(staging))
+def repair_output(output: str, endpoint: str | None = None) -> dict[str, Any]:
+    """Finish every interrupted commit under ``output`` (each date under its lease), after bringing
+    an output of an older version to the current layout (``nightly.migrate_legacy``)."""
+    endpoint = storage.default_endpoint(endpoint)
+    migrated = nightly.migrate_legacy(output, endpoint)
+    repaired = {}
+    for day in nightly.dates_with_runs(output, endpoint):
+        layout = nightly.NightLayout(output, day, endpoint)
+        with Lease(layout.lease_uri, f"repair-{uuid.uuid4().hex[:8]}", endpoint, LEASE_SECONDS):
+            repaired[f"{day:%Y-%m-%d}"] = nightly.repair(layout)
+    return {"output": output, "repaired": {d: r for d, r in repaired.items() if r}, "dates_checked": len(repaired), "migrated": migrated}

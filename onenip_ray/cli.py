@@ -7,9 +7,11 @@ import json
 import os
 import sys
 
-from .config import ModelConfig, TrainConfig
+from .config import BatchConfig, ModelConfig, TrainConfig
 
 T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs
+B = BatchConfig(bundle="", input="", output="", run_date=dt.date.min)
+EXIT_ERROR, EXIT_REJECTED, EXIT_BUSY = 2, 3, 4  # bad arguments or input; a run over its limits; the date is being written
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -96,16 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="images per model batch")
 
     sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
-    sc.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    sc.add_argument("--input", required=True, help="image folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri[, class_name]")
-    sc.add_argument("--output", required=True, help="results root (local or s3://); the run replaces OUTPUT/run_date=<date>/")
+    sc.add_argument("--bundle", default=None, help="model bundle (local or s3://); required unless --repair")
+    sc.add_argument("--input", default=None,
+                    help="image folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri[, class_name]; required unless --repair")
+    sc.add_argument("--output", default=None, help="results root (local or s3://); the run replaces OUTPUT/run_date=<date>/")
+    sc.add_argument("--repair", metavar="OUTPUT", default=None,
+                    help="only finish interrupted commits under OUTPUT (each date under its lease), then exit")
     sc.add_argument("--run-date", type=_date, default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
-    sc.add_argument("--heatmaps", action="store_true", help="write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/heatmaps/")
-    sc.add_argument("--batch-size", type=int, default=32, help="images per model batch")
-    sc.add_argument("--concurrency", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
+    sc.add_argument("--heatmaps", action="store_true", help="write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/_heatmaps/")
+    sc.add_argument("--max-error-fraction", type=float, default=B.max_error_fraction,
+                    help="reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
+    sc.add_argument("--allow-empty", action="store_true", help="commit an empty night instead of rejecting a run without inputs")
+    sc.add_argument("--batch-size", type=int, default=B.batch_size, help="images per model batch")
+    sc.add_argument("--concurrency", type=int, default=B.concurrency, help="inference actors (one per GPU with --use-gpu)")
     sc.add_argument("--use-gpu", action="store_true", help="run the inference actors on GPUs (one each)")
-    sc.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
-    sc.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per decode / post-processing task")
+    sc.add_argument("--actor-cpus", type=float, default=B.actor_cpus,
+                    help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
+    sc.add_argument("--task-cpus", type=float, default=B.task_cpus, help="CPUs per decode / post-processing task")
+    sc.add_argument("--chunk-size", type=int, default=B.chunk_size, help="inputs per pipeline pass (bounds the driver's memory)")
+    sc.add_argument("--lease-seconds", type=float, default=B.lease_seconds,
+                    help="a run that stops renewing its lease for this long loses the date to the next run")
     sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C")
@@ -198,17 +210,23 @@ def cmd_add_class(args: argparse.Namespace) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> dict:
-    from .batch import BatchConfig, run_batch_scoring
+    from .batch import repair_output, run_batch_scoring
 
+    if args.repair:
+        return repair_output(args.repair, args.s3_endpoint)
+    missing = [flag for flag, value in (("--bundle", args.bundle), ("--input", args.input), ("--output", args.output)) if not value]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --repair OUTPUT)")
     cfg = BatchConfig(
         bundle=args.bundle, input=args.input, output=args.output,
         run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(), endpoint=args.s3_endpoint,
         heatmaps=args.heatmaps, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
-        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
+        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus, max_error_fraction=args.max_error_fraction,
+        allow_empty=args.allow_empty, chunk_size=args.chunk_size, lease_seconds=args.lease_seconds,
     )
     summary = run_batch_scoring(cfg)
-    return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "per_class", "heatmaps",
-                                    "images_per_second", "wall_seconds")}
+    return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "errors_by_kind", "per_class",
+                                    "resumed", "repaired", "heatmaps", "images_per_second", "wall_seconds")}
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -254,12 +272,21 @@ COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "e
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lease import LeaseHeld, LeaseLost
+    from .nightly import RunRejected
+
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"onenip {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except (LeaseHeld, LeaseLost) as e:
+        print(f"onenip {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except RunRejected as e:
+        print(f"onenip {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_REJECTED
     print(json.dumps(result, indent=2, default=float))
     return 0
 

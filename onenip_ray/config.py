@@ -1,8 +1,11 @@
 """Typed configuration records shared by the model, training and scoring."""
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+LEASE_SECONDS = 300.0  # default lifetime of an unrenewed nightly-run lease (renewed every third of it)
 
 
 @dataclass(frozen=True)
@@ -117,3 +120,28 @@ class TrainConfig:
         d["data"] = list(self.data)
         d["classes"] = list(self.classes)
         return d
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """One scoring run. ``actor_cpus=None``: 1 CPU per GPU actor; on CPU-only clusters at most
+    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run."""
+
+    bundle: str
+    input: str
+    output: str
+    run_date: dt.date
+    endpoint: str | None = None
+    heatmaps: bool = False
+    batch_size: int = 32
+    concurrency: int = 1
+    use_gpu: bool = False
+    actor_cpus: float | None = None
+    task_cpus: float = 1.0
+    max_pixels: int | None = None  # decoder's pixel limit (None = data.images.DEFAULT_MAX_PIXELS)
+    rows_per_file: int = 100_000
+    run_id: str | None = None
+    max_error_fraction: float = 0.2  # above it the run is rejected (the committed night stays)
+    allow_empty: bool = False  # commit an empty night instead of rejecting it
+    chunk_size: int = 100_000  # inputs per pipeline pass: bounds the driver's memory
+    lease_seconds: float = LEASE_SECONDS  # a lease not renewed for this long expires

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "onenip-result/1"
+SCHEMA_VERSION = "onenip-result/2"
 STATUS_OK, STATUS_ERROR = "ok", "error"
 CLASS_GIVEN, CLASS_RETRIEVED = "given", "retrieved"
 THRESHOLD_PER_CLASS, THRESHOLD_MANUAL = "per_class", "manual"
@@ -21,6 +21,14 @@ THRESHOLD_PER_CLASS, THRESHOLD_MANUAL = "per_class", "manual"
 # nearest class's calibrated floor; such an image is ``is_anomalous``), and the per-class key of
 # error rows without a given class.
 UNKNOWN_CLASS = "(unknown)"
+# ``error_kind`` of an error row: the object is gone; it cannot be read for a lasting reason (e.g.
+# access denied); reads kept failing transiently until the retries ran out (a rerun retries it);
+# the bytes are not a usable image; the given class is not one of the model's.
+ERROR_MISSING, ERROR_UNREADABLE, ERROR_TRANSIENT, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS = (
+    "missing", "unreadable", "transient", "invalid_image", "unknown_class")
+# The Hive partition key of the nightly table: a directory ``run_date=YYYY-MM-DD/``, never a column
+# inside its Parquet files (readers add it from the path, as Spark, pandas, DuckDB and Polars do).
+PARTITION_COLUMN = "run_date"
 
 REGION_TYPE = pa.struct([
     pa.field("x", pa.int32(), nullable=False),
@@ -54,6 +62,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("heatmap_uri", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("run_date", pa.date32(), nullable=False),
@@ -64,6 +73,8 @@ RESULT_SCHEMA = pa.schema(
 )
 
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+# The schema of the nightly Parquet files: every column but the partition key.
+FILE_SCHEMA = RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index(PARTITION_COLUMN))
 # Model outputs: null in every error row.
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "route_similarity", "prompt_id", "score_raw", "score", "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px",
@@ -79,6 +90,7 @@ def error_row(
     image_uri: str,
     error: str,
     *,
+    error_kind: str,
     model_version: str,
     run_id: str,
     run_date: dt.date,
@@ -92,7 +104,7 @@ def error_row(
     row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
     row.update(
         image_uri=image_uri, image_sha256=image_sha256, width=width, height=height, class_name=class_name,
-        class_source=CLASS_GIVEN if class_name is not None else None, status=STATUS_ERROR, error=error,
+        class_source=CLASS_GIVEN if class_name is not None else None, status=STATUS_ERROR, error=error, error_kind=error_kind,
         model_version=model_version, run_id=run_id, run_date=run_date, scored_at=utc_now(), latency_ms=latency_ms,
     )
     return row

@@ -27,7 +27,7 @@ from .bundle import Bundle, load_bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_image
 from .schema import (
-    CLASS_GIVEN, CLASS_RETRIEVED, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
+    CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
     utc_now,
 )
 
@@ -48,6 +48,7 @@ class Prepared:
     input: np.ndarray | None  # (3, S, S) float32
     error: str | None
     prepare_ms: float
+    error_kind: str | None = None  # one of schema.ERROR_* when ``error`` is set
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ScoringSpec:
         prepared = Prepared(image_uri, class_name, -1, sha, None, None, None, None, 0.0)
         if class_name is not None and class_name not in self.class_names:
             prepared.error = f"{image_uri}: unknown class {class_name!r}; this model knows {', '.join(self.class_names)}"
+            prepared.error_kind = ERROR_UNKNOWN_CLASS
         else:
             if class_name is not None:
                 prepared.class_index = self.class_names.index(class_name)
@@ -107,6 +109,8 @@ class ScoringSpec:
                 prepared.error = f"{image_uri}: OpenCV failed to decode or resize: {exc.err or exc}"
             except Exception as exc:  # a decoder bug on one input must not fail its whole batch
                 prepared.error = f"{image_uri}: cannot decode ({type(exc).__name__}: {exc})"
+            if prepared.error is not None:
+                prepared.error_kind = ERROR_INVALID_IMAGE
         prepared.prepare_ms = (time.perf_counter() - start) * 1e3
         return prepared
 
@@ -162,7 +166,8 @@ class ScoringSpec:
     def error_row(self, prepared: Prepared, *, run_id: str, run_date: dt.date) -> dict[str, Any]:
         """The ``status=error`` row for an input that could not be scored."""
         return error_row(
-            prepared.image_uri, prepared.error or "unknown error", model_version=self.model_version, run_id=run_id,
+            prepared.image_uri, prepared.error or "unknown error", error_kind=prepared.error_kind or ERROR_INVALID_IMAGE,
+            model_version=self.model_version, run_id=run_id,
             run_date=run_date, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
             class_name=prepared.class_name, latency_ms=prepared.prepare_ms,
         )

@@ -3,15 +3,24 @@
 Every function takes a URI and an optional S3 ``endpoint``; without one, S3 uses
 ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. a MinIO or moto server), else AWS itself.
 Credentials come from the usual AWS environment variables / config chain.
+
+Transient failures (throttling such as S3 ``SlowDown``, 5xx answers, reset or timed-out
+connections) are retried with exponential backoff and full jitter: inside the S3 client
+(``RETRY_ATTEMPTS`` attempts) and again around whole reads (``retry``); a missing object or a
+refused one is never retried.
 """
 from __future__ import annotations
 
 import json
 import os
 import posixpath
+import random
 import shutil
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from functools import lru_cache
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -19,6 +28,15 @@ import pyarrow.fs as pafs
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
 _COPY_CHUNK = 8 * 1024 * 1024
+RETRY_ATTEMPTS = 8  # per S3 request (AWS SDK standard strategy) and per ``retry`` call
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.1, 5.0
+# Substrings of transient errors as the AWS SDKs (C++ inside pyarrow, botocore) and sockets word them.
+_TRANSIENT_MARKERS = (
+    "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError", "INTERNAL_FAILURE", "NETWORK_CONNECTION",
+    "SERVICE_UNAVAILABLE", "SLOW_DOWN", "HTTP status 5", "Connection reset", "Connection was closed", "Connection aborted",
+    "connection closed", "Broken pipe", "timed out", "Timeout", "Could not connect", "curlCode",
+)
+T = TypeVar("T")
 
 
 def _is_s3(uri: str) -> bool:
@@ -42,15 +60,65 @@ def _local_filesystem() -> pafs.LocalFileSystem:
 @lru_cache(maxsize=None)
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     if endpoint is None:
-        return pafs.S3FileSystem(region=region)
+        return pafs.S3FileSystem(region=region, retry_strategy=pafs.AwsStandardS3RetryStrategy(RETRY_ATTEMPTS))
     parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region)
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(RETRY_ATTEMPTS))
+
+
+def default_endpoint(endpoint: str | None = None) -> str | None:
+    """``endpoint``, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (None = AWS itself)."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_client(endpoint: str | None = None):
+    """A boto3 S3 client (standard retries, ``RETRY_ATTEMPTS`` attempts) for what pyarrow cannot
+    do: conditional writes (``IfNoneMatch`` / ``IfMatch``) and paged listings."""
+    return _s3_client(default_endpoint(endpoint))
+
+
+@lru_cache(maxsize=None)
+def _s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS})
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` → ``(bucket, key)``."""
+    bucket, _, key = normalize_uri(uri)[len(S3_SCHEME):].partition("/")
+    return bucket, key
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may help: throttling, 5xx, reset / refused / timed-out connections."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def retry(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
+    """``fn()``, retried on transient errors with exponential backoff and full jitter; the last
+    error (or any permanent one) is raised."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(random.uniform(0.0, min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** attempt)))
+    raise AssertionError("unreachable")
 
 
 def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The (cached) filesystem for ``uri`` and the path inside it: ``bucket/key`` or an absolute path."""
     if _is_s3(uri):
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = default_endpoint(endpoint)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return _s3_filesystem(endpoint, region), normalize_uri(uri)[len(S3_SCHEME):]
     return _local_filesystem(), normalize_uri(uri)
@@ -88,14 +156,20 @@ def _require_dir(uri: str, endpoint: str | None) -> None:
 
 
 def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
-    """The whole content of the file at ``uri``; FileNotFoundError naming ``uri`` when it is missing."""
+    """The whole content of the file at ``uri`` (transient failures retried); FileNotFoundError
+    naming ``uri`` when it is missing."""
     fs, path = filesystem_for(uri, endpoint)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except OSError:
-        _require_file(uri, endpoint)
-        raise
+
+    def read() -> bytes:
+        try:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except OSError as exc:
+            if not is_transient(exc):
+                _require_file(uri, endpoint)
+            raise
+
+    return retry(read)
 
 
 def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
@@ -138,6 +212,31 @@ def list_files(
         else:
             found.append(S3_SCHEME + info.path if _is_s3(uri) else info.path)
     return sorted(found)
+
+
+def iter_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint: str | None = None) -> Iterator[str]:
+    """Like ``list_files`` (S3 URIs or absolute paths) but streamed: one directory (local) or one
+    listing page of 1000 keys (S3) at a time, so 10^7 inputs never sit in memory together.
+    Local order is sorted within each directory; S3 order is key order."""
+    _require_dir(uri, endpoint)
+    suffixes = tuple(ext.lower() for ext in extensions) if extensions is not None else None
+
+    def wanted(name: str) -> bool:
+        return suffixes is None or name.lower().endswith(suffixes)
+
+    if _is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        for page in pages:
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/") and wanted(item["Key"]):
+                    yield f"{S3_SCHEME}{bucket}/{item['Key']}"
+        return
+    for folder, dirs, names in os.walk(normalize_uri(uri)):
+        dirs.sort()
+        for name in sorted(names):
+            if wanted(name):
+                yield os.path.join(folder, name)
 
 
 def list_dirs(uri: str, endpoint: str | None = None) -> list[str]:

@@ -7,13 +7,13 @@ import datetime as dt
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import boto3
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -21,8 +21,9 @@ import pytest
 from onenip_ray import storage
 from onenip_ray.batch import BatchConfig, InferenceActor, heatmap_name, list_inputs, run_batch_scoring
 from onenip_ray.cli import main
-from onenip_ray.schema import OUTPUT_COLUMNS, RESULT_SCHEMA
+from onenip_ray.schema import FILE_SCHEMA, OUTPUT_COLUMNS
 from onenip_ray.scoring import Scorer
+from tests.faultproxy import FaultProxy
 from tests.inputs import bad_inputs, good_inputs
 from tests.test_scoring import tiny_images
 
@@ -45,7 +46,7 @@ def test_list_folder_recursive_images_only(tmp_path):
     for rel in ("a.png", "sub/b.JPG", "sub/deeper/c.tiff", "notes.txt", "sub/.DS_Store"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    assert list_inputs(str(tmp_path)) == [
+    assert sorted(list_inputs(str(tmp_path))) == [
         (str(tmp_path / "a.png"), None), (str(tmp_path / "sub/b.JPG"), None), (str(tmp_path / "sub/deeper/c.tiff"), None),
     ]
 
@@ -69,22 +70,41 @@ def test_list_s3_prefix(s3_bucket, s3_env):
     assert list_inputs(f"{s3_bucket}/day") == [(f"{s3_bucket}/day/sub/z.jpeg", None), (f"{s3_bucket}/day/x y ü.png", None)]
 
 
-def test_dedupe_keeps_the_first_row_and_refuses_lost_inputs(tmp_path):
-    """Duplicates a retried task could leave in staging are dropped; a missing input fails the commit."""
-    from onenip_ray.batch import _dedupe
-    from onenip_ray.schema import error_row, to_table
+def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
+    from onenip_ray.batch import iter_input_chunks
 
-    run = {"model_version": "v", "run_id": "r", "run_date": DAY}
-    pq.write_table(to_table([error_row(u, "first", **run) for u in ("a", "b")]), tmp_path / "0.parquet")
-    pq.write_table(to_table([error_row(u, "again", **run) for u in ("b", "c")]), tmp_path / "1.parquet")
+    for i in range(7):
+        (tmp_path / "in" / f"{i}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.png").write_bytes(b"x")
+    chunks = list(iter_input_chunks(str(tmp_path / "in"), chunk_size=3))
+    assert [c.num_rows for c in chunks] == [3, 3, 1]
+    assert [u for c in chunks for u in c.column("image_uri").to_pylist()] == [str(tmp_path / "in" / f"{i}.png") for i in range(7)]
+    rows = [f"{i % 5}.png,{'disc' if i < 5 else 'stripes'}" for i in range(8)]
+    (tmp_path / "m.csv").write_text("image_uri,class_name\n" + "\n".join(rows) + "\n")
+    chunks = list(iter_input_chunks(str(tmp_path / "m.csv"), chunk_size=2))
+    assert [c.num_rows for c in chunks] == [2, 2, 1]
+    assert [(r["image_uri"], r["class_name"]) for c in chunks for r in c.to_pylist()] == [
+        (str(tmp_path / f"{i}.png"), "disc") for i in range(5)]
+
+
+def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
+    """Duplicates a retried task could leave in staging are dropped; a missing input fails the commit."""
+    from onenip_ray.batch import _account, _Tally
+    from onenip_ray.schema import FILE_SCHEMA, error_row, to_table
+
+    run = {"model_version": "v", "run_id": "r", "run_date": DAY, "error_kind": "missing"}
+    for name, uris, text in (("0", ("a", "b"), "first"), ("1", ("b", "c"), "again")):
+        pq.write_table(to_table([error_row(u, text, **run) for u in uris]).drop_columns(["run_date"]), tmp_path / f"{name}.staged")
     fs = pafs.LocalFileSystem()
-    files, dropped = _dedupe(fs, str(tmp_path), {"a", "b", "c"})
-    assert dropped == 1 and len(files) == 2
-    rows = pq.read_table(tmp_path).to_pylist()
+    files = [str(tmp_path / "0.staged"), str(tmp_path / "1.staged")]
+    tally = _Tally(files=[], groups=Counter())
+    _account(fs, files, pa.chunked_array([["a", "b", "c"]]), tally)
+    assert tally.duplicates_dropped == 1 and tally.files == files and sum(tally.groups.values()) == 3
+    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
     assert [(r["image_uri"], r["error"]) for r in rows] == [("a", "first"), ("b", "first"), ("c", "again")]
-    assert pq.read_table(tmp_path / "1.parquet").schema.equals(RESULT_SCHEMA, check_metadata=True)
+    assert pq.read_table(files[1]).schema.equals(FILE_SCHEMA, check_metadata=True)
     with pytest.raises(RuntimeError, match=r"1 missing \(e.g. \['d'\]\)"):
-        _dedupe(fs, str(tmp_path), {"a", "b", "c", "d"})
+        _account(fs, files, pa.chunked_array([["a", "b", "c", "d"]]), _Tally(files=[], groups=Counter()))
 
 
 # -- pipeline -------------------------------------------------------------------------------------
@@ -141,17 +161,18 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     storage.commit_dir(sensitive_bundle, bundle_uri, marker="bundle.json")
     uris = {f"{s3_bucket}/incoming/{name}": name for name in files}
     cfg = BatchConfig(bundle=bundle_uri, input=f"{s3_bucket}/incoming", output=f"{s3_bucket}/scores", run_date=DAY,
-                      heatmaps=True, batch_size=4, actor_cpus=0.5, task_cpus=0.25)
+                      heatmaps=True, batch_size=4, actor_cpus=0.5, task_cpus=0.25, max_error_fraction=0.5)
 
     summary = run_batch_scoring(cfg)
 
     fs = _s3fs(s3_env)
     partition = f"{bucket}/scores/run_date=2026-11-27"
     table = pq.read_table(partition, filesystem=fs)
-    assert table.schema.equals(RESULT_SCHEMA, check_metadata=True)
+    assert table.schema.equals(FILE_SCHEMA, check_metadata=True)  # run_date is the partition directory
     by_uri = _check_rows(table, uris, errors)
     assert {r["run_id"] for r in by_uri.values()} == {summary["run_id"]}
-    assert {r["run_date"] for r in by_uri.values()} == {DAY}
+    assert {r["error_kind"] for r in by_uri.values() if r["status"] == "error"} == {"invalid_image"}
+    assert summary["errors_by_kind"] == {"invalid_image": len(errors)}
 
     # the pipeline's rows equal the Scorer's on the same bytes
     scorer = Scorer.from_uri(bundle_uri)
@@ -168,7 +189,7 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     ok_rows = [r for r in by_uri.values() if r["status"] == "ok"]
     anomalous = [r for r in ok_rows if r["is_anomalous"]]
     assert anomalous and len(anomalous) < len(ok_rows)
-    heat_prefix = "scores/heatmaps/run_date=2026-11-27/"
+    heat_prefix = "scores/_heatmaps/run_date=2026-11-27/"
     keys = _keys(client, bucket, heat_prefix)
     assert keys == {heat_prefix + heatmap_name(r["image_uri"]) + ".png" for r in ok_rows} | {
         heat_prefix + heatmap_name(r["image_uri"]) + "_overlay.jpg" for r in anomalous}
@@ -188,24 +209,31 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     assert marker["model_version"] == scorer.spec.model_version and marker["run_id"] == summary["run_id"]
     assert marker["images_per_second"] > 0 and marker["wall_seconds"] > 0
     listed = _keys(client, bucket, "scores/")
-    assert not [k for k in listed if k.startswith("scores/_staging/")]
+    assert not [k for k in listed if k.startswith("scores/_runs/")]  # no staging, lease or journal left
     assert {k.rsplit("/", 1)[1] for k in listed if k.startswith("scores/run_date=")} == {*marker["files"], "_SUCCESS.json"}
 
-    # the same date again, with one image gone and one new: the partition is replaced, no duplicates
+    # the same date again, with one image gone and one new, through a proxy that answers 20 % of the
+    # S3 requests with 503 SlowDown or a reset connection: the partition is replaced, no duplicates,
+    # no error row from a transient fault, the same scores
     client.delete_object(Bucket=bucket, Key="incoming/good/plain.png")
     client.put_object(Bucket=bucket, Key="incoming/good/late.png", Body=files["good/photo.jpg"])
     del uris[f"{s3_bucket}/incoming/good/plain.png"]
     uris[f"{s3_bucket}/incoming/good/late.png"] = "good/late.png"
-    rerun = run_batch_scoring(dataclasses.replace(cfg, heatmaps=False))
-    assert rerun["run_id"] != summary["run_id"]
+    first_scores = {u: r["score_raw"] for u, r in by_uri.items()}
+    with FaultProxy(s3_env, fault_rate=0.2, seed=7) as proxy:
+        rerun = run_batch_scoring(dataclasses.replace(cfg, heatmaps=False, endpoint=proxy.url))
+    assert proxy.stats["slow_down"] + proxy.stats["reset"] > 10
+    assert rerun["run_id"] != summary["run_id"] and rerun["errors_by_kind"] == {"invalid_image": len(errors)}
     table = pq.read_table(partition, filesystem=fs)
     by_uri = _check_rows(table, uris, errors)
+    for uri, row in by_uri.items():
+        if uri in first_scores and row["status"] == "ok":
+            assert row["score_raw"] == pytest.approx(first_scores[uri], rel=1e-5, abs=1e-5)
     assert {r["run_id"] for r in by_uri.values()} == {rerun["run_id"]}
     assert all(r["heatmap_uri"] is None for r in by_uri.values())
     assert not _keys(client, bucket, heat_prefix)  # stale heat maps went with their rows
-    whole = pq.read_table(f"{bucket}/scores", filesystem=fs, partitioning=pads.partitioning(
-        pa.schema([("run_date", pa.date32())]), flavor="hive"), ignore_prefixes=["_", ".", "heatmaps"])
-    assert whole.num_rows == len(uris)
+    whole = pq.read_table(f"{bucket}/scores", filesystem=fs)  # the table root, no options
+    assert whole.num_rows == len(uris) and set(whole.column("run_date").to_pylist()) == {"2026-11-27"}
 
 
 def _crash_once_actor(marker: str, on_call: int) -> type:
@@ -238,7 +266,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     uris = {str(tmp_path / "in" / name): name for name in [*files, "missing.png"]}
     marker = str(tmp_path / "crashed")
     cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "manifest.csv"), output=str(tmp_path / "out"), run_date=DAY,
-                      batch_size=2, actor_cpus=0.5, task_cpus=0.25)
+                      batch_size=2, actor_cpus=0.5, task_cpus=0.25, max_error_fraction=0.6)
 
     summary = run_batch_scoring(cfg, actor_cls=_crash_once_actor(marker, on_call=3))
 
@@ -249,11 +277,12 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     assert by_uri[str(tmp_path / "in/good/plain.png")]["class_source"] == "retrieved"
     assert all(r["class_name"] == "disc" and r["class_source"] == "given" for u, r in by_uri.items() if "/good/more/" in u)
     assert summary["counts"]["total"] == len(uris)
-    assert sorted(os.listdir(tmp_path / "out")) == ["run_date=2026-11-27"]  # staging cleaned up
+    assert sorted(os.listdir(tmp_path / "out")) == ["run_date=2026-11-27"]  # staging, lease and journal gone
+    assert by_uri[str(tmp_path / "in/missing.png")]["error_kind"] == "missing"
 
     # the same date again through the CLI, locally: the partition is replaced by directory renames
     argv = ["score", "--bundle", tiny_bundle, "--input", cfg.input, "--output", cfg.output, "--run-date", "2026-11-27",
-            "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25"]
+            "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25", "--max-error-fraction", "0.6"]
     assert main(argv) == 0
     printed = capsys.readouterr().out  # Ray's own log lines may come first
     rerun = json.loads(printed[printed.index("{\n  \"partition\""):])
@@ -262,3 +291,51 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     assert table.num_rows == len(uris) and set(table.column("run_id").to_pylist()) == {rerun["run_id"]}
     marker = json.loads((tmp_path / "out" / "run_date=2026-11-27" / "_SUCCESS.json").read_text())
     assert sorted(os.listdir(tmp_path / "out" / "run_date=2026-11-27")) == sorted([*marker["files"], "_SUCCESS.json"])
+
+
+class _PoisonedActor(InferenceActor):
+    """Fails every batch holding image ``04.png`` or a later one (a bug, a node lost for good): the
+    run dies after its first chunk (images 00–03) was staged."""
+
+    def __call__(self, batch):
+        if any(os.path.basename(u) >= "04" for u in batch["image_uri"]):
+            raise RuntimeError("inference failed for good")
+        return super().__call__(batch)
+
+
+@pytest.mark.slow
+def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_cluster, tiny_bundle, tiny_dataset, tmp_path, capsys):
+    import pandas as pd
+
+    images = tiny_images(tiny_dataset)
+    (tmp_path / "in").mkdir()
+    for i in range(10):
+        cv2.imwrite(str(tmp_path / "in" / f"{i:02d}.png"), images[i % len(images)])
+    out = str(tmp_path / "out")
+    cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "in"), output=out, run_date=DAY, batch_size=2, actor_cpus=0.5,
+                      task_cpus=0.25, chunk_size=4, run_id="20261127-failed")
+
+    with pytest.raises(Exception, match="inference failed for good"):
+        run_batch_scoring(cfg, actor_cls=_PoisonedActor)
+    assert not os.path.exists(os.path.join(out, "run_date=2026-11-27"))  # nothing committed, the lease released
+    assert not os.path.exists(os.path.join(out, "_runs", "run_date=2026-11-27", "lease.json"))
+
+    resumed = run_batch_scoring(dataclasses.replace(cfg, run_id="20261127-resumed"))
+    assert resumed["resumed"] == 4 and resumed["resumed_from"] == ["20261127-failed"] and resumed["counts"]["ok"] == 10
+    frame = pd.read_parquet(out)
+    assert len(frame) == 10 and frame["image_uri"].is_unique
+    assert frame.groupby("run_id").size().to_dict() == {"20261127-failed": 4, "20261127-resumed": 6}
+
+    # a night where most images are gone: rejected, the good night stays, the new rows stay staged
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image_uri\n" + "".join(f"in/{i:02d}.png\n" for i in range(10)) + "".join(f"gone/{i}.png\n" for i in range(10)))
+    argv = ["score", "--bundle", tiny_bundle, "--input", str(manifest), "--output", out, "--run-date", "2026-11-27",
+            "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "10 of 20 inputs (50.0 %) are errors (missing 10), above --max-error-fraction 0.2" in err
+    assert set(pd.read_parquet(out)["run_id"]) == {"20261127-failed", "20261127-resumed"}
+    (rejected,) = Path(out, "_runs", "run_date=2026-11-27").glob("*/rejected.json")
+    staged = [p for p in rejected.parent.rglob("*.parquet.staged")]
+    assert sum(pq.read_table(p).num_rows for p in staged) == 20
+    assert json.loads(rejected.read_text())["errors_by_kind"] == {"missing": 10}

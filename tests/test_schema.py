@@ -7,15 +7,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from onenip_ray.schema import OUTPUT_COLUMNS, RESULT_COLUMNS, RESULT_SCHEMA, SCHEMA_VERSION, error_row, to_table
+from onenip_ray.schema import (
+    FILE_SCHEMA, OUTPUT_COLUMNS, PARTITION_COLUMN, RESULT_COLUMNS, RESULT_SCHEMA, SCHEMA_VERSION, error_row, to_table,
+)
 
 EXPECTED = [
     "image_uri", "image_sha256", "width", "height", "class_name", "class_source", "route_similarity", "prompt_id", "score_raw", "score",
     "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px", "defect_area_pct", "max_pixel_score",
-    "num_regions", "regions", "heatmap_uri", "status", "error", "model_version", "run_id", "run_date", "scored_at",
+    "num_regions", "regions", "heatmap_uri", "status", "error", "error_kind", "model_version", "run_id", "run_date", "scored_at",
     "latency_ms",
 ]
-RUN = {"model_version": "abc123", "run_id": "r1", "run_date": dt.date(2026, 11, 27)}
+RUN = {"model_version": "abc123", "run_id": "r1", "run_date": dt.date(2026, 11, 27), "error_kind": "invalid_image"}
 
 
 def test_field_order_types_and_nullability():
@@ -27,11 +29,14 @@ def test_field_order_types_and_nullability():
     region = RESULT_SCHEMA.field("regions").type.value_type
     assert [f.name for f in region] == ["x", "y", "w", "h", "area_px", "peak_score"]
     assert RESULT_SCHEMA.metadata == {b"schema_version": SCHEMA_VERSION.encode()}
+    # Parquet files hold every column but the Hive partition key, which readers take from the path
+    assert FILE_SCHEMA.names == [c for c in EXPECTED if c != PARTITION_COLUMN] and PARTITION_COLUMN == "run_date"
+    assert FILE_SCHEMA.metadata == RESULT_SCHEMA.metadata
 
 
 def test_error_row_nulls_every_output():
     row = error_row("s3://b/x.png", "x.png: empty file", image_sha256="e3b0", class_name="bottle", latency_ms=0.1, **RUN)
-    assert row["status"] == "error" and row["error"] == "x.png: empty file"
+    assert row["status"] == "error" and row["error"] == "x.png: empty file" and row["error_kind"] == "invalid_image"
     assert row["class_name"] == "bottle" and row["class_source"] == "given"
     assert all(row[c] is None for c in OUTPUT_COLUMNS)
     assert row["width"] is None and row["height"] is None
