@@ -137,27 +137,29 @@ def test_no_journal_means_the_partition_was_never_touched(tmp_path):
 
 
 # -- lease ----------------------------------------------------------------------------------------
-DEAD_HOLDER = "import os, sys; from onenip_ray.lease import Lease; Lease(sys.argv[1], 'dead-run', None, 1.0).acquire(); os._exit(0)"
+DEAD_HOLDER = "import os, sys; from onenip_ray.lease import Lease; Lease(sys.argv[1], 'dead-run', None, 3.0).acquire(); os._exit(0)"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_one_writer_per_date_and_expiry(where, tmp_path, request):
     base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
     uri = storage.join(base, "scores/_runs/run_date=2026-11-27/lease.json")
-    first = Lease(uri, "run-a", None, ttl=0.6)
+    first = Lease(uri, "run-a", None, ttl=2.0)
     first.acquire()
     with pytest.raises(LeaseHeld, match=r"run run-a on host .* \(pid \d+\), started"):
         Lease(uri, "run-b", None, 60).acquire()
-    time.sleep(1.0)  # longer than the ttl: renewed in the background, still held
+    time.sleep(3.0)  # longer than the ttl: renewed in the background, still held
     with pytest.raises(LeaseHeld, match="run-a"):
         Lease(uri, "run-b", None, 60).acquire()
     first.check()
     first.release()
 
     subprocess.run([sys.executable, "-c", DEAD_HOLDER, uri], check=True, cwd=Path(__file__).parents[1])
-    with pytest.raises(LeaseHeld, match="dead-run"):
-        Lease(uri, "run-c", None, 60).acquire()
-    time.sleep(1.2)  # the dead holder stopped renewing: its lease expires and is taken over
+    expires = dt.datetime.fromisoformat(json.loads(storage.read_bytes(uri))["expires_at"]).timestamp()
+    if time.time() < expires - 0.5:  # (a very slow machine may already be past it)
+        with pytest.raises(LeaseHeld, match="dead-run"):
+            Lease(uri, "run-c", None, 60).acquire()
+    time.sleep(max(0.0, expires - time.time()) + 0.2)  # the dead holder stopped renewing: its lease expires and is taken over
     taker = Lease(uri, "run-c", None, 60)
     taker.acquire()
     storage.write_bytes(uri, json.dumps({"run_id": "intruder", "expires_at": "2099-01-01T00:00:00+00:00"}).encode())
