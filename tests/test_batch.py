@@ -85,6 +85,11 @@ def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
     assert [c.num_rows for c in chunks] == [2, 2, 1]
     assert [(r["image_uri"], r["class_name"]) for c in chunks for r in c.to_pylist()] == [
         (str(tmp_path / f"{i}.png"), "disc") for i in range(5)]
+    # repeats across the manifest's row batches are dropped too (first row wins)
+    pq.write_table(pa.table({"image_uri": [f"/x/{i}.png" for i in (0, 1, 2, 0, 3, 1, 4, 4)]}), tmp_path / "m.parquet")
+    chunks = list(iter_input_chunks(str(tmp_path / "m.parquet"), chunk_size=2))
+    assert [u for c in chunks for u in c.column("image_uri").to_pylist()] == [f"/x/{i}.png" for i in range(5)]
+    assert [c.num_rows for c in chunks] == [2, 2, 1]
 
 
 def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
