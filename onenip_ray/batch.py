@@ -177,7 +177,8 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
         try:
             data = storage.read_bytes(image_uri, endpoint)  # transient failures already retried
         except Exception as exc:  # one unreadable object is one error row, never a failed task
-            kind = ERROR_MISSING if isinstance(exc, FileNotFoundError) else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE
+            kind = (ERROR_MISSING if isinstance(exc, FileNotFoundError)
+                    else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE)
             prepared = Prepared(image_uri, class_name, -1, None, None, None, None, f"{image_uri}: cannot read: {exc}", 0.0, kind)
         else:
             prepared = spec.prepare(image_uri, data, class_name)
@@ -313,51 +314,53 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor, on_com
     run_id = cfg.run_id or f"{cfg.run_date:%Y%m%d}-{uuid.uuid4().hex[:8]}"
     layout = nightly.NightLayout(cfg.output, cfg.run_date, endpoint)
     fs = layout.fs
-    with Lease(layout.lease_uri, run_id, endpoint, ttl=cfg.lease_seconds) as lease:
-        repaired = nightly.repair(layout)
-        bundle = load_bundle(cfg.bundle, endpoint)
-        spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
-        run_dir = layout.path(layout.run_uri(run_id))
-        nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
-            "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
-            "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
-        earlier = _earlier_results(layout, fs, bundle.version, run_id)
-        heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
+    try:
+        with Lease(layout.lease_uri, run_id, endpoint, ttl=cfg.lease_seconds) as lease:
+            repaired = nightly.repair(layout)
+            bundle = load_bundle(cfg.bundle, endpoint)
+            spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
+            run_dir = layout.path(layout.run_uri(run_id))
+            nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
+                "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
+                "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
+            earlier = _earlier_results(layout, fs, bundle.version, run_id)
+            heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
 
-        t_pipeline = time.perf_counter()
-        tally, reused = _Tally(files=[], groups=Counter()), []
-        pool_ref = None
-        for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
-            tally.inputs += chunk.num_rows
-            if earlier is not None:
-                done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
-                reused.append(chunk.filter(done).column("image_uri"))
-                chunk = chunk.filter(pc.invert(done))
-            if not chunk.num_rows:
-                continue
-            if pool_ref is None:
-                pool_ref = _start_ray(endpoint, bundle.pool)
-            data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
-            _score_chunk(chunk, cfg, spec, run_id, heatmaps, endpoint, pool_ref, actor_cls, fs, data_path)
-            _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
-        if reused:
-            _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), posixpath.join(run_dir, "data", "resumed"), tally)
-        pipeline_s = time.perf_counter() - t_pipeline
+            t_pipeline = time.perf_counter()
+            tally, reused = _Tally(files=[], groups=Counter()), []
+            pool_ref = None
+            for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
+                tally.inputs += chunk.num_rows
+                if earlier is not None:
+                    done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
+                    reused.append(chunk.filter(done).column("image_uri"))
+                    chunk = chunk.filter(pc.invert(done))
+                if not chunk.num_rows:
+                    continue
+                if pool_ref is None:
+                    pool_ref = _start_ray(endpoint, bundle.pool)
+                data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
+                _score_chunk(chunk, cfg, spec, run_id, heatmaps, endpoint, pool_ref, actor_cls, fs, data_path)
+                _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
+            if reused:
+                _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), posixpath.join(run_dir, "data", "resumed"), tally)
+            pipeline_s = time.perf_counter() - t_pipeline
 
-        summary = _summary(cfg, run_id, bundle.version, layout, tally, started_at, pipeline_s, repaired,
-                           sorted({*earlier.column("run_id").to_pylist()}) if earlier is not None and tally.resumed else [])
-        _check_limits(cfg, summary, fs, run_dir)
-        if not tally.files:  # an allowed empty night: one empty file keeps the partition readable
-            empty = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
-            fs.create_dir(posixpath.dirname(empty), recursive=True)
-            pq.write_table(FILE_SCHEMA.empty_table(), empty, filesystem=fs)
-            tally.files.append(empty)
-            summary["files"] = [f"part-{run_id}-00000.parquet"]
-        summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-        lease.check()
-        heat_dirs = [posixpath.join(layout.path(layout.run_uri(r)), "heatmaps") for r in summary["resumed_from"]]
-        nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary, on_commit_step)
-    nightly.tidy(layout)
+            summary = _summary(cfg, run_id, bundle.version, layout, tally, started_at, pipeline_s, repaired,
+                               sorted({*earlier.column("run_id").to_pylist()}) if earlier is not None and tally.resumed else [])
+            _check_limits(cfg, summary, fs, run_dir)
+            if not tally.files:  # an allowed empty night: one empty file keeps the partition readable
+                empty = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
+                fs.create_dir(posixpath.dirname(empty), recursive=True)
+                pq.write_table(FILE_SCHEMA.empty_table(), empty, filesystem=fs)
+                tally.files.append(empty)
+                summary["files"] = [f"part-{run_id}-00000.parquet"]
+            summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+            lease.check()
+            heat_dirs = [posixpath.join(layout.path(layout.run_uri(r)), "heatmaps") for r in summary["resumed_from"]]
+            nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary, on_commit_step)
+    finally:
+        nightly.tidy(layout)
     return summary
 
 
