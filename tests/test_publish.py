@@ -18,15 +18,20 @@ def root(request, tmp_path) -> str:
     return storage.join(request.getfixturevalue("s3_bucket"), "models", "onenip")
 
 
-def test_publish_moves_the_pointer_between_immutable_versions(root, tiny_bundle, tiny_bundle_v2, tmp_path):
-    v1, v2 = read_meta(tiny_bundle)["version"], read_meta(tiny_bundle_v2)["version"]
-    assert v1 != v2
+def test_first_release_and_idempotent_republish(root, tiny_bundle):
+    v1 = read_meta(tiny_bundle)["version"]
     assert resolve_bundle(tiny_bundle) == (tiny_bundle, None)  # a plain bundle is served as it is
     first = publish(tiny_bundle, root)
     assert (first["version"], first["previous"], first["copied"], first["moved"]) == (v1, None, True, True)
     assert resolve_bundle(root) == (storage.join(root, VERSIONS_DIR, v1), root)
     again = publish(tiny_bundle, root)  # idempotent: nothing copied, pointer unchanged
     assert (again["copied"], again["moved"]) == (False, False)
+
+
+def test_publish_moves_the_pointer_between_immutable_versions(tiny_bundle, tiny_bundle_v2, tmp_path):
+    root = str(tmp_path / "releases")  # S3's conditional writes: test_storage.py and the test above
+    v1, v2 = publish(tiny_bundle, root)["version"], read_meta(tiny_bundle_v2)["version"]
+    assert v1 != v2
     second = publish(tiny_bundle_v2, root)
     assert (second["version"], second["previous"], second["moved"]) == (v2, v1, True)
     pointer, _ = read_pointer(root)
