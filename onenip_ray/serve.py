@@ -389,12 +389,16 @@ class OneNIPService:
             except Exception as exc:
                 self._update_failed(f"cannot read the release pointer: {type(exc).__name__}: {exc}")
                 continue
-            if pointer.version in (self.model.version, refused):
+            if pointer.version == self.model.version:
+                self.update_error = None  # e.g. rolled back after a refused release
+                continue
+            if pointer.version == refused:
                 continue
             try:
                 model = load_model(pointer.bundle_uri(self.release_root), self.args, self.run_id, self.release_root)
             except Exception as exc:  # a bad release must never take the running model down
-                refused = pointer.version
+                if isinstance(exc, ValueError):  # BundleError, another format: not retried; OSError: next poll
+                    refused = pointer.version
                 self._update_failed(f"release {pointer.version} refused: {type(exc).__name__}: {exc}")
                 continue
             previous, self.model, self.update_error = self.model.version, model, None
