@@ -1,8 +1,8 @@
 """Online scoring on Ray Serve: one image in, one result row (``onenip_ray.schema``) out.
 
 ``POST /v1/score`` runs the batch job's steps (``ScoringSpec.prepare`` → ``Scorer.infer`` →
-``ScoringSpec.result_row``); concurrent requests share model forward passes through
-``@serve.batch``. Bad client input is answered 400/401/408/413/415 with ``{"error": "..."}``; a full
+``ScoringSpec.result_row``); concurrent requests share model forward passes
+(``ForwardPasses``: a batch is formed when the model is free). Bad client input is answered 400/401/408/413/415 with ``{"error": "..."}``; a full
 replica answers 503 (``Retry-After``) and a request past its deadline 504, both in the same shape.
 Memory is bounded by configuration: a fixed number of requests per replica, a fixed number of
 decodes at a time (large JPEGs decoded at reduced scale). ``bundle`` may be a release root
@@ -43,6 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .bundle import load_bundle
+from .forward_passes import ForwardPasses
 from .publish import read_pointer, resolve_bundle
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
 from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap
@@ -357,6 +358,7 @@ class OneNIPService:
         self.max_batch_size = args.max_batch_size
         self.in_progress = 0  # admitted /v1/score requests (event-loop only: no lock)
         self.forward_passes: collections.Counter[int] = collections.Counter()  # forward-pass size → count
+        self.passes = ForwardPasses(self._forward, args.max_batch_size, args.batch_wait_timeout_s)
         self.update_error: str | None = None
         self.stopping = threading.Event()
         self.requests_total = Counter("onenip_score_requests", description="POST /v1/score answers by outcome",
@@ -369,11 +371,10 @@ class OneNIPService:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``BatchingConfig`` (``user_config``) to the batch queue."""
+        """Apply ``BatchingConfig`` (``user_config``) to the forward passes."""
         batching = BatchingConfig.model_validate(user_config)
-        self.max_batch_size = batching.max_batch_size
-        self.infer_batch.set_max_batch_size(batching.max_batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.max_batch_size = self.passes.max_batch_size = batching.max_batch_size
+        self.passes.wait_s = batching.batch_wait_timeout_s
 
     def check_health(self) -> None:
         """Raises (and Serve replaces the replica) when the GPU's CUDA context is broken."""
@@ -419,10 +420,9 @@ class OneNIPService:
         """Requests a replica admits: the 2 × max_batch_size it works on plus max_queued_requests."""
         return 2 * self.max_batch_size + self.args.max_queued_requests
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def infer_batch(self, items: list[ScoreItem]) -> list[ModelOutput]:
-        """Forward passes for the queued ``(model, normalised input, class index or -1)`` items."""
-        outputs, sizes = await asyncio.to_thread(infer_grouped, items)
+    def _forward(self, items: list[ScoreItem]) -> list[ModelOutput]:
+        """Forward passes for a batch of ``(model, normalised input, class index or -1)`` items (a thread)."""
+        outputs, sizes = infer_grouped(items)
         self.forward_passes.update(sizes)
         return outputs
 
@@ -432,7 +432,7 @@ class OneNIPService:
         prepared = await loop.run_in_executor(self.decode_pool, model.spec.prepare, image_uri, data, options.class_name)
         if prepared.error is not None:
             raise ClientError(413 if exceeds_pixel_limit(data, model.spec.max_pixels) else 400, prepared.error)
-        out = await self.infer_batch((model, prepared.input, prepared.class_index))
+        out = await self.passes.submit((model, prepared.input, prepared.class_index))
         # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
         return await asyncio.to_thread(self._result_row, model, prepared, out, options), out.batch_size
 
