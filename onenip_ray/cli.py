@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address (not loopback without ONENIP_API_TOKEN: a loud warning)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port")
     sv.add_argument("--max-batch-size", type=int, default=S["max_batch_size"], help="images per model forward pass (1 = no batching)")
-    sv.add_argument("--batch-wait-ms", type=float, default=S["batch_wait_timeout_s"] * 1e3, help="how long a forming batch waits for more images")
+    sv.add_argument("--batch-wait-ms", type=float, default=S["batch_wait_timeout_s"] * 1e3, help="how long an idle replica waits for more images before a forward pass (under load a pass takes all queued)")
     sv.add_argument("--max-queued-requests", type=int, default=S["max_queued_requests"],
                     help="requests the replica holds beyond the 2 × max-batch-size it works on; more get 503 + Retry-After at once")
     sv.add_argument("--request-timeout-s", type=float, default=S["request_timeout_s"],
