@@ -2,7 +2,7 @@
 
     python bench/serve_load.py --bundle runs/bundle [--duration 10] [--clients 1,4,16] [--batch-size 16]
 
-Starts a private local Ray with Serve on a free port. For each mode (``@serve.batch`` with
+Starts a private local Ray with Serve on a free port. For each mode (batched forward passes with
 ``max_batch_size = --batch-size``, then 1 = one image per forward pass; both with the same
 ``max_ongoing_requests``, so only batching differs) and each client count, every client thread
 posts an image, waits for the answer and posts the next, for ``--duration`` seconds. Prints

@@ -50,6 +50,37 @@ class Bundle:
         return Predictor(self.backbone, self.model, self.pool, c.rec_scale, device, c.alpha, c.neighbor_weight, c.neighbor_scale)
 
 
+class BundleError(ValueError):
+    """A bundle that must not be used: its files do not match its version, or disagree with each other."""
+
+
+def content_version(model_bytes: bytes, pool: PromptPool, config: ModelConfig, calibration: Calibration) -> str:
+    """The bundle version: a hash of the weights file, the pool's content, the config and the calibration."""
+    digest = hashlib.sha256(model_bytes)
+    # Not the prompts file's bytes: safetensors writes the metadata in hash-map order, which changes
+    # from call to call, so the pool's content (tensors without metadata, then names/ids) is hashed.
+    digest.update(save_safetensors(pool.tensors()))
+    digest.update(json.dumps([pool.class_names, pool.prompt_ids], sort_keys=True).encode())
+    digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_bundle(uri: str, meta: dict[str, Any], model_bytes: bytes, pool: PromptPool, calibration: Calibration) -> None:
+    """Raise ``BundleError`` unless the content hash equals ``meta["version"]`` and the pool's
+    classes are exactly the calibrated ones and ``meta["classes"]``."""
+    classes = list(pool.class_names)
+    calibrated = list(calibration.per_class)
+    if set(classes) != set(calibrated):
+        raise BundleError(f"{uri}: prompt-pool classes {classes} and calibrated classes {calibrated} differ "
+                          f"(uncalibrated: {sorted(set(classes) - set(calibrated))}, no prompts: {sorted(set(calibrated) - set(classes))})")
+    if meta.get("classes") != classes:
+        raise BundleError(f"{uri}: {META_FILE} lists classes {meta.get('classes')}, the prompt pool has {classes}")
+    version = content_version(model_bytes, pool, ModelConfig.from_dict(meta["config"]), calibration)
+    if version != meta.get("version"):
+        raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in {META_FILE} "
+                          "(files changed or mixed from two bundles)")
+
+
 def write_bundle(
     local_dir: str,
     config: ModelConfig,
@@ -65,15 +96,9 @@ def write_bundle(
     tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.body.state_dict().items()})
     model_bytes = save_safetensors(tensors)
     prompt_bytes = pool.to_bytes()
-    digest = hashlib.sha256(model_bytes)
-    # Not ``prompt_bytes``: safetensors writes the metadata in hash-map order, which changes from
-    # call to call, so the pool's content (tensors without metadata, then names/ids) is hashed.
-    digest.update(save_safetensors(pool.tensors()))
-    digest.update(json.dumps([pool.class_names, pool.prompt_ids], sort_keys=True).encode())
-    digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
     meta = {
         "format": FORMAT,
-        "version": digest.hexdigest()[:16],
+        "version": content_version(model_bytes, pool, config, calibration),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "backbone": {
@@ -100,25 +125,45 @@ def write_bundle(
     return meta
 
 
-def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None = None) -> Bundle:
-    """Load a bundle directory from a local path or ``s3://`` URI (safetensors + JSON only).
-    ``pool``: this bundle's prompt pool, already loaded (``prompts.safetensors`` is then not read)."""
+def read_meta(uri: str, endpoint: str | None = None) -> dict[str, Any]:
+    """The bundle's ``bundle.json`` (FileNotFoundError / ValueError for a missing one or another format)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), endpoint))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{uri} is not a model bundle: {META_FILE} not found") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{uri}: unsupported bundle format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def verify_bundle(uri: str, endpoint: str | None = None) -> dict[str, Any]:
+    """``check_bundle`` without building the model (for publishing and start-up checks); returns ``bundle.json``."""
+    meta = read_meta(uri, endpoint)
+    pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
+    check_bundle(uri, meta, storage.read_bytes(storage.join(uri, MODEL_FILE), endpoint), pool,
+                 Calibration.from_dict(meta["calibration"]))
+    return meta
+
+
+def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None = None) -> Bundle:
+    """Load a bundle directory from a local path or ``s3://`` URI (safetensors + JSON only), verified
+    by ``check_bundle`` (``BundleError`` when its files do not match its version or each other).
+    ``pool``: this bundle's prompt pool, already loaded (``prompts.safetensors`` is then not read)."""
+    meta = read_meta(uri, endpoint)
     config = ModelConfig.from_dict(meta["config"])
-    tensors = load_safetensors(storage.read_bytes(storage.join(uri, MODEL_FILE), endpoint))
+    model_bytes = storage.read_bytes(storage.join(uri, MODEL_FILE), endpoint)
+    if pool is None:
+        pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
+    calibration = Calibration.from_dict(meta["calibration"])
+    check_bundle(uri, meta, model_bytes, pool, calibration)
+    tensors = load_safetensors(model_bytes)
+    del model_bytes
     backbone = FrozenBackbone(config.backbone, config.out_indices)
     backbone.load_weights({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
     model = build_onenip(config, backbone.channels)
     model.load_state_dict({k.removeprefix("onenip."): v for k, v in tensors.items() if k.startswith("onenip.")}, strict=True)
     model.eval()
-    if pool is None:
-        pool = PromptPool.from_bytes(storage.read_bytes(storage.join(uri, PROMPTS_FILE), endpoint))
-    return Bundle(config, backbone, model, pool, Calibration.from_dict(meta["calibration"]), meta)
+    return Bundle(config, backbone, model, pool, calibration, meta)
 
 
 def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> None:

@@ -120,12 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run that stops renewing its lease for this long loses the date to the next run")
     sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
+    from .serve_args import ServeArgs  # the application's typed arguments: the one source of the serve defaults
+
+    S = {name: field.default for name, field in ServeArgs.model_fields.items()}
     sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C")
-    sv.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    sv.add_argument("--bundle", required=True, help="model bundle, or a release root of `onenip publish` (followed as it moves); local or s3://")
+    sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address (not loopback without ONENIP_API_TOKEN: a loud warning)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port")
-    sv.add_argument("--max-batch-size", type=int, default=16, help="images per model forward pass (1 = no batching)")
+    sv.add_argument("--max-batch-size", type=int, default=S["max_batch_size"], help="images per model forward pass (1 = no batching)")
+    sv.add_argument("--batch-wait-ms", type=float, default=S["batch_wait_timeout_s"] * 1e3, help="how long an idle replica waits for more images before a forward pass (under load a pass takes all queued)")
+    sv.add_argument("--max-queued-requests", type=int, default=S["max_queued_requests"],
+                    help="requests the replica holds beyond the 2 × max-batch-size it works on; more get 503 + Retry-After at once")
+    sv.add_argument("--request-timeout-s", type=float, default=S["request_timeout_s"],
+                    help="deadline per request: 408 if the body is still arriving, else 504")
+    sv.add_argument("--max-concurrent-decodes", type=int, default=S["max_concurrent_decodes"], help="images decoded at once (bounds decode memory)")
+    sv.add_argument("--bundle-poll-s", type=float, default=S["bundle_poll_s"], help="how often a release root's pointer is read (0 = never)")
+    sv.add_argument("--require-token", action="store_true", help="refuse to start without ONENIP_API_TOKEN")
+    sv.add_argument("--api-docs", action="store_true", help="serve interactive API docs at /docs and the schema at /openapi.json")
     sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
+    pb = sub.add_parser("publish", help="release a bundle: copy it to ROOT/versions/<version> and move ROOT's pointer to it")
+    pb.add_argument("--bundle", required=True, help="the bundle to release (local or s3://); verified first")
+    pb.add_argument("--root", required=True, help="release root (local or s3://) that services are started on")
+    pb.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     rp = sub.add_parser("report", help="static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)")
     rp.add_argument("--bundle", required=True, help="model bundle (local or s3://); re-scores the gallery images")
@@ -236,20 +253,33 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
-    from . import storage
-    from .bundle import META_FILE
-    from .serve import ServeArgs, build_app
+    from .bundle import verify_bundle
+    from .publish import resolve_bundle
+    from .serve import TOKEN_ENV, ServeArgs, build_app
 
-    settings = ServeArgs(bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size)
-    if not storage.exists(storage.join(args.bundle, META_FILE), args.s3_endpoint):
-        raise FileNotFoundError(f"{args.bundle} is not a model bundle: {META_FILE} not found")
+    settings = ServeArgs(
+        bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+        max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
+        max_concurrent_decodes=args.max_concurrent_decodes, api_docs=args.api_docs, bundle_poll_s=args.bundle_poll_s,
+    )
+    has_token = bool(os.environ.get(TOKEN_ENV, "").strip())
+    if not has_token and args.require_token:
+        raise ValueError(f"--require-token: set {TOKEN_ENV} (a bearer token clients must send)")
+    if not has_token and not _is_loopback(args.host):
+        print(f"\nWARNING: serving on {args.host}:{args.port} WITHOUT AUTHENTICATION: anyone who can reach this port can score "
+              f"images and read the model's classes and thresholds. Set {TOKEN_ENV}, bind --host 127.0.0.1, or pass "
+              "--require-token to refuse to start like this.\n", file=sys.stderr, flush=True)
+    bundle_uri, _ = resolve_bundle(args.bundle, args.s3_endpoint)
+    verify_bundle(bundle_uri, args.s3_endpoint)  # a bad bundle: a clear error now, not replicas failing in a loop
     ray.init(address="local")  # replicas inherit this process's environment (AWS_*, ONENIP_API_TOKEN)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # Serve's own timeout (408, plain text) only backs up the replica's JSON 408/504
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s + 10})
         serve.run(build_app(settings, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}), name="onenip", route_prefix="/")
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-        print(f"OneNIP scoring at {url}/v1/score (API docs {url}/docs); Ctrl-C stops", flush=True)
+        docs = f" (API docs {url}/docs)" if args.api_docs else ""
+        print(f"OneNIP scoring at {url}/v1/score{docs}; Ctrl-C stops", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too: container and service managers stop with it
             signal.signal(sig, lambda *_: stop.set())
@@ -260,6 +290,23 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {"url": url, "stopped": True}
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def cmd_publish(args: argparse.Namespace) -> dict:
+    from .publish import publish
+
+    return publish(args.bundle, args.root, args.s3_endpoint)
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from .report import build_report
 
@@ -268,7 +315,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
 
 COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
-            "report": cmd_report}
+            "publish": cmd_publish, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
-from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_image
+from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, normalize
 from .schema import (
     CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
     utc_now,
@@ -89,7 +89,8 @@ class ScoringSpec:
         )
 
     def prepare(self, image_uri: str, data: bytes, class_name: str | None = None) -> Prepared:
-        """Check the class, decode with guards, resize and normalise; failures land in ``error``."""
+        """Check the class, decode with guards and resize (``decode_for_size``: bounded memory), and
+        normalise; failures land in ``error``."""
         start = time.perf_counter()
         sha = hashlib.sha256(data).hexdigest()
         prepared = Prepared(image_uri, class_name, -1, sha, None, None, None, None, 0.0)
@@ -100,9 +101,8 @@ class ScoringSpec:
             if class_name is not None:
                 prepared.class_index = self.class_names.index(class_name)
             try:
-                image = decode_image(data, name=image_uri, max_pixels=self.max_pixels)
-                prepared.height, prepared.width = image.shape[:2]
-                prepared.input = normalize(resize_image(image, self.image_size), self.mean, self.std)
+                image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri, self.max_pixels)
+                prepared.input = normalize(image, self.mean, self.std)
             except ImageError as exc:
                 prepared.error = str(exc)
             except cv2.error as exc:

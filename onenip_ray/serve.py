@@ -1,20 +1,28 @@
 """Online scoring on Ray Serve: one image in, one result row (``onenip_ray.schema``) out.
 
 ``POST /v1/score`` runs the batch job's steps (``ScoringSpec.prepare`` → ``Scorer.infer`` →
-``ScoringSpec.result_row``); concurrent requests share model forward passes through
-``@serve.batch``. Bad client input is answered 400/401/413/415 with ``{"error": "..."}``.
+``ScoringSpec.result_row``); concurrent requests share model forward passes
+(``ForwardPasses``: a batch is formed when the model is free). Bad client input is answered 400/401/408/413/415 with ``{"error": "..."}``; a full
+replica answers 503 (``Retry-After``) and a request past its deadline 504, both in the same shape.
+Memory is bounded by configuration: a fixed number of requests per replica, a fixed number of
+decodes at a time (large JPEGs decoded at reduced scale). ``bundle`` may be a release root
+(``onenip publish``): replicas then follow its pointer and switch versions without downtime.
 
-    serve run onenip_ray.serve:app bundle=s3://models/onenip/current
+    serve run onenip_ray.serve:app bundle=s3://models/onenip
     serve deploy deploy/serve_config.yaml
     onenip serve --bundle runs/bundle
 """
 import asyncio
 import base64
+import collections
 import datetime as dt
 import hmac
+import logging
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from io import BytesIO
@@ -24,9 +32,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, create_model
 from ray import serve
 from ray.serve import Application
 from ray.serve.metrics import Counter
@@ -34,45 +43,38 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .bundle import load_bundle
-from .data.images import DEFAULT_MAX_PIXELS
+from .forward_passes import ForwardPasses
+from .publish import read_pointer, resolve_bundle
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
-from .scoring import Prepared, Scorer, render_heatmap
+from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap
+from .serve_args import BatchingConfig, ServeArgs
 
 TOKEN_ENV = "ONENIP_API_TOKEN"
-DEFAULT_MAX_BODY_BYTES = 20_000_000
+RETRY_AFTER_S = 1  # Retry-After of 503/504 answers
+BATCH_SIZE_HEADER = "X-Batch-Size"  # images in the forward pass that scored this request
+logger = logging.getLogger("ray.serve")
 UPLOAD_NAME = "upload"  # image_uri of a raw-body upload (multipart uploads use their filename)
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
-class ServeArgs(BaseModel):
-    """Application arguments (``serve run onenip_ray.serve:app key=value …`` or ``args:`` in a config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bundle: str = Field(description="model bundle, local path or s3:// URI")
-    endpoint: str | None = Field(None, description="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3)")
-    max_batch_size: int = Field(16, ge=1, description="images per model forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="request body limit (413 above)")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="image pixel limit (413 above)")
-
-
-class BatchingConfig(BaseModel):
-    """The deployment's ``user_config``: batching can change without restarting replicas."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(ge=1)
-    batch_wait_timeout_s: float = Field(ge=0)
-
-
-class ClientError(Exception):
-    """A request the client must fix; answered with ``status`` and ``{"error": message}``."""
+class ErrorAnswer(Exception):
+    """A request answered with ``status`` and ``{"error": message}``."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+class ClientError(ErrorAnswer):
+    """A request the client must fix (4xx)."""
+
+
+class Unavailable(ErrorAnswer):
+    """The service cannot take or finish the request now (503 full, 504 deadline); retry later."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,26 @@ class ModelOutput(NamedTuple):
     prompt_index: int
     route_similarity: float
     batch_seconds: float
+    batch_size: int  # images in that forward pass
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One verified bundle version, ready to score; a replica swaps the whole object on an update."""
+
+    scorer: Scorer
+    info: dict[str, Any]  # the /v1/model body
+
+    @property
+    def spec(self) -> ScoringSpec:
+        return self.scorer.spec
+
+    @property
+    def version(self) -> str:
+        return self.scorer.spec.model_version
+
+
+ScoreItem = tuple[LoadedModel, np.ndarray, int]  # (model, normalised input, class index or -1)
 
 
 def _python_type(arrow_type: pa.DataType, name: str) -> Any:
@@ -203,13 +225,14 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes, dict[st
         await form.close()
 
 
-def load_scorer(args: ServeArgs, run_id: str) -> tuple[Scorer, dict[str, Any]]:
-    """The bundle's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
+def load_model(bundle_uri: str, args: ServeArgs, run_id: str, release_root: str | None = None) -> LoadedModel:
+    """The verified bundle's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = load_bundle(args.bundle, args.endpoint)
-    model_info = {
+    bundle = load_bundle(bundle_uri, args.endpoint)
+    info = {
         "model_version": bundle.version,
-        "bundle": args.bundle,
+        "bundle": bundle_uri,
+        "release_root": release_root,
         "classes": bundle.classes,
         "thresholds": bundle.meta["thresholds"],
         "image_size": bundle.config.image_size,
@@ -217,7 +240,51 @@ def load_scorer(args: ServeArgs, run_id: str) -> tuple[Scorer, dict[str, Any]]:
         "device": str(device),
         "schema_version": SCHEMA_VERSION,
     }
-    return Scorer(bundle, device=device, max_pixels=args.max_pixels, run_id=run_id), model_info
+    return LoadedModel(Scorer(bundle, device=device, max_pixels=args.max_pixels, run_id=run_id), info)
+
+
+def infer_grouped(items: list[ScoreItem]) -> tuple[list[ModelOutput], list[int]]:
+    """Forward passes for a batch of queued items, one per model version among them (two only
+    while a new version takes over); returns the outputs in order and the forward-pass sizes."""
+    outputs: list[ModelOutput | None] = [None] * len(items)
+    sizes = []
+    for model in {id(m): m for m, _, _ in items}.values():
+        chosen = [i for i, (m, _, _) in enumerate(items) if m is model]
+        out = model.scorer.infer(np.stack([items[i][1] for i in chosen]), np.array([items[i][2] for i in chosen], np.int64))
+        for j, i in enumerate(chosen):
+            outputs[i] = ModelOutput(out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), float(out.similarity[j]),
+                                     out.seconds, len(chosen))
+        sizes.append(len(chosen))
+    return outputs, sizes  # type: ignore[return-value]
+
+
+async def within_deadline(read: Callable[[], Awaitable[Any]], score: Callable[[Any], Awaitable[Any]], seconds: float) -> Any:
+    """``score(await read())`` within ``seconds``: past it, 408 while the body is still arriving
+    (a slow upload cannot hold a slot for long), else 504."""
+    stage = "upload"
+
+    async def run() -> Any:
+        nonlocal stage
+        upload = await read()
+        stage = "scoring"
+        return await score(upload)
+
+    try:
+        return await asyncio.wait_for(run(), seconds)
+    except asyncio.TimeoutError:
+        if stage == "upload":
+            raise ClientError(408, f"request body not received within the {seconds:g} s deadline") from None
+        raise Unavailable(504, f"scoring did not finish within the {seconds:g} s deadline (replica overloaded); retry later") from None
+
+
+def memory_usage() -> dict[str, int | None]:
+    """This process's resident set size now and at its peak, in bytes (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        return {"rss_bytes": None, "peak_rss_bytes": None}
 
 
 def synchronize_device(device: torch.device) -> None:
@@ -227,6 +294,7 @@ def synchronize_device(device: torch.device) -> None:
 
 
 api = FastAPI(
+    docs_url=None, redoc_url=None, openapi_url=None,  # served by OneNIPService only with api_docs=True
     title="OneNIP anomaly scoring",
     version=package_version("onenip-ray"),
     description="Score one image with a OneNIP model bundle. The response is one result row, the same "
@@ -234,8 +302,8 @@ api = FastAPI(
 )
 
 
-@api.exception_handler(ClientError)
-async def _client_error(_: Request, exc: ClientError) -> JSONResponse:
+@api.exception_handler(ErrorAnswer)
+async def _error_answer(_: Request, exc: ErrorAnswer) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
@@ -259,7 +327,9 @@ _SCORE_OPENAPI = {
 }
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "not an image, corrupt, unknown class_name or a bad parameter"), (401, "missing or wrong bearer token"),
-    (413, "body or pixel count over the limit"), (415, "unsupported content type"))}
+    (408, "request body not received within request_timeout_s"), (413, "body or pixel count over the limit"),
+    (415, "unsupported content type"), (503, "replica full (max_queued_requests); retry after Retry-After seconds"),
+    (504, "scoring did not finish within request_timeout_s; retry later"))}
 
 
 @serve.deployment(
@@ -280,22 +350,64 @@ class OneNIPService:
 
     def __init__(self, args: ServeArgs) -> None:
         self.args = args
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.scorer, self.model_info = load_scorer(args, run_id=f"serve-{replica}")
-        self.spec = self.scorer.spec
-        self.api_token = os.environ.get(TOKEN_ENV) or None
+        self.run_id = f"serve-{serve.get_replica_context().replica_id.unique_id}"
+        bundle_uri, self.release_root = resolve_bundle(args.bundle, args.endpoint)
+        self.model = load_model(bundle_uri, args, self.run_id, self.release_root)
+        self.api_token = os.environ.get(TOKEN_ENV, "").strip() or None
+        self.decode_pool = ThreadPoolExecutor(args.max_concurrent_decodes, thread_name_prefix="onenip-decode")
+        self.max_batch_size = args.max_batch_size
+        self.in_progress = 0  # admitted /v1/score requests (event-loop only: no lock)
+        self.forward_passes: collections.Counter[int] = collections.Counter()  # forward-pass size → count
+        self.passes = ForwardPasses(self._forward, args.max_batch_size, args.batch_wait_timeout_s)
+        self.update_error: str | None = None
+        self.stopping = threading.Event()
         self.requests_total = Counter("onenip_score_requests", description="POST /v1/score answers by outcome",
                                       tag_keys=("outcome",))
+        if self.release_root is not None and args.bundle_poll_s > 0:
+            threading.Thread(target=self._follow_releases, name="onenip-releases", daemon=True).start()
+
+    def __del__(self) -> None:
+        self.stopping.set()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``BatchingConfig`` (``user_config``) to the batch queue."""
+        """Apply ``BatchingConfig`` (``user_config``) to the forward passes."""
         batching = BatchingConfig.model_validate(user_config)
-        self.infer_batch.set_max_batch_size(batching.max_batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.max_batch_size = self.passes.max_batch_size = batching.max_batch_size
+        self.passes.wait_s = batching.batch_wait_timeout_s
 
     def check_health(self) -> None:
         """Raises (and Serve replaces the replica) when the GPU's CUDA context is broken."""
-        synchronize_device(self.scorer.predictor.device)
+        synchronize_device(self.model.scorer.predictor.device)
+
+    def _follow_releases(self) -> None:
+        """Poll the release pointer; load and verify a new version beside the running one, then
+        swap it in (requests already admitted finish on the model they started with)."""
+        refused = None
+        while not self.stopping.wait(self.args.bundle_poll_s):
+            try:
+                pointer, _ = read_pointer(self.release_root, self.args.endpoint)
+            except Exception as exc:
+                self._update_failed(f"cannot read the release pointer: {type(exc).__name__}: {exc}")
+                continue
+            if pointer.version == self.model.version:
+                self.update_error = None  # e.g. rolled back after a refused release
+                continue
+            if pointer.version == refused:
+                continue
+            try:
+                model = load_model(pointer.bundle_uri(self.release_root), self.args, self.run_id, self.release_root)
+            except Exception as exc:  # a bad release must never take the running model down
+                if isinstance(exc, ValueError):  # BundleError, another format: not retried; OSError: next poll
+                    refused = pointer.version
+                self._update_failed(f"release {pointer.version} refused: {type(exc).__name__}: {exc}")
+                continue
+            previous, self.model, self.update_error = self.model.version, model, None
+            logger.info(f"now serving model version {model.version} (was {previous})")
+
+    def _update_failed(self, message: str) -> None:
+        self.update_error = f"{message}; still serving {self.model.version}"
+        logger.error(self.update_error)
 
     def _authorize(self, request: Request) -> None:
         if self.api_token is None:
@@ -304,63 +416,107 @@ class OneNIPService:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_token.encode()):
             raise ClientError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def infer_batch(self, items: list[tuple[np.ndarray, int]]) -> list[ModelOutput]:
-        """One forward pass for the queued ``(normalised input, class index or -1)`` pairs."""
-        inputs = np.stack([x for x, _ in items])
-        class_index = np.array([c for _, c in items], np.int64)
-        out = await asyncio.to_thread(self.scorer.infer, inputs, class_index)
-        return [ModelOutput(out.fused[i], float(out.scores[i]), int(out.prompt_index[i]), float(out.similarity[i]), out.seconds)
-                for i in range(len(items))]
+    def capacity(self) -> int:
+        """Requests a replica admits: the 2 × max_batch_size it works on plus max_queued_requests."""
+        return 2 * self.max_batch_size + self.args.max_queued_requests
 
-    async def score_upload(self, image_uri: str, data: bytes, options: ScoreOptions) -> dict[str, Any]:
-        """The ``status=ok`` result row for one upload; unusable images raise ``ClientError``."""
-        prepared = await asyncio.to_thread(self.spec.prepare, image_uri, data, options.class_name)
+    def _forward(self, items: list[ScoreItem]) -> list[ModelOutput]:
+        """Forward passes for a batch of ``(model, normalised input, class index or -1)`` items (a thread)."""
+        outputs, sizes = infer_grouped(items)
+        self.forward_passes.update(sizes)
+        return outputs
+
+    async def score_upload(self, model: LoadedModel, image_uri: str, data: bytes, options: ScoreOptions) -> tuple[dict[str, Any], int]:
+        """The ``status=ok`` result row for one upload and its forward-pass size; unusable images raise ``ClientError``."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.decode_pool, model.spec.prepare, image_uri, data, options.class_name)
         if prepared.error is not None:
-            raise ClientError(413 if exceeds_pixel_limit(data, self.spec.max_pixels) else 400, prepared.error)
-        out = await self.infer_batch((prepared.input, prepared.class_index))
+            raise ClientError(413 if exceeds_pixel_limit(data, model.spec.max_pixels) else 400, prepared.error)
+        out = await self.passes.submit((model, prepared.input, prepared.class_index))
         # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
-        return await asyncio.to_thread(self._result_row, prepared, out, options)
+        return await asyncio.to_thread(self._result_row, model, prepared, out, options), out.batch_size
 
-    def _result_row(self, prepared: Prepared, out: ModelOutput, options: ScoreOptions) -> dict[str, Any]:
-        row = self.spec.result_row(
-            prepared, out.fused, out.score_raw, out.prompt_index, out.route_similarity, run_id=self.scorer.run_id,
+    def _result_row(self, model: LoadedModel, prepared: Prepared, out: ModelOutput, options: ScoreOptions) -> dict[str, Any]:
+        spec = model.spec
+        row = spec.result_row(
+            prepared, out.fused, out.score_raw, out.prompt_index, out.route_similarity, run_id=self.run_id,
             run_date=utc_now().date(),
             upstream_ms=prepared.prepare_ms + out.batch_seconds * 1e3, threshold_override=options.threshold,
         )
         if options.return_heatmap:
-            png = render_heatmap(out.fused, self.spec.prompt_calibration(out.prompt_index), options.threshold)
+            png = render_heatmap(out.fused, spec.prompt_calibration(out.prompt_index), options.threshold)
             row["heatmap_uri"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         return row
 
     @api.post("/v1/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_SCORE_OPENAPI,
               summary="Score one image (raw image/* body or multipart field 'file')")
     async def score(self, request: Request) -> JSONResponse:
+        model = self.model  # one version for the whole request, even if an update lands meanwhile
         try:
             self._authorize(request)
-            image_uri, data, params = await read_upload(request, self.args.max_body_bytes)
-            row = await self.score_upload(image_uri, data, parse_options(params, self.spec.class_names))
-        except ClientError:
-            self.requests_total.inc(tags={"outcome": "client_error"})
+            if self.in_progress >= self.capacity():
+                raise Unavailable(503, f"replica full: {self.in_progress} requests in progress or queued "
+                                       f"(max_queued_requests={self.args.max_queued_requests}); retry after {RETRY_AFTER_S} s")
+            self.in_progress += 1
+            try:
+                row, batch_size = await within_deadline(
+                    lambda: read_upload(request, self.args.max_body_bytes),
+                    lambda upload: self.score_upload(model, upload[0], upload[1], parse_options(upload[2], model.spec.class_names)),
+                    self.args.request_timeout_s)
+            finally:
+                self.in_progress -= 1
+        except ErrorAnswer as exc:
+            self.requests_total.inc(tags={"outcome": "client_error" if isinstance(exc, ClientError) else f"http_{exc.status}"})
             raise
         self.requests_total.inc(tags={"outcome": "anomalous" if row["is_anomalous"] else "ok"})
-        return JSONResponse(json_safe(row))
+        return JSONResponse(json_safe(row), headers={BATCH_SIZE_HEADER: str(batch_size)})
 
     @api.get("/v1/model", responses={401: _ERRORS[401]}, summary="Model version, classes, thresholds, image size, backbone")
-    async def model(self, request: Request) -> dict[str, Any]:
+    async def model_info(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return self.model_info
+        return self.model.info
+
+    @api.get("/v1/stats", responses={401: _ERRORS[401]}, summary="This replica: load, forward-pass sizes, memory, model updates")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {
+            "replica": self.run_id, "pid": os.getpid(), "model_version": self.model.version, "update_error": self.update_error,
+            "in_progress": self.in_progress, "capacity": self.capacity(), "max_concurrent_decodes": self.args.max_concurrent_decodes,
+            "forward_passes": {str(size): n for size, n in sorted(self.forward_passes.items())}, **memory_usage(),
+        }
 
     @api.get("/healthz", summary="Liveness (never needs a token)")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model_version": self.spec.model_version}
+        return {"status": "ok", "model_version": self.model.version}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> JSONResponse:
+        self._require_docs()
+        return JSONResponse(request.app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._require_docs()
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{request.app.title} - docs")
+
+    def _require_docs(self) -> None:
+        if not self.args.api_docs:
+            raise ClientError(404, "API docs are off (start with --api-docs / api_docs: true)")
 
 
 def build_app(args: ServeArgs, **deployment_options: Any) -> Application:
-    """The bound deployment. ``max_ongoing_requests`` is 2 × ``max_batch_size`` (a replica's batch
-    can never exceed it); ``deployment_options`` override this and ``@serve.deployment``'s options."""
+    """The bound deployment. Serve hands a replica up to ``max_ongoing_requests`` = 2 × its
+    capacity (2 × ``max_batch_size`` + ``max_queued_requests``), so requests over capacity reach
+    it and get a JSON 503 at once. Serve's own queue (requests not yet assigned to a replica;
+    plain-text 503 beyond it) is a backstop of one capacity: smaller, it would also reject bursts
+    of simultaneous arrivals that the replicas have room for. ``deployment_options`` override
+    these and ``@serve.deployment``'s options."""
     batching = BatchingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-    options = {"max_ongoing_requests": 2 * args.max_batch_size, "user_config": batching.model_dump(), **deployment_options}
+    capacity = 2 * args.max_batch_size + args.max_queued_requests
+    options = {"max_ongoing_requests": 2 * capacity, "max_queued_requests": capacity,
+               "backpressure_config": {"retry_after_s": RETRY_AFTER_S}, "user_config": batching.model_dump(),
+               **deployment_options}
     return OneNIPService.options(**options).bind(args)
 
 

@@ -11,6 +11,7 @@ refused one is never retried.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -179,6 +180,62 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
         fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write found the object changed (or created) since it was read."""
+
+
+def read_with_tag(uri: str, endpoint: str | None = None) -> tuple[bytes, str]:
+    """``(content, tag)`` of a small file for ``write_if``: the S3 ETag, locally a content hash."""
+    if _is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client(endpoint)
+        try:
+            answer = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey as e:
+            raise FileNotFoundError(f"{uri}: no such file") from e
+        return answer["Body"].read(), answer["ETag"]
+    data = read_bytes(uri)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | None = None) -> None:
+    """Compare-and-swap: write ``data`` to ``uri`` only if it still has ``expected_tag`` (from
+    ``read_with_tag``), or, with ``expected_tag=None``, only if it does not exist; else raise
+    ``PreconditionFailed``. S3: ``If-Match`` / ``If-None-Match: *`` (conditional PUT). Local: an
+    exclusive ``<file>.lock`` while the tag is compared, then write-to-temporary and atomic rename."""
+    if _is_s3(uri):
+        bucket, key = split_s3(uri)
+        condition = {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
+        client = s3_client(endpoint)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except client.exceptions.ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                raise PreconditionFailed(f"{uri} changed since it was read ({code})") from e
+            raise
+        return
+    path = normalize_uri(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = f"{path}.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError as e:
+        raise PreconditionFailed(f"{uri} is being written by another process ({lock} exists; remove it if none is)") from e
+    try:
+        current = hashlib.sha256(read_bytes(path)).hexdigest() if os.path.exists(path) else None
+        if current != expected_tag:
+            raise PreconditionFailed(f"{uri} already exists" if expected_tag is None else f"{uri} changed since it was read")
+        staging = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(staging, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    finally:
+        os.remove(lock)
 
 
 def join(uri: str, *parts: str) -> str:

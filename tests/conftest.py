@@ -245,3 +245,19 @@ def tiny_bundle(tiny_dataset, tmp_path_factory) -> str:
     cfg = TrainConfig(data=(str(tiny_dataset),), out=out, epochs=1, batch_size=4, steps_per_epoch=0, num_workers=0, model=ModelConfig(image_size=64))
     run_training(cfg, storage_path=str(work / "ray"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_v2(tiny_bundle, tmp_path_factory) -> str:
+    """``tiny_bundle`` with every class threshold raised by half: another version of the same model."""
+    import dataclasses
+
+    from onenip_ray.bundle import load_bundle, write_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    cal = bundle.calibration
+    raised = dataclasses.replace(cal, per_class={c: dataclasses.replace(k, threshold_raw=k.threshold_raw * 1.5)
+                                                 for c, k in cal.per_class.items()})
+    out = str(tmp_path_factory.mktemp("tiny_bundle_v2") / "bundle")
+    write_bundle(out, bundle.config, bundle.backbone, bundle.model, bundle.pool, raised, bundle.meta["training"])
+    return out

@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from onenip_ray import storage
 from onenip_ray.batch import BatchConfig, InferenceActor, heatmap_name, list_inputs, run_batch_scoring
+from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
 from onenip_ray.schema import FILE_SCHEMA, OUTPUT_COLUMNS
 from onenip_ray.scoring import Scorer
@@ -117,13 +117,13 @@ def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
 def sensitive_bundle(tiny_bundle, tmp_path_factory) -> str:
     """The tiny bundle with the ``disc`` threshold lowered to its map floor: disc images are
     anomalous (overlays get written), ``stripes`` keeps its calibrated threshold."""
-    out = tmp_path_factory.mktemp("sensitive") / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    meta = json.loads((out / "bundle.json").read_text())
-    cal = meta["calibration"]["per_class"]["disc"]
-    cal["threshold_raw"] = meta["thresholds"]["disc"] = cal["map_low"]
-    (out / "bundle.json").write_text(json.dumps(meta))
-    return str(out)
+    out = str(tmp_path_factory.mktemp("sensitive") / "bundle")
+    bundle = load_bundle(tiny_bundle)  # rewritten, not edited in place: loading verifies the content hash
+    cal = bundle.calibration
+    disc = dataclasses.replace(cal.per_class["disc"], threshold_raw=cal.per_class["disc"].map_low)
+    write_bundle(out, bundle.config, bundle.backbone, bundle.model, bundle.pool,
+                 dataclasses.replace(cal, per_class={**cal.per_class, "disc": disc}), bundle.meta["training"])
+    return out
 
 
 def _inputs(tiny_dataset: Path) -> tuple[dict[str, bytes], dict[str, str]]:

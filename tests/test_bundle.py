@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from onenip_ray import storage
-from onenip_ray.bundle import FORMAT, META_FILE, MODEL_FILE, PROMPTS_FILE, commit_bundle, load_bundle, write_bundle
+from onenip_ray.bundle import (
+    FORMAT, META_FILE, MODEL_FILE, PROMPTS_FILE, BundleError, commit_bundle, load_bundle, verify_bundle, write_bundle,
+)
 from onenip_ray.calibration import calibrate
 from onenip_ray.config import ModelConfig
 from onenip_ray.data.images import normalize
@@ -199,3 +201,39 @@ def test_loading_an_unknown_format_is_refused(tmp_path, bundle_dir):
     (target / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unsupported bundle format 'onenip-bundle/0'"):
         load_bundle(str(target))
+
+
+def _tampered(bundle_dir: str, target, edit_meta=None, prompts_from: str | None = None) -> str:
+    storage.commit_dir(bundle_dir, str(target))
+    if edit_meta is not None:
+        meta = json.loads((target / META_FILE).read_text())
+        edit_meta(meta)
+        (target / META_FILE).write_text(json.dumps(meta))
+    if prompts_from is not None:
+        (target / PROMPTS_FILE).write_bytes(open(os.path.join(prompts_from, PROMPTS_FILE), "rb").read())
+    return str(target)
+
+
+def test_tampered_or_mixed_bundles_are_refused_on_load(parts, bundle_dir, tmp_path):
+    assert verify_bundle(bundle_dir)["version"] == load_bundle(bundle_dir).version
+
+    def raise_threshold(meta):
+        meta["calibration"]["per_class"]["disc"]["threshold_raw"] *= 2
+
+    def drop_class_calibration(meta):
+        del meta["calibration"]["per_class"]["stripes"]
+
+    backbone, model, pool, calibration = parts
+    other = str(tmp_path / "other")  # same model, a pool with one prompt per class swapped: another version
+    write_bundle(other, CONFIG, backbone, model, PromptPool(pool.class_names, ["x", "y"], pool.class_index, pool.features.flip(0)),
+                 calibration, TRAINING)
+    cases = {
+        "edited threshold": (_tampered(bundle_dir, tmp_path / "t1", raise_threshold), "does not match the version"),
+        "uncalibrated class": (_tampered(bundle_dir, tmp_path / "t2", drop_class_calibration),
+                               r"calibrated classes \['disc'\] differ \(uncalibrated: \['stripes'\]"),
+        "prompts of another bundle": (_tampered(bundle_dir, tmp_path / "t3", prompts_from=other), "does not match the version"),
+    }
+    for uri, message in cases.values():
+        for load in (load_bundle, verify_bundle):
+            with pytest.raises(BundleError, match=message):
+                load(uri)

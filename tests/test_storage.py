@@ -132,3 +132,24 @@ def test_s3_commit_uploads_marker_last(s3_bucket, tmp_path, monkeypatch):
     storage.commit_dir(str(source), storage.join(s3_bucket, "m"))
     assert len(uploaded) == 4
     assert uploaded[-1].endswith("/m/bundle.json")
+
+
+def test_write_if_is_a_compare_and_swap(root):
+    """Conditional writes: S3 If-None-Match / If-Match on the moto server, locally a lock + rename."""
+    pointer = storage.join(root, "CURRENT.json")
+    storage.write_if(pointer, b"one", None)  # create: only if absent
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(pointer, b"other", None)
+    data, tag = storage.read_with_tag(pointer)
+    assert data == b"one"
+    storage.write_if(pointer, b"two", tag)  # the writer that read "one" wins ...
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(pointer, b"three", tag)  # ... a second one with the same stale tag loses
+    assert storage.read_with_tag(pointer)[0] == b"two" == storage.read_bytes(pointer)
+    with pytest.raises(FileNotFoundError):
+        storage.read_with_tag(storage.join(root, "missing.json"))
+    if not pointer.startswith("s3://"):
+        assert sorted(os.listdir(root)) == ["CURRENT.json"]  # no lock or temporary left behind
+        Path(pointer + ".lock").touch()  # another writer (or a crashed one) holds the lock
+        with pytest.raises(storage.PreconditionFailed, match="remove it if none is"):
+            storage.write_if(pointer, b"four", storage.read_with_tag(pointer)[1])

@@ -20,6 +20,11 @@ MIN_SIDE = 8
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_END = b"\xff\xd9"
 _JPEG_TRAILING_PADDING = b"\x00\xff\r\n "
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # rotated by 90°: OpenCV's decode swaps width and height
+# libjpeg decodes at 1/2, 1/4 or 1/8 scale directly (DCT scaling), largest reduction first
+_GRAY_PNG_MODES = {"1", "L", "I", "I;16", "I;16B"}  # Pillow's modes of grayscale PNGs without alpha
+_JPEG_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
 class ImageError(ValueError):
@@ -42,13 +47,14 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return data.rstrip(_JPEG_TRAILING_PADDING).endswith(_JPEG_END)
 
 
-def _check_header(data: bytes, name: str, max_pixels: int) -> None:
-    """Reject empty, unidentifiable, oversized, tiny or truncated images without decoding pixels."""
+def _check_header(data: bytes, name: str, max_pixels: int) -> tuple[int, int, str | None, str]:
+    """Reject empty, unidentifiable, oversized, tiny or truncated images without decoding pixels;
+    returns ``(width, height, format, Pillow mode)`` as stored (before any EXIF orientation)."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
         with Image.open(BytesIO(data)) as header:
-            (width, height), image_format = header.size, header.format
+            (width, height), image_format, mode = header.size, header.format, header.mode
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); our limit is {max_pixels} px") from exc
     except UnidentifiedImageError as exc:
@@ -63,6 +69,7 @@ def _check_header(data: bytes, name: str, max_pixels: int) -> None:
         raise ImageError(f"{name}: truncated PNG (no IEND chunk)")
     if image_format == "JPEG" and not _jpeg_is_complete(data):
         raise ImageError(f"{name}: truncated JPEG (no end-of-image marker FFD9)")
+    return width, height, image_format, mode
 
 
 def _imdecode(data: bytes, name: str, flags: int) -> np.ndarray:
@@ -79,7 +86,42 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     data keeps its high byte (65535 -> 255) and EXIF orientation is applied.
     """
     _check_header(data, name, max_pixels)
-    return cv2.cvtColor(_imdecode(data, name, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return _bgr_to_rgb(_imdecode(data, name, cv2.IMREAD_COLOR))
+
+
+def decode_for_size(data: bytes, size: int, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+    """``decode_image`` + ``resize_image`` to a ``size``×``size`` network input, using as little
+    memory as the format allows: ``(RGB image, original width, original height)``.
+
+    * A JPEG whose sides are both at least 2 × ``size`` is decoded by libjpeg at the smallest 1/2,
+      1/4 or 1/8 scale that keeps both sides ≥ ``size`` (a 48 Mpx photo for a 320 px input: 1/8,
+      64× less memory and time).
+    * A grayscale PNG (1-bit, 8-bit, 16-bit) is decoded as one channel and expanded to RGB after
+      the resize: 1 byte per pixel instead of OpenCV's colour path, which peaks at 6 (its decode
+      buffer and the 3-channel result).
+    * Anything else is decoded whole in colour (peak 6 bytes per pixel).
+    """
+    width, height, image_format, mode = _check_header(data, name, max_pixels)
+    if image_format == "PNG" and mode in _GRAY_PNG_MODES:
+        gray = _imdecode(data, name, cv2.IMREAD_GRAYSCALE)
+        small = resize_image(gray, size)
+        return cv2.cvtColor(small, cv2.COLOR_GRAY2RGB), gray.shape[1], gray.shape[0]
+    if image_format != "JPEG":
+        image = _bgr_to_rgb(_imdecode(data, name, cv2.IMREAD_COLOR))
+        return resize_image(image, size), image.shape[1], image.shape[0]
+    flags = next((f for scale, f in _JPEG_REDUCED if min(width, height) // scale >= size), cv2.IMREAD_COLOR)
+    try:
+        with Image.open(BytesIO(data)) as header:  # OpenCV applies the EXIF orientation: so does the reported size
+            orientation = header.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # unreadable EXIF: OpenCV ignores it as well
+        orientation = None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return resize_image(_bgr_to_rgb(_imdecode(data, name, flags)), size), width, height
+
+
+def _bgr_to_rgb(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second full-size copy
 
 
 def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onenip_ray.data import images
-from onenip_ray.data.images import ImageError, decode_image, decode_mask, normalize, resize_image, resize_mask
+from onenip_ray.data.images import ImageError, decode_for_size, decode_image, decode_mask, normalize, resize_image, resize_mask
 
 
 def _encode(array: np.ndarray, ext: str = ".png") -> bytes:
@@ -169,3 +169,69 @@ def test_normalize_single_and_batch():
     np.testing.assert_allclose(batch[1], out)
     with pytest.raises(ValueError, match="shape"):
         normalize(np.zeros((4, 5), np.uint8), mean, std)
+
+
+def _smooth_image(height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    return np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], -1).astype(np.uint8)
+
+
+def _decoded_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """Records the shape of every array OpenCV decodes."""
+    shapes, decode = [], images._imdecode
+
+    def recording(*args):
+        out = decode(*args)
+        shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(images, "_imdecode", recording)
+    return shapes
+
+
+def test_large_jpegs_decode_at_reduced_scale_keeping_the_original_size(monkeypatch):
+    img = _smooth_image(1500, 2000)
+    jpeg = _encode(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), ".jpg")
+    full = decode_image(jpeg, "big.jpg")
+    shapes = _decoded_shapes(monkeypatch)
+    for size, scale in ((320, 4), (700, 2), (751, 1), (180, 8)):
+        net, width, height = decode_for_size(jpeg, size, "big.jpg")
+        assert (width, height) == (2000, 1500)  # the original size: regions are reported in it
+        assert shapes.pop() == (-(-1500 // scale), -(-2000 // scale), 3)  # libjpeg rounds up
+        assert net.shape == (size, size, 3)
+        # the network sees nearly the same input (libjpeg's DCT scaling vs area averaging)
+        diff = np.abs(net.astype(int) - resize_image(full, size)).mean()
+        assert diff < 2.0, (size, diff)
+
+
+def test_gray_pngs_decode_as_one_channel_with_the_same_result(monkeypatch):
+    from io import BytesIO
+
+    from PIL import Image
+
+    gray = _smooth_image(300, 400)[..., 0]
+    one_bit = BytesIO()
+    Image.fromarray(gray > 128).convert("1").save(one_bit, format="PNG")
+    files = {"1-bit": one_bit.getvalue(), "8-bit": _encode(gray), "16-bit": _encode(gray.astype(np.uint16) * 257),
+             "colour": _encode(cv2.cvtColor(_smooth_image(300, 400), cv2.COLOR_RGB2BGR))}
+    shapes = _decoded_shapes(monkeypatch)
+    for kind, data in files.items():
+        expected = resize_image(decode_image(data, kind), 64)
+        net, width, height = decode_for_size(data, 64, kind)
+        assert (width, height) == (400, 300) and net.shape == (64, 64, 3)
+        np.testing.assert_array_equal(net, expected, err_msg=kind)
+        assert shapes[-1] == ((300, 400, 3) if kind == "colour" else (300, 400)), kind  # gray: one byte per pixel
+
+
+def test_reduced_jpeg_keeps_the_exif_rotated_size():
+    from io import BytesIO
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buffer = BytesIO()
+    Image.fromarray(_smooth_image(600, 800)).save(buffer, format="JPEG", exif=exif.tobytes())
+    net, width, height = decode_for_size(buffer.getvalue(), 128, "rotated.jpg")
+    assert (width, height) == (600, 800) and net.shape == (128, 128, 3)
+    assert decode_image(buffer.getvalue(), "rotated.jpg").shape == (800, 600, 3)
