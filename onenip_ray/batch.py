@@ -36,8 +36,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
-from .bundle import load_bundle
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .engines import load_model
 from .prompts import PromptPool
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, UNKNOWN_CLASS, to_table
 from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap, render_overlay
@@ -53,7 +53,10 @@ MAX_BLOCKS = 20_000  # bound on input blocks (Ray Data scheduling overhead on hu
 @dataclass(frozen=True)
 class BatchConfig:
     """One scoring run. ``actor_cpus=None``: 1 CPU per GPU actor; on CPU-only clusters at most
-    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run."""
+    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run.
+    ``actor_threads``: the engine's intra-op threads per actor (default: its whole CPUs, at least 1);
+    more than ``actor_cpus`` lets the model use cores the CPU tasks leave idle. ``runtime``: the
+    engine (``torch`` on a bundle; ``onnxruntime`` / ``openvino`` on an ``onenip export`` directory)."""
 
     bundle: str
     input: str
@@ -65,7 +68,9 @@ class BatchConfig:
     concurrency: int = 1
     use_gpu: bool = False
     actor_cpus: float | None = None
+    actor_threads: int | None = None
     task_cpus: float = 1.0
+    runtime: str = "torch"
     max_pixels: int = DEFAULT_MAX_PIXELS
     rows_per_file: int = 100_000
     run_id: str | None = None
@@ -140,13 +145,15 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
 class InferenceActor:
     """The Ray Data callable class holding the model (``map_batches(compute=ActorPoolStrategy)``)."""
 
-    def __init__(self, bundle_uri: str, endpoint: str | None, pool_ref: Any, device: str, threads: int, max_pixels: int) -> None:
+    def __init__(self, bundle_uri: str, endpoint: str | None, pool_ref: Any, device: str, threads: int, max_pixels: int,
+                 runtime: str = "torch") -> None:
         import ray
         import torch
 
         torch.set_num_threads(threads)
         pool: PromptPool = ray.get(pool_ref)
-        self.scorer = Scorer(load_bundle(bundle_uri, endpoint, pool=pool), device=device, max_pixels=max_pixels)
+        self.scorer = Scorer(load_model(bundle_uri, runtime, endpoint, pool=pool), runtime=runtime, device=device, threads=threads,
+                             max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["image_uri"]), self.scorer.spec.image_size
@@ -228,7 +235,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor) -> dic
     started_at, t_start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     run_id = cfg.run_id or f"{cfg.run_date:%Y%m%d}-{uuid.uuid4().hex[:8]}"
-    bundle = load_bundle(cfg.bundle, endpoint)
+    bundle = load_model(cfg.bundle, cfg.runtime, endpoint)
     spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels)
     inputs = list_inputs(cfg.input, endpoint)
     fs, out_root = storage.filesystem_for(cfg.output, endpoint)
@@ -252,8 +259,8 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor) -> dic
             actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus, num_gpus=1 if cfg.use_gpu else 0,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
-                                   "device": "cuda" if cfg.use_gpu else "cpu", "threads": max(1, int(actor_cpus)),
-                                   "max_pixels": cfg.max_pixels},
+                                   "device": "cuda" if cfg.use_gpu else "cpu", "threads": cfg.actor_threads or max(1, int(actor_cpus)),
+                                   "max_pixels": cfg.max_pixels, "runtime": cfg.runtime},
         )
         ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
                                                      "heatmaps": heatmaps, "endpoint": endpoint},
