@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--images", default=None,
                     help="real images for the parity check: folder / s3:// prefix or manifest (default: the bundle's prompt images)")
     ex.add_argument("--parity-images", type=int, default=32, help="at most this many images in the parity check")
+    ex.add_argument("--pool-only", action="store_true",
+                    help="--out is an export of the same weights (e.g. before add-class): keep its graphs, take this bundle's "
+                         "prompt pool and calibration, check parity again")
     ex.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
@@ -269,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
     from .export import export_bundle
 
     meta = export_bundle(args.bundle, args.format, args.out, image_size=args.image_size, batch=args.batch, images=args.images,
-                         parity_images=args.parity_images, endpoint=args.s3_endpoint)
+                         parity_images=args.parity_images, endpoint=args.s3_endpoint, pool_only=args.pool_only)
     p = meta["parity"]
     print(f"parity on {p['images']} real images ({p['runtime']} vs PyTorch): max abs image-score diff {p['max_abs_score_diff']:.3g} "
           f"(bound < {p['bounds']['max_abs_score_diff']}), map correlation {p['map_correlation']:.9f} "

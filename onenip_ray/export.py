@@ -213,9 +213,18 @@ def parity_inputs(bundle: Bundle, images: str | None, limit: int, endpoint: str 
 
 
 def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = None, batch: str | int = "dynamic",
-                  images: str | None = None, parity_images: int = 32, endpoint: str | None = None) -> dict[str, Any]:
+                  images: str | None = None, parity_images: int = 32, endpoint: str | None = None,
+                  pool_only: bool = False) -> dict[str, Any]:
     """Export, check parity against the PyTorch bundle, and only then write ``out``. Returns
-    ``export.json``'s content (with the parity figures); raises ``ExportError`` on a miss."""
+    ``export.json``'s content (with the parity figures); raises ``ExportError`` on a miss.
+
+    ``pool_only``: ``out`` is an export of the same weights (e.g. ``bundle_uri`` came from it by
+    ``onenip add-class``); its graphs are kept (format and batch too), the bundle's pool and
+    calibration replace the old ones, and parity is checked again before anything is replaced."""
+    previous = None
+    if pool_only:
+        previous = load_export(out, endpoint)
+        fmt, batch = previous.export["graph_format"], previous.export["batch"]
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     require_runtime("onnxruntime" if fmt == "onnx" else "openvino")
@@ -232,6 +241,11 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
     fixed = None if str(batch) == "dynamic" else int(batch)
     if fixed is not None and fixed < 1:
         raise ExportError(f"--batch must be a positive integer or 'dynamic', got {batch}")
+    model_bytes = storage.read_bytes(storage.join(bundle_uri, MODEL_FILE), endpoint)
+    weights_sha256 = hashlib.sha256(model_bytes).hexdigest()
+    if previous is not None and previous.export["weights_sha256"] != weights_sha256:
+        raise ExportError(f"--pool-only: {bundle_uri} has other weights than the export at {out} (bundle "
+                          f"{previous.export['model_version']}); export it in full")
     inputs, uris = parity_inputs(bundle, images, parity_images, endpoint)
     work = tempfile.mkdtemp(prefix="onenip-export-")
     try:
@@ -239,20 +253,24 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
         stage = os.path.join(work, "stage")
         os.makedirs(onnx_dir)
         os.makedirs(stage)
-        write_onnx(bundle, onnx_dir, fixed)
-        if fmt == "onnx":
+        if previous is not None:
+            for name in previous.export["files"]["graphs"]:
+                shutil.copy(os.path.join(previous.local_dir, name), stage)
+        elif fmt == "onnx":
+            write_onnx(bundle, onnx_dir, fixed)
             for stem in (SCORE_GRAPH, PROMPT_GRAPH):
                 shutil.copy(os.path.join(onnx_dir, f"{stem}.onnx"), stage)
         else:
+            write_onnx(bundle, onnx_dir, fixed)
             write_openvino(onnx_dir, stage)
-        model_bytes = storage.read_bytes(storage.join(bundle_uri, MODEL_FILE), endpoint)
         for name in (META_FILE, PROMPTS_FILE):
             with open(os.path.join(stage, name), "wb") as f:
                 f.write(storage.read_bytes(storage.join(bundle_uri, name), endpoint))
         meta = {
             "format": EXPORT_FORMAT, "graph_format": fmt, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "bundle": bundle_uri, "model_version": bundle.version, "weights_sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "bundle": bundle_uri, "model_version": bundle.version, "weights_sha256": weights_sha256,
             "image_size": bundle.config.image_size, "batch": "dynamic" if fixed is None else fixed, "opset": OPSET,
+            "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
             "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
                       "calibration": META_FILE, "prompt_pool": PROMPTS_FILE},
             "score_inputs": {"image": "(N, 3, S, S) float32, normalised (bundle.json normalization)",

@@ -209,3 +209,38 @@ def test_bottle_images_through_both_runtimes_agree(onnx_export, tiny_bundle):
     ref = Scorer.from_uri(tiny_bundle).score_bytes(items)
     got = Scorer.from_uri(out, runtime="onnxruntime").score_bytes(items)
     assert max(abs(r["score_raw"] - g["score_raw"]) for r, g in zip(ref, got)) < TOLERANCE
+
+
+def test_a_class_added_after_export_needs_no_new_graph(tiny_bundle, onnx_export, tiny_dataset, tmp_path):
+    """``onenip add-class`` then ``export --pool-only``: the graphs stay byte for byte, the new class
+    scores as in PyTorch, and a bundle with other weights is refused."""
+    import hashlib
+    import shutil
+
+    from onenip_ray.add_class import add_class
+    from tests.test_add_class import _checker
+
+    rng = np.random.default_rng(11)
+    normals = tmp_path / "checker"
+    normals.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(normals / f"{i:02d}.png"), _checker(rng))
+    bundle2 = str(tmp_path / "b2")
+    add_class(tiny_bundle, "checker", str(normals), bundle2)
+    export = str(tmp_path / "e")
+    shutil.copytree(onnx_export[0], export)
+    graph_sha = hashlib.sha256(Path(export, "score.onnx").read_bytes()).hexdigest()
+    assert main(["export", "--bundle", bundle2, "--out", export, "--pool-only", "--images", _test_folder(tiny_dataset)]) == 0
+    assert hashlib.sha256(Path(export, "score.onnx").read_bytes()).hexdigest() == graph_sha
+    meta = json.loads(Path(export, EXPORT_FILE).read_text())
+    assert meta["model_version"] == load_bundle(bundle2).version != meta["graphs_from"]
+    items = [(f"c{i}.png", cv2.imencode(".png", _checker(rng))[1].tobytes(), None) for i in range(3)]
+    ref = Scorer.from_uri(bundle2).score_bytes(items)
+    got = Scorer.from_uri(export, runtime="onnxruntime").score_bytes(items)
+    assert [r["class_name"] for r in got] == [r["class_name"] for r in ref] == ["checker"] * 3
+    assert max(abs(r["score_raw"] - g["score_raw"]) for r, g in zip(ref, got)) < TOLERANCE
+    other = str(tmp_path / "other")
+    shutil.copytree(tiny_bundle, other)
+    Path(other, "model.safetensors").write_bytes(Path(other, "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ExportError, match="other weights"):
+        export_bundle(other, "onnx", export, pool_only=True, images=_test_folder(tiny_dataset))
