@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         scorer.score_bytes([(str(paths[0]), paths[0].read_bytes(), None)])  # warm-up
         plain = loop_rate(scorer, paths, args.batch_size)
 
-        ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False)  # never another agent's cluster
         summary = run_batch_scoring(BatchConfig(
             bundle=args.bundle, input=str(inputs), output=str(Path(tmp, "out")), run_date=dt.date.today(),
             batch_size=args.batch_size, concurrency=concurrency, runtime=args.runtime, actor_cpus=args.actor_cpus,
