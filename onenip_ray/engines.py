@@ -74,6 +74,17 @@ def require_runtime(runtime: str) -> Any:
                           f"pip install 'onenip-ray[{extra}]'") from exc
 
 
+def gpu_available(runtime: str) -> bool:
+    """Whether ``runtime`` can use a GPU in this process (torch: CUDA; onnxruntime: a CUDA or
+    TensorRT provider; openvino: an OpenVINO ``GPU`` device)."""
+    module = require_runtime(runtime)
+    if runtime == "torch":
+        return bool(module.cuda.is_available())
+    if runtime == "onnxruntime":
+        return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(module.get_available_providers()))
+    return "GPU" in module.Core().available_devices
+
+
 # -- the export directory -------------------------------------------------------------------------
 @dataclass
 class ExportedModel:
@@ -236,6 +247,9 @@ class GraphEngine:
         inputs = np.ascontiguousarray(inputs, np.float32)
         class_index = np.asarray(class_index, np.int64)
         n = len(inputs)
+        if n == 0:
+            size = self.model.config.image_size
+            return Inference(np.zeros((0, size, size), np.float32), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), 0.0)
         step = self.batch or max(1, n)
         parts = []
         for i in range(0, n, step):

@@ -39,8 +39,10 @@ from .engines import (
     PROMPT_GRAPH,
     SCORE_GRAPH,
     TorchEngine,
+    fusion_input,
     load_export,
     make_engine,
+    memory_inputs,
     require_runtime,
 )
 from .model.onenip import gaussian_blur, image_scores, upsample
@@ -112,8 +114,6 @@ def nearest_distances(features: torch.Tensor, memory: torch.Tensor, memory_sqnor
 
 
 def _example_inputs(bundle: Bundle, batch: int) -> tuple[torch.Tensor, ...]:
-    from .engines import fusion_input, memory_inputs
-
     pool, size = bundle.pool, bundle.config.image_size
     with torch.inference_mode():
         tokens = bundle.model.encode(pool.features.float())

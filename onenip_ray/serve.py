@@ -22,7 +22,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -34,7 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .data.images import DEFAULT_MAX_PIXELS
-from .engines import load_model
+from .engines import gpu_available, load_model
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
 from .scoring import Prepared, Scorer, render_heatmap
 
@@ -208,7 +207,7 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes, dict[st
 
 def load_scorer(args: ServeArgs, run_id: str) -> tuple[Scorer, dict[str, Any]]:
     """The model's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if gpu_available(args.runtime) else "cpu"
     model = load_model(args.bundle, args.runtime, args.endpoint)
     scorer = Scorer(model, runtime=args.runtime, device=device, threads=args.threads, max_pixels=args.max_pixels, run_id=run_id)
     model_info = {

@@ -244,3 +244,18 @@ def test_a_class_added_after_export_needs_no_new_graph(tiny_bundle, onnx_export,
     Path(other, "model.safetensors").write_bytes(Path(other, "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ExportError, match="other weights"):
         export_bundle(other, "onnx", export, pool_only=True, images=_test_folder(tiny_dataset))
+
+
+def test_serve_replica_loads_the_exported_runtime(onnx_export, tiny_bundle, tiny_dataset):
+    """What a Serve replica builds (``load_scorer``): the exported engine, named in ``/v1/model``."""
+    from onenip_ray.serve import ServeArgs, load_scorer
+
+    out, _ = onnx_export
+    scorer, info = load_scorer(ServeArgs(bundle=out, runtime="onnxruntime", threads=1), run_id="serve-test")
+    assert info["runtime"] == "onnxruntime" and info["device"] == "cpu"
+    assert info["model_version"] == load_bundle(tiny_bundle).version and info["classes"] == ["disc", "stripes"]
+    scorer.engine.check()
+    data = cv2.imencode(".png", tiny_images(tiny_dataset)[0])[1].tobytes()
+    row = scorer.score_bytes([("x.png", data, None)])[0]
+    ref = Scorer.from_uri(tiny_bundle).score_bytes([("x.png", data, None)])[0]
+    assert abs(row["score_raw"] - ref["score_raw"]) < TOLERANCE
