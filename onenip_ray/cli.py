@@ -90,12 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--seed", type=int, default=T.seed, help="random seed (folds, synthetic anomalies)")
     ac.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
+    ex = sub.add_parser("export", help="export a bundle to ONNX / OpenVINO; written only if it matches PyTorch on real images")
+    ex.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="graph format (OpenVINO also runs onnx exports)")
+    ex.add_argument("--out", required=True, help="export directory to write (local or s3://)")
+    ex.add_argument("--image-size", type=int, default=None, help="network input size (default and only choice: the bundle's)")
+    ex.add_argument("--batch", default="dynamic", help="batch dimension of the graph: a fixed N, or dynamic")
+    ex.add_argument("--images", default=None,
+                    help="real images for the parity check: folder / s3:// prefix or manifest (default: the bundle's prompt images)")
+    ex.add_argument("--parity-images", type=int, default=32, help="at most this many images in the parity check")
+    ex.add_argument("--pool-only", action="store_true",
+                    help="--out is an export of the same weights (e.g. before add-class): keep its graphs, take this bundle's "
+                         "prompt pool and calibration, check parity again")
+    ex.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
     _add_data_flags(ev)
     ev.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
     ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
     ev.add_argument("--batch-size", type=int, default=16, help="images per model batch")
+    ev.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
 
     sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
     sc.add_argument("--bundle", default=None, help="model bundle (local or s3://); required unless --repair")
@@ -115,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--actor-cpus", type=float, default=B.actor_cpus,
                     help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
     sc.add_argument("--task-cpus", type=float, default=B.task_cpus, help="CPUs per decode / post-processing task")
+    sc.add_argument("--actor-threads", type=int, default=B.actor_threads,
+                    help="intra-op threads per inference actor (default: its --actor-cpus, at least 1)")
+    sc.add_argument("--runtime", default=B.runtime, choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
     sc.add_argument("--chunk-size", type=int, default=B.chunk_size, help="inputs per pipeline pass (bounds the driver's memory)")
     sc.add_argument("--lease-seconds", type=float, default=B.lease_seconds,
                     help="a run that stops renewing its lease for this long loses the date to the next run")
@@ -125,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port")
     sv.add_argument("--max-batch-size", type=int, default=16, help="images per model forward pass (1 = no batching)")
+    sv.add_argument("--threads", type=int, default=None, help="intra-op threads of the engine (default: the runtime's)")
+    sv.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
     sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     rp = sub.add_parser("report", help="static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)")
@@ -196,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     from .training_data import parse_data_specs
 
     report = evaluate(args.bundle, parse_data_specs(args.dataset, args.data), args.out, _classes(args.classes) or None,
-                      oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint)
+                      oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint, runtime=args.runtime)
     return {"metrics": os.path.join(args.out, "metrics.json"), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
             "per_class": report["per_class"]}
 
@@ -221,8 +244,9 @@ def cmd_score(args: argparse.Namespace) -> dict:
         bundle=args.bundle, input=args.input, output=args.output,
         run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(), endpoint=args.s3_endpoint,
         heatmaps=args.heatmaps, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
-        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus, max_error_fraction=args.max_error_fraction,
-        allow_empty=args.allow_empty, chunk_size=args.chunk_size, lease_seconds=args.lease_seconds,
+        actor_cpus=args.actor_cpus, actor_threads=args.actor_threads, task_cpus=args.task_cpus, runtime=args.runtime,
+        max_error_fraction=args.max_error_fraction, allow_empty=args.allow_empty, chunk_size=args.chunk_size,
+        lease_seconds=args.lease_seconds,
     )
     summary = run_batch_scoring(cfg)
     return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "errors_by_kind", "per_class",
@@ -238,11 +262,14 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
     from . import storage
     from .bundle import META_FILE
+    from .engines import load_model
     from .serve import ServeArgs, build_app
 
-    settings = ServeArgs(bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size)
+    settings = ServeArgs(bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size, runtime=args.runtime,
+                         threads=args.threads)
     if not storage.exists(storage.join(args.bundle, META_FILE), args.s3_endpoint):
         raise FileNotFoundError(f"{args.bundle} is not a model bundle: {META_FILE} not found")
+    load_model(args.bundle, args.runtime, args.s3_endpoint)  # a wrong runtime / missing package fails here, not in a replica
     ray.init(address="local")  # replicas inherit this process's environment (AWS_*, ONENIP_API_TOKEN)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -260,6 +287,19 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {"url": url, "stopped": True}
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from .export import export_bundle
+
+    meta = export_bundle(args.bundle, args.format, args.out, image_size=args.image_size, batch=args.batch, images=args.images,
+                         parity_images=args.parity_images, endpoint=args.s3_endpoint, pool_only=args.pool_only)
+    p = meta["parity"]
+    print(f"parity on {p['images']} real images ({p['runtime']} vs PyTorch): max abs image-score diff {p['max_abs_score_diff']:.3g} "
+          f"(bound < {p['bounds']['max_abs_score_diff']}), map correlation {p['map_correlation']:.9f} "
+          f"(bound > {p['bounds']['map_correlation']})", file=sys.stderr)
+    return {"export": args.out, "format": meta["graph_format"], "batch": meta["batch"], "model_version": meta["model_version"],
+            "files": meta["files"], "parity": p}
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from .report import build_report
 
@@ -267,7 +307,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
                         gallery_size=args.gallery_size)
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
+COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "export": cmd_export, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
             "report": cmd_report}
 
 
@@ -278,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"onenip {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except (LeaseHeld, LeaseLost) as e:

@@ -18,11 +18,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from io import BytesIO
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -33,8 +32,8 @@ from ray.serve.metrics import Counter
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .bundle import load_bundle
 from .data.images import DEFAULT_MAX_PIXELS
+from .engines import gpu_available, load_model
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
 from .scoring import Prepared, Scorer, render_heatmap
 
@@ -56,6 +55,9 @@ class ServeArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="request body limit (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="image pixel limit (413 above)")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch", description="engine: torch runs a bundle; onnxruntime / openvino an `onenip export` directory")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of the engine (default: the runtime's)")
 
 
 class BatchingConfig(BaseModel):
@@ -204,26 +206,22 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes, dict[st
 
 
 def load_scorer(args: ServeArgs, run_id: str) -> tuple[Scorer, dict[str, Any]]:
-    """The bundle's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = load_bundle(args.bundle, args.endpoint)
+    """The model's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
+    device = "cuda" if gpu_available(args.runtime) else "cpu"
+    model = load_model(args.bundle, args.runtime, args.endpoint)
+    scorer = Scorer(model, runtime=args.runtime, device=device, threads=args.threads, max_pixels=args.max_pixels, run_id=run_id)
     model_info = {
-        "model_version": bundle.version,
+        "model_version": model.version,
         "bundle": args.bundle,
-        "classes": bundle.classes,
-        "thresholds": bundle.meta["thresholds"],
-        "image_size": bundle.config.image_size,
-        "backbone": bundle.meta["backbone"]["name"],
-        "device": str(device),
+        "classes": model.classes,
+        "thresholds": model.meta["thresholds"],
+        "image_size": model.config.image_size,
+        "backbone": model.meta["backbone"]["name"],
+        "runtime": args.runtime,
+        "device": scorer.engine.device,
         "schema_version": SCHEMA_VERSION,
     }
-    return Scorer(bundle, device=device, max_pixels=args.max_pixels, run_id=run_id), model_info
-
-
-def synchronize_device(device: torch.device) -> None:
-    """Wait for the GPU's queued work; raises when its CUDA context is broken (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return scorer, model_info
 
 
 api = FastAPI(
@@ -294,8 +292,8 @@ class OneNIPService:
         self.infer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     def check_health(self) -> None:
-        """Raises (and Serve replaces the replica) when the GPU's CUDA context is broken."""
-        synchronize_device(self.scorer.predictor.device)
+        """Raises (and Serve replaces the replica) when the engine's device is broken (CUDA context)."""
+        self.scorer.engine.check()
 
     def _authorize(self, request: Request) -> None:
         if self.api_token is None:
