@@ -4,6 +4,11 @@
 # Prints (i) bf16-autocast vs fp32 agreement (maps / scores / losses, and GPU-fp32 vs CPU-fp32),
 # (ii) training samples/s at batch 8/32/64 and (iii) inference images/s, fp32 vs bf16, for the
 # lite0 and b4 backbones at 224 px; writes $OUT/gpu_check.{txt,json} ($OUT = /tmp/onenip-gpu-check if unset).
+# With BUNDLE=path (a bundle that travels with the checkout, e.g. a small runs/ bundle carried along)
+# it then times the exported runtimes on the GPU (bench/runtimes.py --device cuda: torch eager,
+# onnxruntime with the TensorRT / CUDA execution providers when onnxruntime-gpu is importable, and
+# OpenVINO's GPU device where present; a runtime without a GPU path is reported as skipped) into
+# $OUT/runtimes.{txt,json}. BUNDLE_EXPORT=path reuses an existing ONNX export of it.
 #
 # Installs nothing heavy. The machine has no network: torch (CUDA build), timm, opencv-python-headless,
 # safetensors and numpy must already be importable there. If they are not, place wheels in a
@@ -28,6 +33,16 @@ if ! "$PY" -c "import torch, timm, cv2, safetensors" 2>/dev/null; then
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
 
-# hard stop at 7.5 min; the script itself skips remaining measurements after --budget-s
-timeout 450 "$PY" bench/gpu_check.py --budget-s 360 --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.txt"
-exit "${PIPESTATUS[0]}"
+# hard stop at 7.5 min (5 min with BUNDLE); the script itself skips remaining measurements after --budget-s
+if [ -z "${BUNDLE:-}" ]; then
+  timeout 450 "$PY" bench/gpu_check.py --budget-s 360 --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+timeout 300 "$PY" bench/gpu_check.py --budget-s 240 --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.txt"
+status=${PIPESTATUS[0]}
+"$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 || true
+"$PY" -c "import openvino as ov; print('openvino', ov.__version__, ov.Core().available_devices)" 2>&1 || true
+timeout 200 "$PY" bench/runtimes.py --bundle "$BUNDLE" ${BUNDLE_EXPORT:+--export-dir "$BUNDLE_EXPORT"} --device cuda \
+  --batches 1,32 --min-images 64 --json "$OUT/runtimes.json" 2>&1 | tee "$OUT/runtimes.txt"
+[ "$status" -eq 0 ] && status=${PIPESTATUS[0]}
+exit "$status"

@@ -1,11 +1,12 @@
 """Batch-scoring throughput on real images: plain loop vs the Ray Data pipeline vs the ideal.
 
     python bench/score_throughput.py --bundle runs/bundle [--limit 3000] [--batch-size 32]
+    python bench/score_throughput.py --bundle runs/bundle-onnx --runtime onnxruntime   # an `onenip export` dir
 
 The MVTec AD bottle images (``../shared/data/mvtec_ad/bottle``) are repeated (as symlinks with
 distinct names) up to ``--limit`` inputs. Measured:
 
-(a) one process, one loop: read → decode/resize/normalise → model → result rows (torch uses all cores);
+(a) one process, one loop: read → decode/resize/normalise → model → result rows (the engine uses all cores);
 (b) ``run_batch_scoring`` (Ray Data: decode tasks, inference actors, post-processing, Parquet);
 (c) the ideal: cores × the single-thread rate of decode + model measured alone.
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from onenip_ray.batch import BatchConfig, list_inputs, run_batch_scoring
-from onenip_ray.bundle import load_bundle
+from onenip_ray.engines import RUNTIMES, load_model
 from onenip_ray.scoring import Scorer
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -55,7 +56,8 @@ def loop_rate(scorer: Scorer, paths: list[Path], batch_size: int) -> float:
 
 
 def single_thread_rate(scorer: Scorer, paths: list[Path], batch_size: int) -> float:
-    """Images/s of decode + model on one thread (the per-core rate behind (c))."""
+    """Images/s of decode + model on one thread (the per-core rate behind (c)); ``scorer``'s
+    engine was made with one thread (torch: set here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -70,13 +72,16 @@ def single_thread_rate(scorer: Scorer, paths: list[Path], batch_size: int) -> fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    parser.add_argument("--bundle", required=True, help="model bundle, or an `onenip export` dir for --runtime onnxruntime/openvino")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES, help="inference engine (loop and pipeline alike)")
     parser.add_argument("--source", default=str(BOTTLE), help="folder of PNGs to repeat (default: MVTec AD bottle)")
     parser.add_argument("--limit", type=int, default=3000, help="number of inputs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=None, help="inference actors (default: cores // 2)")
     parser.add_argument("--single-thread-images", type=int, default=64, help="images timed for the per-core rate")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the plain loop (default: torch's, all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads of the plain loop (default: the runtime's, all cores)")
+    parser.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: onenip score's)")
+    parser.add_argument("--actor-threads", type=int, default=None, help="intra-op threads per inference actor (default: onenip score's)")
     args = parser.parse_args(argv)
     source = Path(args.source)
     if not source.is_dir():
@@ -92,25 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         inputs.mkdir()
         paths = make_inputs(source, args.limit, inputs)
         assert len(list_inputs(str(inputs))) == len(paths)
-        scorer = Scorer(load_bundle(args.bundle), batch_size=args.batch_size)
-        scorer.score_bytes([(str(paths[0]), paths[0].read_bytes(), None)])  # warm-up
-        per_core = single_thread_rate(scorer, paths[: args.single_thread_images], args.batch_size)
+        model = load_model(args.bundle, args.runtime)
+        one_thread = Scorer(model, runtime=args.runtime, threads=1, batch_size=args.batch_size)
+        one_thread.score_bytes([(str(paths[0]), paths[0].read_bytes(), None)])  # warm-up
+        per_core = single_thread_rate(one_thread, paths[: args.single_thread_images], args.batch_size)
+        del one_thread
         if args.threads:
             torch.set_num_threads(args.threads)
+        scorer = Scorer(model, runtime=args.runtime, threads=args.threads, batch_size=args.batch_size)
+        scorer.score_bytes([(str(paths[0]), paths[0].read_bytes(), None)])  # warm-up
         plain = loop_rate(scorer, paths, args.batch_size)
 
-        ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False)  # never another agent's cluster
         summary = run_batch_scoring(BatchConfig(
             bundle=args.bundle, input=str(inputs), output=str(Path(tmp, "out")), run_date=dt.date.today(),
-            batch_size=args.batch_size, concurrency=concurrency,
+            batch_size=args.batch_size, concurrency=concurrency, runtime=args.runtime, actor_cpus=args.actor_cpus,
+            actor_threads=args.actor_threads,
         ))
         ray.shutdown()
     assert summary["counts"]["ok"] == len(paths), summary["counts"]
     pipeline = summary["images_per_second"]
     ideal = cores * per_core
     result = {
-        "images": len(paths), "cores": cores, "concurrency": concurrency, "batch_size": args.batch_size,
-        "image_size": scorer.spec.image_size, "plain_loop_threads": torch.get_num_threads(), "a_plain_loop_ips": round(plain, 2), "b_ray_pipeline_ips": round(pipeline, 2),
+        "runtime": args.runtime, "images": len(paths), "cores": cores, "concurrency": concurrency, "batch_size": args.batch_size,
+        "image_size": scorer.spec.image_size, "plain_loop_threads": args.threads or ("all" if args.runtime != "torch" else torch.get_num_threads()), "a_plain_loop_ips": round(plain, 2), "b_ray_pipeline_ips": round(pipeline, 2),
         "c_ideal_ips": round(ideal, 2), "single_thread_ips": round(per_core, 2),
         "b_over_a": round(pipeline / plain, 3), "b_over_c": round(pipeline / ideal, 3),
         "pipeline_wall_seconds": summary["wall_seconds"],

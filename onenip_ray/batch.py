@@ -39,9 +39,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import nightly, storage
-from .bundle import load_bundle
 from .config import LEASE_SECONDS, BatchConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .engines import load_model
 from .lease import Lease
 from .prompts import PromptPool
 from .schema import (
@@ -202,13 +202,15 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
 class InferenceActor:
     """The Ray Data callable class holding the model (``map_batches(compute=ActorPoolStrategy)``)."""
 
-    def __init__(self, bundle_uri: str, endpoint: str | None, pool_ref: Any, device: str, threads: int, max_pixels: int) -> None:
+    def __init__(self, bundle_uri: str, endpoint: str | None, pool_ref: Any, device: str, threads: int, max_pixels: int,
+                 runtime: str = "torch") -> None:
         import ray
         import torch
 
         torch.set_num_threads(threads)
         pool: PromptPool = ray.get(pool_ref)
-        self.scorer = Scorer(load_bundle(bundle_uri, endpoint, pool=pool), device=device, max_pixels=max_pixels)
+        self.scorer = Scorer(load_model(bundle_uri, runtime, endpoint, pool=pool), runtime=runtime, device=device, threads=threads,
+                             max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["image_uri"]), self.scorer.spec.image_size
@@ -317,7 +319,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor, on_com
     try:
         with Lease(layout.lease_uri, run_id, endpoint, ttl=cfg.lease_seconds) as lease:
             repaired = nightly.repair(layout)
-            bundle = load_bundle(cfg.bundle, endpoint)
+            bundle = load_model(cfg.bundle, cfg.runtime, endpoint)
             spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
             run_dir = layout.path(layout.run_uri(run_id))
             nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
@@ -389,8 +391,8 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
         actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus, num_gpus=1 if cfg.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
-                               "device": "cuda" if cfg.use_gpu else "cpu", "threads": max(1, int(actor_cpus)),
-                               "max_pixels": spec.max_pixels},
+                               "device": "cuda" if cfg.use_gpu else "cpu", "threads": cfg.actor_threads or max(1, int(actor_cpus)),
+                               "max_pixels": spec.max_pixels, "runtime": cfg.runtime},
     )
     ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
                                                  "heatmaps": heatmaps, "endpoint": endpoint},

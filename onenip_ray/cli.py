@@ -90,12 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--seed", type=int, default=T.seed, help="random seed (folds, synthetic anomalies)")
     ac.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
+    ex = sub.add_parser("export", help="export a bundle to ONNX / OpenVINO; written only if it matches PyTorch on real images")
+    ex.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="graph format (OpenVINO also runs onnx exports)")
+    ex.add_argument("--out", required=True, help="export directory to write (local or s3://)")
+    ex.add_argument("--image-size", type=int, default=None, help="network input size (default and only choice: the bundle's)")
+    ex.add_argument("--batch", default="dynamic", help="batch dimension of the graph: a fixed N, or dynamic")
+    ex.add_argument("--images", default=None,
+                    help="real images for the parity check: folder / s3:// prefix or manifest (default: the bundle's prompt images)")
+    ex.add_argument("--parity-images", type=int, default=32, help="at most this many images in the parity check")
+    ex.add_argument("--pool-only", action="store_true",
+                    help="--out is an export of the same weights (e.g. before add-class): keep its graphs, take this bundle's "
+                         "prompt pool and calibration, check parity again")
+    ex.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+
     ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
     _add_data_flags(ev)
     ev.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
     ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
     ev.add_argument("--batch-size", type=int, default=16, help="images per model batch")
+    ev.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
 
     sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
     sc.add_argument("--bundle", default=None, help="model bundle (local or s3://); required unless --repair")
@@ -115,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--actor-cpus", type=float, default=B.actor_cpus,
                     help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
     sc.add_argument("--task-cpus", type=float, default=B.task_cpus, help="CPUs per decode / post-processing task")
+    sc.add_argument("--actor-threads", type=int, default=B.actor_threads,
+                    help="intra-op threads per inference actor (default: its --actor-cpus, at least 1)")
+    sc.add_argument("--runtime", default=B.runtime, choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
     sc.add_argument("--chunk-size", type=int, default=B.chunk_size, help="inputs per pipeline pass (bounds the driver's memory)")
     sc.add_argument("--lease-seconds", type=float, default=B.lease_seconds,
                     help="a run that stops renewing its lease for this long loses the date to the next run")
@@ -137,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bundle-poll-s", type=float, default=S["bundle_poll_s"], help="how often a release root's pointer is read (0 = never)")
     sv.add_argument("--require-token", action="store_true", help="refuse to start without ONENIP_API_TOKEN")
     sv.add_argument("--api-docs", action="store_true", help="serve interactive API docs at /docs and the schema at /openapi.json")
+    sv.add_argument("--runtime", default=S["runtime"], choices=["torch", "onnxruntime", "openvino"],
+                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
+    sv.add_argument("--threads", type=int, default=S["threads"], help="intra-op threads of the engine (default: the runtime's)")
     sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
 
     pb = sub.add_parser("publish", help="release a bundle: copy it to ROOT/versions/<version> and move ROOT's pointer to it")
@@ -213,7 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     from .training_data import parse_data_specs
 
     report = evaluate(args.bundle, parse_data_specs(args.dataset, args.data), args.out, _classes(args.classes) or None,
-                      oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint)
+                      oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint, runtime=args.runtime)
     return {"metrics": os.path.join(args.out, "metrics.json"), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
             "per_class": report["per_class"]}
 
@@ -238,8 +261,9 @@ def cmd_score(args: argparse.Namespace) -> dict:
         bundle=args.bundle, input=args.input, output=args.output,
         run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(), endpoint=args.s3_endpoint,
         heatmaps=args.heatmaps, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
-        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus, max_error_fraction=args.max_error_fraction,
-        allow_empty=args.allow_empty, chunk_size=args.chunk_size, lease_seconds=args.lease_seconds,
+        actor_cpus=args.actor_cpus, actor_threads=args.actor_threads, task_cpus=args.task_cpus, runtime=args.runtime,
+        max_error_fraction=args.max_error_fraction, allow_empty=args.allow_empty, chunk_size=args.chunk_size,
+        lease_seconds=args.lease_seconds,
     )
     summary = run_batch_scoring(cfg)
     return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "errors_by_kind", "per_class",
@@ -254,6 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from ray import serve
 
     from .bundle import verify_bundle
+    from .engines import load_model
     from .publish import resolve_bundle
     from .serve import TOKEN_ENV, ServeArgs, build_app
 
@@ -261,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
         max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
         max_concurrent_decodes=args.max_concurrent_decodes, api_docs=args.api_docs, bundle_poll_s=args.bundle_poll_s,
+        runtime=args.runtime, threads=args.threads,
     )
     has_token = bool(os.environ.get(TOKEN_ENV, "").strip())
     if not has_token and args.require_token:
@@ -270,7 +296,10 @@ def cmd_serve(args: argparse.Namespace) -> dict:
               f"images and read the model's classes and thresholds. Set {TOKEN_ENV}, bind --host 127.0.0.1, or pass "
               "--require-token to refuse to start like this.\n", file=sys.stderr, flush=True)
     bundle_uri, _ = resolve_bundle(args.bundle, args.s3_endpoint)
-    verify_bundle(bundle_uri, args.s3_endpoint)  # a bad bundle: a clear error now, not replicas failing in a loop
+    if args.runtime == "torch":
+        verify_bundle(bundle_uri, args.s3_endpoint)  # a bad bundle: a clear error now, not replicas failing in a loop
+    else:
+        load_model(bundle_uri, args.runtime, args.s3_endpoint)  # a wrong runtime / missing package fails here, not in a replica
     ray.init(address="local")  # replicas inherit this process's environment (AWS_*, ONENIP_API_TOKEN)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -307,6 +336,19 @@ def cmd_publish(args: argparse.Namespace) -> dict:
     return publish(args.bundle, args.root, args.s3_endpoint)
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from .export import export_bundle
+
+    meta = export_bundle(args.bundle, args.format, args.out, image_size=args.image_size, batch=args.batch, images=args.images,
+                         parity_images=args.parity_images, endpoint=args.s3_endpoint, pool_only=args.pool_only)
+    p = meta["parity"]
+    print(f"parity on {p['images']} real images ({p['runtime']} vs PyTorch): max abs image-score diff {p['max_abs_score_diff']:.3g} "
+          f"(bound < {p['bounds']['max_abs_score_diff']}), map correlation {p['map_correlation']:.9f} "
+          f"(bound > {p['bounds']['map_correlation']})", file=sys.stderr)
+    return {"export": args.out, "format": meta["graph_format"], "batch": meta["batch"], "model_version": meta["model_version"],
+            "files": meta["files"], "parity": p}
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from .report import build_report
 
@@ -314,8 +356,8 @@ def cmd_report(args: argparse.Namespace) -> dict:
                         gallery_size=args.gallery_size)
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
-            "publish": cmd_publish, "report": cmd_report}
+COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "export": cmd_export, "evaluate": cmd_evaluate,
+            "score": cmd_score, "serve": cmd_serve, "publish": cmd_publish, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"onenip {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except (LeaseHeld, LeaseLost) as e:

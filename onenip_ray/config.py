@@ -125,7 +125,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     """One scoring run. ``actor_cpus=None``: 1 CPU per GPU actor; on CPU-only clusters at most
-    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run."""
+    half the cluster's CPUs shared by the actors, so read and post-processing tasks always run.
+    ``actor_threads``: the engine's intra-op threads per actor (default: its whole CPUs, at least 1);
+    more than ``actor_cpus`` lets the model use cores the CPU tasks leave idle. ``runtime``: the
+    engine (``torch`` on a bundle; ``onnxruntime`` / ``openvino`` on an ``onenip export`` directory)."""
 
     bundle: str
     input: str
@@ -137,7 +140,9 @@ class BatchConfig:
     concurrency: int = 1
     use_gpu: bool = False
     actor_cpus: float | None = None
+    actor_threads: int | None = None
     task_cpus: float = 1.0
+    runtime: str = "torch"
     max_pixels: int | None = None  # decoder's pixel limit (None = data.images.DEFAULT_MAX_PIXELS)
     rows_per_file: int = 100_000
     run_id: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -12,14 +12,23 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .bundle import load_bundle
 from .calibration import bound, calibrated_score
-from .data.images import decode_mask, resize_mask
+from .data.images import decode_mask, normalize, resize_mask
 from .data.layouts import read_datasets
-from .schema import UNKNOWN_CLASS
+from .engines import load_model, make_engine
 from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
 from .model.onenip import Maps, fuse, image_scores
+from .schema import UNKNOWN_CLASS
 from .training_data import load_images
+
+
+class EngineOutput(NamedTuple):
+    """What evaluation reads of a ``Prediction``, from an exported engine's ``Inference``."""
+
+    scores: torch.Tensor
+    class_index: torch.Tensor
+    prompt_index: torch.Tensor
+    similarity: torch.Tensor
 
 
 # Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
@@ -36,16 +45,20 @@ def evaluate(
     oracle: bool = False,
     batch_size: int = 16,
     endpoint: str | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Score every test image, write ``metrics.json`` and ``predictions.parquet`` to ``out_dir``.
 
     Prompts are retrieved class-agnostically (paper §3.5) unless ``oracle`` gives each image its
     ground-truth class (the official code's behaviour). Pixel metrics are at the network input
-    resolution, masks nearest-resized, as in the official evaluation.
+    resolution, masks nearest-resized, as in the official evaluation. ``runtime`` ``onnxruntime`` /
+    ``openvino`` evaluates an ``onenip export`` directory: the same metrics from its fused maps and
+    scores, without the per-branch metrics (the graph outputs only the fused map).
     """
     t_start = time.perf_counter()
-    bundle = load_bundle(bundle_uri, endpoint)
-    predictor = bundle.predictor()
+    bundle = load_model(bundle_uri, runtime, endpoint)
+    engine = None if runtime == "torch" else make_engine(bundle, runtime)
+    predictor = bundle.predictor() if engine is None else None
     names = bundle.classes
     samples = [s for s in read_datasets(specs, classes or None, endpoint) if s.split == "test"]
     unknown = sorted({s.class_name for s in samples} - set(names))
@@ -58,10 +71,17 @@ def evaluate(
         batch = samples[start : start + batch_size]
         images = load_images(batch, size, endpoint)
         truth = torch.tensor([names.index(s.class_name) for s in batch])
-        pred = predictor.predict(images, truth if oracle else None)
-        fused = pred.fused.cpu().numpy()
-        branches = {name: fuse(Maps(pred.reconstruction, pred.refiner, pred.neighbor), predictor.config, predictor.rec_scale,
-                               predictor.alpha, beta, predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
+        if engine is None:
+            pred = predictor.predict(images, truth if oracle else None)
+            fused = pred.fused.cpu().numpy()
+            branches = {name: fuse(Maps(pred.reconstruction, pred.refiner, pred.neighbor), predictor.config, predictor.rec_scale,
+                                   predictor.alpha, beta, predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
+        else:
+            norm = bundle.meta["normalization"]
+            out = engine.infer(normalize(images, tuple(norm["mean"]), tuple(norm["std"])), truth.numpy() if oracle else np.full(len(batch), -1))
+            pred = EngineOutput(torch.from_numpy(out.scores), bundle.pool.class_index[torch.from_numpy(out.prompt_index)],
+                                torch.from_numpy(out.prompt_index), torch.from_numpy(out.similarity))
+            fused, branches = out.fused, {}
         for i, s in enumerate(batch):
             if s.label and s.mask_uri:
                 mask = resize_mask(decode_mask(storage.read_bytes(s.mask_uri, endpoint), s.mask_uri), size)
@@ -73,7 +93,7 @@ def evaluate(
             acc["scores"].append(raw)
             acc["masks"].append(mask)
             acc["maps"].append(fused[i].astype(np.float32))
-            for b in BRANCHES:
+            for b in branches:
                 acc[b].append(branches[b][i].astype(np.float32))
             cal = bundle.calibration.per_class[s.class_name]
             routed = names[int(pred.class_index[i])]
@@ -104,16 +124,17 @@ def evaluate(
         m["unknown_fraction"] = float(np.mean([r["routed_class"] == UNKNOWN_CLASS for r in rows if r["class_name"] == cls]))
         results[cls] = m
         branch_results[cls] = {b: _branch_metrics(labels, np.stack(acc["masks"]), np.stack(acc[b]), bundle.config.score_pool)
-                               for b in BRANCHES}
+                               for b in BRANCHES if acc[b]}
     routing = float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan")
     report = {
         "per_class": results,
         "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
         "routing_accuracy": routing,
         "threshold_sweep": sweeps,
-        "branches": {"per_class": branch_results,
-                     "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
-                     "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
+        "branches": None if engine is not None else {
+            "per_class": branch_results, "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
+            "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
+        "runtime": runtime,
         "prompt_mode": "oracle" if oracle else "retrieval",
         "model_version": bundle.version,
         "bundle": bundle_uri,

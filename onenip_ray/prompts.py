@@ -142,7 +142,10 @@ def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_clas
                        class_index: torch.Tensor, chunk: int = 1) -> torch.Tensor:
     """Per patch, the L2 distance to the nearest memory patch of the image's class: (N, h, w).
     A class without memory gives zeros. Computed in float32 (also under bf16 autocast), ``chunk``
-    images per distance matrix: with 1, an image's map does not depend on the batch it came in."""
+    images per distance matrix: with 1, an image's map does not depend on the batch it came in.
+    The matrix product only picks the nearest patch; its distance is then measured directly
+    (``nearest_distance``), so it carries no cancellation error (which differs between BLAS
+    libraries and would keep exported graphs from matching this to 1e-3)."""
     n, c, h, w = features.shape
     features = features.float()
     out = torch.zeros(n, h, w, device=features.device)
@@ -153,6 +156,11 @@ def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_clas
         rows = torch.nonzero(class_index == cls).flatten()
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
-            d = torch.cdist(patches(features[r]), bank.float()).amin(dim=1)
-            out[r] = d.view(len(r), h, w)
+            query = patches(features[r])
+            out[r] = nearest_distance(query, bank.float(), torch.cdist(query, bank.float()).argmin(dim=1)).view(len(r), h, w)
     return out
+
+
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """L2 distance of each query row to its ``nearest`` bank row, by subtraction (exact in float32)."""
+    return (query - bank[nearest]).norm(dim=1)

@@ -5,7 +5,8 @@ Three steps, usable one by one where they run on different workers (Ray Data):
 1. ``ScoringSpec.prepare``: guarded decode, resize to the network size and normalise (CPU, no model);
    an unusable input becomes a ``Prepared`` carrying an ``error`` message, never an exception.
 2. ``Scorer.infer``: one batched forward pass (backbone → prompt retrieval or the given class's
-   prompts → fused map and image score).
+   prompts → fused map and image score) by the Scorer's engine (``engines.py``: PyTorch on a
+   bundle, or ONNX Runtime / OpenVINO on an ``onenip export`` directory).
 3. ``ScoringSpec.result_row``: calibrated score, decision, regions in original pixels, areas.
 
 ``Scorer.score_bytes`` runs all three. The spec holds no weights, so it is cheap to ship to tasks.
@@ -23,9 +24,10 @@ import cv2
 import numpy as np
 import torch
 
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, normalize
+from .engines import Engine, ExportedModel, Inference, load_model, make_engine
 from .schema import (
     CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
     utc_now,
@@ -51,17 +53,6 @@ class Prepared:
     error_kind: str | None = None  # one of schema.ERROR_* when ``error`` is set
 
 
-@dataclass
-class Inference:
-    """Batched model outputs as numpy arrays."""
-
-    fused: np.ndarray  # (N, S, S) float32
-    scores: np.ndarray  # (N,) float64
-    prompt_index: np.ndarray  # (N,) int64
-    similarity: np.ndarray  # (N,) float64 retrieval similarity to the chosen prompt
-    seconds: float
-
-
 @dataclass(frozen=True)
 class ScoringSpec:
     """Everything about a bundle that pre- and post-processing need, without its weights."""
@@ -79,7 +70,8 @@ class ScoringSpec:
     max_regions: int = 100
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, max_pixels: int = DEFAULT_MAX_PIXELS, max_regions: int = 100) -> "ScoringSpec":
+    def from_bundle(cls, bundle: Bundle | ExportedModel, max_pixels: int = DEFAULT_MAX_PIXELS, max_regions: int = 100) -> "ScoringSpec":
+        """From a bundle or an export directory (which carries the bundle's ``bundle.json`` and pool)."""
         norm = bundle.meta["normalization"]
         return cls(
             image_size=bundle.config.image_size, mean=tuple(norm["mean"]), std=tuple(norm["std"]),
@@ -259,37 +251,35 @@ def render_overlay(
 
 
 class Scorer:
-    """A loaded model that turns image bytes into result rows (batch job and online service)."""
+    """A loaded model that turns image bytes into result rows (batch job and online service).
+    ``runtime`` picks the engine: ``torch`` runs a bundle, ``onnxruntime``/``openvino`` an
+    ``onenip export`` directory; the rows are the same (within the export's parity bounds)."""
 
     def __init__(
         self,
-        bundle: Bundle,
+        model: Bundle | ExportedModel,
         *,
+        runtime: str = "torch",
         device: str | torch.device = "cpu",
+        threads: int | None = None,
         batch_size: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         run_id: str | None = None,
         run_date: dt.date | None = None,
     ) -> None:
-        self.spec = ScoringSpec.from_bundle(bundle, max_pixels)
-        self.predictor = bundle.predictor(device)
+        self.spec = ScoringSpec.from_bundle(model, max_pixels)
+        self.engine: Engine = make_engine(model, runtime, str(device), threads)
         self.batch_size = batch_size
         self.run_id = run_id or f"adhoc-{uuid.uuid4().hex[:8]}"
         self.run_date = run_date
 
     @classmethod
-    def from_uri(cls, uri: str, endpoint: str | None = None, **kwargs: Any) -> "Scorer":
-        return cls(load_bundle(uri, endpoint), **kwargs)
+    def from_uri(cls, uri: str, endpoint: str | None = None, runtime: str = "torch", **kwargs: Any) -> "Scorer":
+        return cls(load_model(uri, runtime, endpoint), runtime=runtime, **kwargs)
 
-    @torch.inference_mode()
     def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
         """Normalised inputs (N, 3, S, S) float32; ``class_index`` (N,), -1 = retrieve the class."""
-        start = time.perf_counter()
-        p = self.predictor
-        feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
-        pred = p.predict_features(feats, torch.from_numpy(np.asarray(class_index, np.int64)))
-        return Inference(pred.fused.cpu().numpy(), pred.scores.double().cpu().numpy(), pred.prompt_index.cpu().numpy(),
-                         pred.similarity.double().cpu().numpy(), time.perf_counter() - start)
+        return self.engine.infer(inputs, class_index)
 
     def score_bytes(
         self, items: list[Item], threshold_override: float | None = None, with_maps: bool = False

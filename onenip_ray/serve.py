@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -42,7 +41,8 @@ from ray.serve.metrics import Counter
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .bundle import load_bundle
+from .engines import gpu_available
+from .engines import load_model as load_engine_model
 from .forward_passes import ForwardPasses
 from .publish import read_pointer, resolve_bundle
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
@@ -226,21 +226,24 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes, dict[st
 
 
 def load_model(bundle_uri: str, args: ServeArgs, run_id: str, release_root: str | None = None) -> LoadedModel:
-    """The verified bundle's ``Scorer`` (on the GPU when the process has one) and the ``/v1/model`` body."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = load_bundle(bundle_uri, args.endpoint)
+    """The verified model's ``Scorer`` in ``args.runtime`` (on the GPU when the process has one and
+    the runtime can use it) and the ``/v1/model`` body."""
+    device = "cuda" if gpu_available(args.runtime) else "cpu"
+    model = load_engine_model(bundle_uri, args.runtime, args.endpoint)
+    scorer = Scorer(model, runtime=args.runtime, device=device, threads=args.threads, max_pixels=args.max_pixels, run_id=run_id)
     info = {
-        "model_version": bundle.version,
+        "model_version": model.version,
         "bundle": bundle_uri,
         "release_root": release_root,
-        "classes": bundle.classes,
-        "thresholds": bundle.meta["thresholds"],
-        "image_size": bundle.config.image_size,
-        "backbone": bundle.meta["backbone"]["name"],
-        "device": str(device),
+        "classes": model.classes,
+        "thresholds": model.meta["thresholds"],
+        "image_size": model.config.image_size,
+        "backbone": model.meta["backbone"]["name"],
+        "runtime": args.runtime,
+        "device": scorer.engine.device,
         "schema_version": SCHEMA_VERSION,
     }
-    return LoadedModel(Scorer(bundle, device=device, max_pixels=args.max_pixels, run_id=run_id), info)
+    return LoadedModel(scorer, info)
 
 
 def infer_grouped(items: list[ScoreItem]) -> tuple[list[ModelOutput], list[int]]:
@@ -285,12 +288,6 @@ def memory_usage() -> dict[str, int | None]:
         return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
     except (OSError, KeyError, ValueError):
         return {"rss_bytes": None, "peak_rss_bytes": None}
-
-
-def synchronize_device(device: torch.device) -> None:
-    """Wait for the GPU's queued work; raises when its CUDA context is broken (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 api = FastAPI(
@@ -377,8 +374,8 @@ class OneNIPService:
         self.passes.wait_s = batching.batch_wait_timeout_s
 
     def check_health(self) -> None:
-        """Raises (and Serve replaces the replica) when the GPU's CUDA context is broken."""
-        synchronize_device(self.model.scorer.predictor.device)
+        """Raises (and Serve replaces the replica) when the engine's device is broken (CUDA context)."""
+        self.model.scorer.engine.check()
 
     def _follow_releases(self) -> None:
         """Poll the release pointer; load and verify a new version beside the running one, then

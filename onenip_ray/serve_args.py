@@ -1,6 +1,8 @@
 """The online service's typed arguments (``serve run onenip_ray.serve:app key=value …``, ``args:`` in
 a Serve config, the flags of ``onenip serve``): the one source of their defaults. Kept apart from
 ``serve.py`` so the CLI reads them without importing Ray Serve."""
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data.images import DEFAULT_MAX_PIXELS
@@ -27,6 +29,9 @@ class ServeArgs(BaseModel):
     api_docs: bool = Field(False, description="serve the OpenAPI schema and interactive docs at /openapi.json and /docs")
     bundle_poll_s: float = Field(
         30.0, ge=0, description="how often replicas read a release root's pointer for a new version (0 = never)")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch", description="engine: torch runs a bundle; onnxruntime / openvino an `onenip export` directory")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of the engine (default: the runtime's)")
 
 
 class BatchingConfig(BaseModel):
