@@ -13,10 +13,11 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from onenip_ray import export as export_module
 from onenip_ray.batch import BatchConfig, run_batch_scoring
-from onenip_ray.bundle import load_bundle
+from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
 from onenip_ray.engines import (
     EXPORT_FILE,
@@ -103,7 +104,9 @@ def test_a_changed_prompt_pool_runs_on_the_same_graph(tiny_bundle, onnx_export, 
     smaller = bundle.pool.without_class("stripes")
     spec = ScoringSpec.from_bundle(bundle)
     x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i, img in enumerate(tiny_images(tiny_dataset)[:6])])
-    ref = TorchEngine(load_bundle(tiny_bundle, pool=smaller)).infer(x, np.full(len(x), -1))
+    torch_engine = TorchEngine(load_bundle(tiny_bundle))  # a bundle's pool must match its calibration: swap it in the predictor
+    torch_engine.predictor.set_pool(smaller)
+    ref = torch_engine.infer(x, np.full(len(x), -1))
     got = make_engine(load_export(out, pool=smaller), "onnxruntime").infer(x, np.full(len(x), -1))
     assert (got.prompt_index == ref.prompt_index).all() and (smaller.class_index[got.prompt_index] == 0).all()
     np.testing.assert_allclose(got.scores, ref.scores, atol=TOLERANCE, rtol=0)
@@ -239,19 +242,23 @@ def test_a_class_added_after_export_needs_no_new_graph(tiny_bundle, onnx_export,
     got = Scorer.from_uri(export, runtime="onnxruntime").score_bytes(items)
     assert [r["class_name"] for r in got] == [r["class_name"] for r in ref] == ["checker"] * 3
     assert max(abs(r["score_raw"] - g["score_raw"]) for r, g in zip(ref, got)) < TOLERANCE
-    other = str(tmp_path / "other")
-    shutil.copytree(tiny_bundle, other)
-    Path(other, "model.safetensors").write_bytes(Path(other, "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    other = str(tmp_path / "other")  # a valid bundle whose weights differ
+    source = load_bundle(tiny_bundle)
+    with torch.no_grad():
+        next(source.model.parameters()).add_(0.01)
+    write_bundle(other, source.config, source.backbone, source.model, source.pool, source.calibration, source.meta.get("training", {}))
     with pytest.raises(ExportError, match="other weights"):
         export_bundle(other, "onnx", export, pool_only=True, images=_test_folder(tiny_dataset))
 
 
 def test_serve_replica_loads_the_exported_runtime(onnx_export, tiny_bundle, tiny_dataset):
-    """What a Serve replica builds (``load_scorer``): the exported engine, named in ``/v1/model``."""
-    from onenip_ray.serve import ServeArgs, load_scorer
+    """What a Serve replica builds (``serve.load_model``): the exported engine, named in ``/v1/model``."""
+    from onenip_ray.serve import load_model
+    from onenip_ray.serve_args import ServeArgs
 
     out, _ = onnx_export
-    scorer, info = load_scorer(ServeArgs(bundle=out, runtime="onnxruntime", threads=1), run_id="serve-test")
+    loaded = load_model(out, ServeArgs(bundle=out, runtime="onnxruntime", threads=1), run_id="serve-test")
+    scorer, info = loaded.scorer, loaded.info
     assert info["runtime"] == "onnxruntime" and info["device"] == "cpu"
     assert info["model_version"] == load_bundle(tiny_bundle).version and info["classes"] == ["disc", "stripes"]
     scorer.engine.check()
