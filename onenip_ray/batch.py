@@ -42,15 +42,15 @@ from . import nightly, storage
 from .config import LEASE_SECONDS, BatchConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .engines import load_model
+from .formats import IMAGE_EXTENSIONS, S3_SCHEME, UNKNOWN_CLASS, uri_stem
 from .lease import Lease
 from .prompts import PromptPool
 from .schema import (
     ERROR_MISSING, ERROR_TRANSIENT, ERROR_UNREADABLE, FILE_SCHEMA, PARTITION_COLUMN, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK,
-    UNKNOWN_CLASS, to_table,
+    to_table,
 )
 from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap, render_overlay
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
 MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per task)
 INPUT_SCHEMA = pa.schema([pa.field("image_uri", pa.string()), pa.field("class_name", pa.string())])
@@ -144,7 +144,7 @@ def _read_manifest(uri: str, endpoint: str | None, chunk_size: int) -> Iterator[
             classes = pc.if_else(pc.equal(pc.fill_null(classes, ""), ""), pa.scalar(None, pa.string()), classes)
         else:
             classes = pa.nulls(len(uris), pa.string())
-        relative = pc.invert(pc.or_(pc.or_(pc.starts_with(uris, storage.S3_SCHEME), pc.starts_with(uris, "/")),
+        relative = pc.invert(pc.or_(pc.or_(pc.starts_with(uris, S3_SCHEME), pc.starts_with(uris, "/")),
                                     pc.starts_with(uris, storage.FILE_SCHEME)))
         if pc.any(relative).as_py():
             uris = pc.if_else(relative, pc.binary_join_element_wise(base, uris, "/"), uris)
@@ -227,11 +227,6 @@ class InferenceActor:
         return result
 
 
-def heatmap_name(image_uri: str) -> str:
-    """File stem of an image's heat map (``<stem>.png``) and overlay (``<stem>_overlay.jpg``)."""
-    return hashlib.sha256(image_uri.encode()).hexdigest()[:32]
-
-
 def finish_batch(
     batch: dict[str, np.ndarray], spec: ScoringSpec, run_id: str, run_date: dt.date,
     heatmaps: tuple[str, str] | None, endpoint: str | None,
@@ -249,7 +244,7 @@ def finish_batch(
             rows.append(spec.error_row(prepared, run_id=run_id, run_date=run_date))
             continue
         fused = batch["fused"][i]
-        stem = heatmap_name(image_uri)
+        stem = uri_stem(image_uri)
         row = spec.result_row(
             prepared, fused, float(batch["score_raw"][i]), int(batch["prompt_index"][i]), float(batch["route_similarity"][i]),
             run_id=run_id, run_date=run_date,

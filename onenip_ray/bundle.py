@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 from . import storage
 from .calibration import Calibration
 from .config import ModelConfig
+from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.backbone import FrozenBackbone
 from .model.build import build_onenip, trainable_parameters
 from .model.onenip import OneNIP
@@ -25,7 +26,6 @@ from .predictor import Predictor
 from .prompts import PromptPool
 
 FORMAT = "onenip-bundle/2"  # /2: memory in the prompt pool, fusion weights and routing floors in the calibration
-MODEL_FILE, PROMPTS_FILE, META_FILE = "model.safetensors", "prompts.safetensors", "bundle.json"
 
 
 @dataclass
@@ -74,10 +74,10 @@ def check_bundle(uri: str, meta: dict[str, Any], model_bytes: bytes, pool: Promp
         raise BundleError(f"{uri}: prompt-pool classes {classes} and calibrated classes {calibrated} differ "
                           f"(uncalibrated: {sorted(set(classes) - set(calibrated))}, no prompts: {sorted(set(calibrated) - set(classes))})")
     if meta.get("classes") != classes:
-        raise BundleError(f"{uri}: {META_FILE} lists classes {meta.get('classes')}, the prompt pool has {classes}")
+        raise BundleError(f"{uri}: {BUNDLE_FILE} lists classes {meta.get('classes')}, the prompt pool has {classes}")
     version = content_version(model_bytes, pool, ModelConfig.from_dict(meta["config"]), calibration)
     if version != meta.get("version"):
-        raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in {META_FILE} "
+        raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in {BUNDLE_FILE} "
                           "(files changed or mixed from two bundles)")
 
 
@@ -120,7 +120,7 @@ def write_bundle(
         f.write(model_bytes)
     with open(os.path.join(local_dir, PROMPTS_FILE), "wb") as f:
         f.write(prompt_bytes)
-    with open(os.path.join(local_dir, META_FILE), "w") as f:
+    with open(os.path.join(local_dir, BUNDLE_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
@@ -128,9 +128,9 @@ def write_bundle(
 def read_meta(uri: str, endpoint: str | None = None) -> dict[str, Any]:
     """The bundle's ``bundle.json`` (FileNotFoundError / ValueError for a missing one or another format)."""
     try:
-        meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), endpoint))
+        meta = json.loads(storage.read_bytes(storage.join(uri, BUNDLE_FILE), endpoint))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri} is not a model bundle: {META_FILE} not found") from e
+        raise FileNotFoundError(f"{uri} is not a model bundle: {BUNDLE_FILE} not found") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{uri}: unsupported bundle format {meta.get('format')!r} (expected {FORMAT})")
     return meta
@@ -168,7 +168,7 @@ def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None =
 
 def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> None:
     """Publish a written bundle; ``bundle.json`` lands last so a readable bundle is complete."""
-    storage.commit_dir(local_dir, out_uri, endpoint=endpoint, marker=META_FILE)
+    storage.commit_dir(local_dir, out_uri, endpoint=endpoint, marker=BUNDLE_FILE)
 
 
 def temp_bundle_dir() -> str:

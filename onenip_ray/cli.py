@@ -8,6 +8,7 @@ import os
 import sys
 
 from .config import BatchConfig, ModelConfig, TrainConfig
+from .formats import METRICS_FILE
 
 T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs
 B = BatchConfig(bundle="", input="", output="", run_date=dt.date.min)
@@ -237,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     report = evaluate(args.bundle, parse_data_specs(args.dataset, args.data), args.out, _classes(args.classes) or None,
                       oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint, runtime=args.runtime)
-    return {"metrics": os.path.join(args.out, "metrics.json"), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
+    return {"metrics": os.path.join(args.out, METRICS_FILE), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
             "per_class": report["per_class"]}
 
 

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import storage
-from .bundle import META_FILE, PROMPTS_FILE, Bundle, load_bundle
+from .bundle import Bundle, load_bundle
 from .calibration import Calibration
 from .config import ModelConfig
+from .formats import BUNDLE_FILE, PROMPTS_FILE
 from .prompts import PromptPool
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -124,10 +125,10 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
     local_dir = storage.normalize_uri(uri)
-    if uri.startswith(storage.S3_SCHEME):
+    if storage.is_s3(uri):
         local_dir = tempfile.mkdtemp(prefix="onenip-export-")
         storage.download_dir(uri, local_dir, endpoint)
-    with open(os.path.join(local_dir, META_FILE)) as f:
+    with open(os.path.join(local_dir, BUNDLE_FILE)) as f:
         meta = json.load(f)
     if pool is None:
         with open(os.path.join(local_dir, PROMPTS_FILE), "rb") as f:

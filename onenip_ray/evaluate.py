@@ -18,7 +18,7 @@ from .data.layouts import read_datasets
 from .engines import load_model, make_engine
 from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
 from .model.onenip import Maps, fuse, image_scores
-from .schema import UNKNOWN_CLASS
+from .formats import METRICS_FILE, PREDICTIONS_FILE, UNKNOWN_CLASS
 from .training_data import load_images
 
 
@@ -142,9 +142,9 @@ def evaluate(
         "seconds": time.perf_counter() - t_start,
     }
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
         json.dump(report, f, indent=2)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, "predictions.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, PREDICTIONS_FILE))
     return report
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .bundle import META_FILE, MODEL_FILE, PROMPTS_FILE, Bundle, load_bundle
+from .bundle import Bundle, load_bundle
 from .calibration import calibrated_score
 from .engines import (
     EXPORT_FILE,
@@ -45,6 +45,7 @@ from .engines import (
     memory_inputs,
     require_runtime,
 )
+from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.onenip import gaussian_blur, image_scores, upsample
 from .prompts import descriptors, nearest_distance, retrieve
 from .scoring import ScoringSpec
@@ -263,7 +264,7 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
         else:
             write_onnx(bundle, onnx_dir, fixed)
             write_openvino(onnx_dir, stage)
-        for name in (META_FILE, PROMPTS_FILE):
+        for name in (BUNDLE_FILE, PROMPTS_FILE):
             with open(os.path.join(stage, name), "wb") as f:
                 f.write(storage.read_bytes(storage.join(bundle_uri, name), endpoint))
         meta = {
@@ -272,7 +273,7 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
             "image_size": bundle.config.image_size, "batch": "dynamic" if fixed is None else fixed, "opset": OPSET,
             "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
             "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
-                      "calibration": META_FILE, "prompt_pool": PROMPTS_FILE},
+                      "calibration": BUNDLE_FILE, "prompt_pool": PROMPTS_FILE},
             "score_inputs": {"image": "(N, 3, S, S) float32, normalised (bundle.json normalization)",
                              "class_index": "(N,) int64, -1 = retrieve the class", "prompt_tokens": "prompts graph output",
                              "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",

@@ -53,7 +53,7 @@ class Lease:
     """``with Lease(uri, run_id):`` holds the lease at ``uri`` for the block (released at exit)."""
 
     def __init__(self, uri: str, run_id: str, endpoint: str | None, ttl: float) -> None:
-        self.is_s3 = uri.startswith(storage.S3_SCHEME)
+        self.is_s3 = storage.is_s3(uri)
         self.uri = uri if self.is_s3 else storage.normalize_uri(uri)
         self.run_id, self.endpoint, self.ttl = run_id, endpoint, ttl
         self._token: str | None = None

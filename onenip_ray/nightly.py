@@ -34,8 +34,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import storage
+from .formats import SUCCESS_FILE
 
-SUCCESS_FILE = "_SUCCESS.json"
 RUNS_DIR = "_runs"
 HEATMAP_DIR = "_heatmaps"
 LEASE_FILE = "lease.json"
@@ -224,7 +224,7 @@ def repair(layout: NightLayout, on_step: OnStep | None = None) -> str | None:
 def tidy(layout: NightLayout) -> None:
     """Remove the date's run folder and ``_runs/`` when empty (local disk; an S3 prefix without
     objects does not exist, and deleting one could race a new run's lease)."""
-    if layout.output.startswith(storage.S3_SCHEME):
+    if storage.is_s3(layout.output):
         return
     for uri in (layout.runs_uri, layout.uri(RUNS_DIR)):
         try:

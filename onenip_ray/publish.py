@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from . import storage
-from .bundle import META_FILE, commit_bundle, verify_bundle
+from .bundle import commit_bundle, verify_bundle
+from .formats import BUNDLE_FILE
 
 POINTER_FILE = "CURRENT.json"
 VERSIONS_DIR = "versions"
@@ -65,7 +66,7 @@ def publish(bundle_uri: str, root: str, endpoint: str | None = None) -> dict:
     version = meta["version"]
     relative = f"{VERSIONS_DIR}/{version}"
     target = storage.join(root, VERSIONS_DIR, version)
-    if storage.exists(storage.join(target, META_FILE), endpoint):
+    if storage.exists(storage.join(target, BUNDLE_FILE), endpoint):
         verify_bundle(target, endpoint)  # published before: it must still be intact
         copied = False
     else:

@@ -19,7 +19,6 @@ no external assets, so it can be opened from disk, zipped, or served from a buck
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import html
 import json
 import os
@@ -39,11 +38,10 @@ from .bundle import Bundle, load_bundle
 from .data.images import decode_image, decode_mask
 from .metrics import _clf_curve, confusion
 from .scoring import MAP_KEY, Scorer, find_regions, render_heatmap, render_overlay
-from .schema import UNKNOWN_CLASS
+from .formats import METRICS_FILE, PREDICTIONS_FILE, SUCCESS_FILE, UNKNOWN_CLASS, uri_stem
 
 INDEX = "index.html"
 FIGURES, GALLERY = "figures", "gallery"
-METRICS_FILE, PREDICTIONS_FILE, SUCCESS_FILE = "metrics.json", "predictions.parquet", "_SUCCESS.json"
 SCORE_COLUMNS = ("image_uri", "class_name", "class_source", "score_raw", "score", "threshold_raw", "is_anomalous",
                  "status", "error", "latency_ms", "model_version", "run_date")
 THUMB_SIDE = 256  # longest side of gallery thumbnails and overlays
@@ -204,10 +202,6 @@ def histogram_figure(path: str, cls: str, groups: list[tuple[str, np.ndarray, st
 
 
 # -- gallery -------------------------------------------------------------------------------------
-def _stem(uri: str) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:20]
-
-
 def _thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
     height, width = image.shape[:2]
     scale = side / max(height, width)
@@ -250,7 +244,7 @@ def render_gallery(
             thumb = _thumbnail(decode_image(data, uri))
             height, width = thumb.shape[:2]
             regions = find_regions(fused, threshold, spec.score_pool, width, height, include_peak=True)[0] if result["is_anomalous"] else []
-            stem = _stem(uri)
+            stem = uri_stem(uri)
             files = {"image": f"{GALLERY}/{stem}_image.jpg", "overlay": f"{GALLERY}/{stem}_overlay.jpg", "heatmap": f"{GALLERY}/{stem}_heatmap.png"}
             bgr = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
             storage.write_bytes(os.path.join(out_dir, files["image"]), cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())

@@ -17,10 +17,6 @@ SCHEMA_VERSION = "onenip-result/2"
 STATUS_OK, STATUS_ERROR = "ok", "error"
 CLASS_GIVEN, CLASS_RETRIEVED = "given", "retrieved"
 THRESHOLD_PER_CLASS, THRESHOLD_MANUAL = "per_class", "manual"
-# ``class_name`` of an image that resembles no class of the model (retrieval similarity below the
-# nearest class's calibrated floor; such an image is ``is_anomalous``), and the per-class key of
-# error rows without a given class.
-UNKNOWN_CLASS = "(unknown)"
 # ``error_kind`` of an error row: the object is gone; it cannot be read for a lasting reason (e.g.
 # access denied); reads kept failing transiently until the retries ran out (a rerun retries it);
 # the bytes are not a usable image; the given class is not one of the model's.

@@ -28,8 +28,9 @@ from .bundle import Bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, normalize
 from .engines import Engine, ExportedModel, Inference, load_model, make_engine
+from .formats import UNKNOWN_CLASS
 from .schema import (
-    CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, UNKNOWN_CLASS, error_row,
+    CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, error_row,
     utc_now,
 )
 

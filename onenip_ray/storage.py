@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-S3_SCHEME = "s3://"
+from .formats import BUNDLE_FILE, S3_SCHEME
+
 FILE_SCHEME = "file://"
 _COPY_CHUNK = 8 * 1024 * 1024
 RETRY_ATTEMPTS = 8  # per S3 request (AWS SDK standard strategy) and per ``retry`` call
@@ -40,13 +41,13 @@ _TRANSIENT_MARKERS = (
 T = TypeVar("T")
 
 
-def _is_s3(uri: str) -> bool:
+def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
 def normalize_uri(uri: str) -> str:
     """``s3://bucket/key`` without a trailing slash, or an absolute local path (``file://`` stripped)."""
-    if _is_s3(uri):
+    if is_s3(uri):
         return S3_SCHEME + uri[len(S3_SCHEME):].rstrip("/")
     if uri.startswith(FILE_SCHEME):
         uri = urlparse(uri).path
@@ -118,7 +119,7 @@ def retry(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
 
 def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The (cached) filesystem for ``uri`` and the path inside it: ``bucket/key`` or an absolute path."""
-    if _is_s3(uri):
+    if is_s3(uri):
         endpoint = default_endpoint(endpoint)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return _s3_filesystem(endpoint, region), normalize_uri(uri)[len(S3_SCHEME):]
@@ -176,7 +177,7 @@ def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
 def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
     """Write ``data`` to ``uri``, replacing it; local parent directories are created."""
     fs, path = filesystem_for(uri, endpoint)
-    if not _is_s3(uri):
+    if not is_s3(uri):
         fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
@@ -188,7 +189,7 @@ class PreconditionFailed(RuntimeError):
 
 def read_with_tag(uri: str, endpoint: str | None = None) -> tuple[bytes, str]:
     """``(content, tag)`` of a small file for ``write_if``: the S3 ETag, locally a content hash."""
-    if _is_s3(uri):
+    if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client(endpoint)
         try:
@@ -205,7 +206,7 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
     ``read_with_tag``), or, with ``expected_tag=None``, only if it does not exist; else raise
     ``PreconditionFailed``. S3: ``If-Match`` / ``If-None-Match: *`` (conditional PUT). Local: an
     exclusive ``<file>.lock`` while the tag is compared, then write-to-temporary and atomic rename."""
-    if _is_s3(uri):
+    if is_s3(uri):
         bucket, key = split_s3(uri)
         condition = {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
         client = s3_client(endpoint)
@@ -240,7 +241,7 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
 
 def join(uri: str, *parts: str) -> str:
     """``uri`` extended by ``parts`` with ``/`` (local paths use ``os.path.join``)."""
-    if _is_s3(uri) or uri.startswith(FILE_SCHEME):
+    if is_s3(uri) or uri.startswith(FILE_SCHEME):
         return posixpath.join(uri.rstrip("/"), *(part.strip("/") for part in parts))
     return os.path.join(uri, *parts)
 
@@ -265,9 +266,9 @@ def list_files(
         if info.type != pafs.FileType.File or (suffixes is not None and not info.path.lower().endswith(suffixes)):
             continue
         if relative:
-            found.append(posixpath.relpath(info.path, base) if _is_s3(uri) else os.path.relpath(info.path, base))
+            found.append(posixpath.relpath(info.path, base) if is_s3(uri) else os.path.relpath(info.path, base))
         else:
-            found.append(S3_SCHEME + info.path if _is_s3(uri) else info.path)
+            found.append(S3_SCHEME + info.path if is_s3(uri) else info.path)
     return sorted(found)
 
 
@@ -281,7 +282,7 @@ def iter_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint: st
     def wanted(name: str) -> bool:
         return suffixes is None or name.lower().endswith(suffixes)
 
-    if _is_s3(uri):
+    if is_s3(uri):
         bucket, prefix = split_s3(uri)
         pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
         for page in pages:
@@ -320,7 +321,7 @@ def _upload(fs: pafs.FileSystem, local_path: str, path: str) -> None:
         shutil.copyfileobj(source, target, _COPY_CHUNK)
 
 
-def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marker: str | None = "bundle.json") -> None:
+def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marker: str | None = BUNDLE_FILE) -> None:
     """Publish the finished directory ``local_dir`` at ``dest_uri`` so readers never see it half-written.
 
     Local destinations: the tree is copied to ``<dest>.tmp-<uuid>`` beside ``dest`` and renamed
@@ -336,7 +337,7 @@ def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marke
     if marker is not None and marker not in files:
         raise ValueError(f"{local_dir} has no marker file {marker!r} to commit last")
     fs, dest = filesystem_for(dest_uri, endpoint)
-    if _is_s3(dest_uri):
+    if is_s3(dest_uri):
         old_files = list_files(dest_uri, endpoint=endpoint, relative=True) if is_dir(dest_uri, endpoint) else []
         if marker in old_files:
             fs.delete_file(posixpath.join(dest, marker))
@@ -363,7 +364,7 @@ def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marke
 def download_dir(uri: str, local_dir: str, endpoint: str | None = None) -> None:
     """Copy every file under ``uri`` into ``local_dir`` (created), keeping relative paths."""
     fs, base = filesystem_for(uri, endpoint)
-    join_remote = posixpath.join if _is_s3(uri) else os.path.join
+    join_remote = posixpath.join if is_s3(uri) else os.path.join
     for name in list_files(uri, endpoint=endpoint, relative=True):
         target = os.path.join(local_dir, *name.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)

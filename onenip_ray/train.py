@@ -31,6 +31,7 @@ from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
 from .data.layouts import read_datasets
+from .formats import BUNDLE_FILE
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .model.build import build_backbone, build_onenip
 from .predictor import Predictor
@@ -298,7 +299,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
         resources = {"CPU": max(1, cfg.loader_workers), "GPU": 1} if cfg.use_gpu else None
         config_dict["threads_per_worker"] = None if cfg.use_gpu else torch.get_num_threads()
     fs_kwargs = {}
-    if storage_path.startswith("s3://"):
+    if storage.is_s3(storage_path):
         fs, path = storage.filesystem_for(storage_path, endpoint)
         fs_kwargs = {"storage_filesystem": fs}
         storage_path = path
@@ -322,7 +323,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     with result.checkpoint.as_directory() as local:
         bundle_dir = os.path.join(local, BUNDLE_SUBDIR)
         commit_bundle(bundle_dir, cfg.out, endpoint)
-        with open(os.path.join(bundle_dir, "bundle.json")) as f:
+        with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
             return json.load(f)
 
 
@@ -339,7 +340,7 @@ def _worker_input_error(error: Exception) -> Exception | None:
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative local paths resolved in the driver: Ray Train workers run in another directory."""
     def fix(uri: str | None) -> str | None:
-        return uri if uri is None or uri.startswith("s3://") else storage.normalize_uri(uri)
+        return uri if uri is None or storage.is_s3(uri) else storage.normalize_uri(uri)
 
     data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
     return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))

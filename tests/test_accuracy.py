@@ -18,7 +18,7 @@ import pytest
 from onenip_ray.add_class import add_class
 from onenip_ray.config import ModelConfig, TrainConfig
 from onenip_ray.evaluate import evaluate
-from onenip_ray.schema import UNKNOWN_CLASS
+from onenip_ray.formats import UNKNOWN_CLASS
 from onenip_ray.scoring import Scorer
 from onenip_ray.train import run_training
 from tests.conftest import MVTEC_ROOT, VISA_ROOT, needs_bottle, needs_visa

@@ -11,7 +11,7 @@ import pytest
 from onenip_ray.add_class import add_class, views_of_one
 from onenip_ray.bundle import load_bundle
 from onenip_ray.cli import main
-from onenip_ray.schema import UNKNOWN_CLASS
+from onenip_ray.formats import UNKNOWN_CLASS
 from onenip_ray.scoring import Scorer
 
 

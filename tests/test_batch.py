@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from onenip_ray import storage
-from onenip_ray.batch import BatchConfig, InferenceActor, heatmap_name, list_inputs, run_batch_scoring
+from onenip_ray.batch import BatchConfig, InferenceActor, list_inputs, run_batch_scoring
+from onenip_ray.formats import uri_stem
 from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
 from onenip_ray.schema import FILE_SCHEMA, OUTPUT_COLUMNS
@@ -196,10 +197,10 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     assert anomalous and len(anomalous) < len(ok_rows)
     heat_prefix = "scores/_heatmaps/run_date=2026-11-27/"
     keys = _keys(client, bucket, heat_prefix)
-    assert keys == {heat_prefix + heatmap_name(r["image_uri"]) + ".png" for r in ok_rows} | {
-        heat_prefix + heatmap_name(r["image_uri"]) + "_overlay.jpg" for r in anomalous}
+    assert keys == {heat_prefix + uri_stem(r["image_uri"]) + ".png" for r in ok_rows} | {
+        heat_prefix + uri_stem(r["image_uri"]) + "_overlay.jpg" for r in anomalous}
     for row in ok_rows:
-        assert row["heatmap_uri"] == f"{s3_bucket}/{heat_prefix}{heatmap_name(row['image_uri'])}.png"
+        assert row["heatmap_uri"] == f"{s3_bucket}/{heat_prefix}{uri_stem(row['image_uri'])}.png"
     png = client.get_object(Bucket=bucket, Key=_split(ok_rows[0]["heatmap_uri"])[1])["Body"].read()
     assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
     first = anomalous[0]

@@ -14,7 +14,7 @@ from safetensors.torch import save as save_safetensors
 
 from onenip_ray import storage
 from onenip_ray.bundle import (
-    FORMAT, META_FILE, MODEL_FILE, PROMPTS_FILE, BundleError, commit_bundle, load_bundle, verify_bundle, write_bundle,
+    FORMAT, BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE, BundleError, commit_bundle, load_bundle, verify_bundle, write_bundle,
 )
 from onenip_ray.calibration import calibrate
 from onenip_ray.config import ModelConfig
@@ -86,7 +86,7 @@ def test_bundle_round_trip_through_s3(parts, bundle_dir, images, s3_bucket, s3_s
     _, test = images
     uri = storage.join(s3_bucket, "models", "tiny")
     commit_bundle(bundle_dir, uri, endpoint=s3_server)
-    assert storage.list_files(uri, endpoint=s3_server, relative=True) == sorted([META_FILE, MODEL_FILE, PROMPTS_FILE])
+    assert storage.list_files(uri, endpoint=s3_server, relative=True) == sorted([BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE])
     remote = load_bundle(uri, endpoint=s3_server)
     local = load_bundle(bundle_dir)
     assert remote.version == local.version
@@ -95,7 +95,7 @@ def test_bundle_round_trip_through_s3(parts, bundle_dir, images, s3_bucket, s3_s
 
 def test_bundle_json_fields(parts, bundle_dir):
     backbone, model, pool, calibration = parts
-    with open(os.path.join(bundle_dir, META_FILE)) as f:
+    with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
         meta = json.load(f)
     assert meta["format"] == FORMAT
     assert meta["config"] == CONFIG.to_dict()
@@ -119,7 +119,7 @@ def test_bundle_json_fields(parts, bundle_dir):
 
 def _content_hash(bundle_dir: str) -> str:
     """sha256 of the model file, the pool's tensors and names, and the config + calibration JSON."""
-    with open(os.path.join(bundle_dir, META_FILE)) as f:
+    with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
         meta = json.load(f)
     with open(os.path.join(bundle_dir, MODEL_FILE), "rb") as f:
         digest = hashlib.sha256(f.read())
@@ -162,14 +162,14 @@ def test_version_is_a_content_hash(parts, bundle_dir, tmp_path):
 
 
 def test_bundle_holds_no_pickle(bundle_dir, monkeypatch):
-    assert sorted(os.listdir(bundle_dir)) == sorted([META_FILE, MODEL_FILE, PROMPTS_FILE])
+    assert sorted(os.listdir(bundle_dir)) == sorted([BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE])
     with safe_open(os.path.join(bundle_dir, MODEL_FILE), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith(("onenip.", "backbone.")) for k in keys)
     assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("onenip.") for k in keys)
     with safe_open(os.path.join(bundle_dir, PROMPTS_FILE), framework="pt") as f:
         assert set(f.keys()) == {"features", "class_index", "memory", "memory_class"}
-    with open(os.path.join(bundle_dir, META_FILE)) as f:
+    with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
         json.load(f)
     for name in (MODEL_FILE, PROMPTS_FILE):
         with open(os.path.join(bundle_dir, name), "rb") as f:
@@ -196,9 +196,9 @@ def test_loading_a_directory_without_bundle_json(tmp_path, bundle_dir):
 def test_loading_an_unknown_format_is_refused(tmp_path, bundle_dir):
     target = tmp_path / "old"
     storage.commit_dir(bundle_dir, str(target))
-    meta = json.loads((target / META_FILE).read_text())
+    meta = json.loads((target / BUNDLE_FILE).read_text())
     meta["format"] = "onenip-bundle/0"
-    (target / META_FILE).write_text(json.dumps(meta))
+    (target / BUNDLE_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unsupported bundle format 'onenip-bundle/0'"):
         load_bundle(str(target))
 
@@ -206,9 +206,9 @@ def test_loading_an_unknown_format_is_refused(tmp_path, bundle_dir):
 def _tampered(bundle_dir: str, target, edit_meta=None, prompts_from: str | None = None) -> str:
     storage.commit_dir(bundle_dir, str(target))
     if edit_meta is not None:
-        meta = json.loads((target / META_FILE).read_text())
+        meta = json.loads((target / BUNDLE_FILE).read_text())
         edit_meta(meta)
-        (target / META_FILE).write_text(json.dumps(meta))
+        (target / BUNDLE_FILE).write_text(json.dumps(meta))
     if prompts_from is not None:
         (target / PROMPTS_FILE).write_bytes(open(os.path.join(prompts_from, PROMPTS_FILE), "rb").read())
     return str(target)

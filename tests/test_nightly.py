@@ -15,6 +15,7 @@ import pytest
 
 from onenip_ray import nightly, storage
 from onenip_ray.cli import EXIT_BUSY, main
+from onenip_ray.formats import SUCCESS_FILE
 from onenip_ray.lease import Lease, LeaseHeld, LeaseLost
 from onenip_ray.schema import FILE_SCHEMA, PARTITION_COLUMN, error_row, to_table
 from tests.faultproxy import FaultProxy
@@ -53,7 +54,7 @@ def _commit_night(output: str, day: dt.date, run_id: str, uris: list[str], endpo
 def _partition_state(layout: nightly.NightLayout) -> tuple[dict | None, set[str], set[str]]:
     """(the _SUCCESS.json, Parquet file names in the partition, image URIs in them)."""
     fs = layout.fs
-    marker = nightly.read_json(fs, f"{layout.path(layout.partition_uri)}/{nightly.SUCCESS_FILE}")
+    marker = nightly.read_json(fs, f"{layout.path(layout.partition_uri)}/{SUCCESS_FILE}")
     names = {n for n in nightly.listing(fs, layout.path(layout.partition_uri)) if n.endswith(".parquet")}
     uris = set()
     for n in names:
@@ -191,7 +192,7 @@ def test_empty_input_is_rejected_unless_allowed(tiny_bundle, tmp_path, capsys):
     assert main([*argv, "--allow-empty"]) == 0
     capsys.readouterr()
     assert len(pd.read_parquet(out)) == 0
-    assert json.loads(Path(out, "run_date=2026-11-27", nightly.SUCCESS_FILE).read_text())["counts"]["total"] == 0
+    assert json.loads(Path(out, "run_date=2026-11-27", SUCCESS_FILE).read_text())["counts"]["total"] == 0
 
 
 # -- transient faults -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from onenip_ray import storage
-from onenip_ray.bundle import META_FILE, BundleError, read_meta, verify_bundle
+from onenip_ray.bundle import BundleError, read_meta, verify_bundle
+from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.cli import main
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, publish, read_pointer, resolve_bundle
 
@@ -41,9 +42,9 @@ def test_publish_moves_the_pointer_between_immutable_versions(tiny_bundle, tiny_
 
     bad = tmp_path / "bad"
     storage.commit_dir(tiny_bundle, str(bad))
-    meta = json.loads((bad / META_FILE).read_text())
+    meta = json.loads((bad / BUNDLE_FILE).read_text())
     meta["calibration"]["target_fpr"] = 0.5
-    (bad / META_FILE).write_text(json.dumps(meta))
+    (bad / BUNDLE_FILE).write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="does not match the version"):
         publish(str(bad), root)
     assert read_pointer(root)[0].version == v2  # refused before anything moved

@@ -26,7 +26,8 @@ import yaml
 from PIL import Image
 
 from onenip_ray import storage
-from onenip_ray.bundle import META_FILE, read_meta
+from onenip_ray.bundle import read_meta
+from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.cli import _is_loopback, build_parser, main
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, Pointer, publish, read_pointer
 from onenip_ray.schema import RESULT_COLUMNS
@@ -442,7 +443,7 @@ def test_a_new_release_takes_over_without_a_failed_request(service, tiny_bundle,
         _wait_for(lambda: len(answers) >= 16, "answers from v1")
         bad = storage.join(root, VERSIONS_DIR, "0000corrupt00000")  # a release whose files do not match its version
         storage.commit_dir(storage.join(root, VERSIONS_DIR, v1), bad)
-        with open(os.path.join(bad, META_FILE), "r+") as f:
+        with open(os.path.join(bad, BUNDLE_FILE), "r+") as f:
             text = f.read().replace('"target_fpr": ', '"target_fpr": 0.5, "was": ', 1)
             f.seek(0), f.write(text), f.truncate()
         corrupt = Pointer("0000corrupt00000", f"{VERSIONS_DIR}/0000corrupt00000", "2026-11-30T00:00:00+00:00", v1)

@@ -12,8 +12,8 @@ import posixpath
 from dataclasses import dataclass
 
 from onenip_ray import storage
+from onenip_ray.formats import IMAGE_EXTENSIONS, is_image_name
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DEFECT = "good"
 VISA_SPLIT_CSV = "split_csv/1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -49,10 +49,6 @@ def _is_hidden(relative_path: str) -> bool:
     return any(part.startswith(".") for part in relative_path.split("/"))
 
 
-def _has_image_extension(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 _LAYOUTS = {
     "mvtec": _FolderLayout(
         normal_dirs=("good",),
@@ -86,7 +82,7 @@ def _images_by_folder(split_uri: str, endpoint: str | None) -> dict[str, list[st
         folder, _, name = relative.partition("/")
         if not name:
             raise DatasetError(f"{storage.join(split_uri, relative)}: file directly in {split_uri}; expected {split_uri}/<folder>/<image>")
-        if not _has_image_extension(name):
+        if not is_image_name(name):
             raise DatasetError(f"{storage.join(split_uri, relative)}: not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
         grouped.setdefault(folder, []).append(name)
     return grouped
@@ -173,7 +169,7 @@ def _read_visa(root: str, classes: list[str], endpoint: str | None) -> list[Samp
             raise DatasetError(f"{where}: split must be train/test and label normal/anomaly, got {split!r}, {label!r}")
         if image not in present:
             raise DatasetError(f"{where}: image {storage.join(root, image)} does not exist")
-        if not _has_image_extension(image):
+        if not is_image_name(image):
             raise DatasetError(f"{where}: {image} is not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
         if label == "normal":
             samples.append(Sample(storage.join(root, image), row["object"], split, 0, NORMAL_DEFECT, None))

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
+from onenip_ray.formats import IMAGE_EXTENSIONS
 from onenip_ray.storage import list_files, read_bytes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MIN_MASK_FRACTION = 0.005
 PERLIN_TRIES = 4
 
