@@ -6,80 +6,113 @@ import datetime as dt
 import json
 import os
 import sys
+from dataclasses import fields
 
-from .config import BatchConfig, ModelConfig, TrainConfig
+from .config import (
+    DECODERS, EVALUATE_BATCH_SIZE, FUSIONS, GALLERY_SIZE, GRAPH_FORMATS, LR_SCHEDULES, PARITY_IMAGES, PRECISIONS, RUNTIMES,
+    BatchConfig, ModelConfig, TrainConfig,
+)
 from .formats import METRICS_FILE
 
-T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs
+T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs, nowhere else
 B = BatchConfig(bundle="", input="", output="", run_date=dt.date.min)
 EXIT_ERROR, EXIT_REJECTED, EXIT_BUSY = 2, 3, 4  # bad arguments or input; a run over its limits; the date is being written
+S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)"
+# ModelConfig fields ``onenip train`` exposes (the rest keep the config's defaults).
+MODEL_FLAGS = ("backbone", "image_size", "decoder", "fusion", "alpha", "map_sigma", "jitter_scale", "residual_init")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each flag's default (the measured recipe), except empty ones and switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, "", argparse.SUPPRESS) and action.nargs != 0 and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _option(p: argparse.ArgumentParser, config: object, name: str, help: str, **kwargs) -> None:
+    """A flag ``--name-with-dashes`` whose default is ``config``'s field ``name`` (one source of defaults)."""
+    default = getattr(config, name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        flag = f"--no-{flag[2:]}" if default else flag
+        p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=help)
+        return
+    kwargs.setdefault("type", type(default) if default is not None else str)
+    p.add_argument(flag, dest=name, default=default, help=help, **kwargs)
+
+
+def _from_args(cls: type, args: argparse.Namespace, **given):
+    """``cls`` built from the flags named after its fields, plus ``given``."""
+    flags = vars(args)
+    names = getattr(cls, "model_fields", None) or [f.name for f in fields(cls)]  # pydantic or dataclass
+    return cls(**{name: flags[name] for name in names if name in flags and name not in given}, **given)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa", "btad", "folder"], help="layout of --data roots")
+    from .data.layouts import KINDS
+
+    _option(p, T, "dataset", "layout of --data roots", choices=KINDS)
     p.add_argument("--data", action="append", required=True, help="dataset root (local or s3://); repeat to merge, KIND=ROOT to mix layouts")
     p.add_argument("--classes", default="", help="comma-separated class subset (default: all)")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
-    p.add_argument("--image-size", type=int, default=M.image_size, help="square network input size in pixels (multiple of 16)")
+    _option(p, M, "backbone", "timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
+    _option(p, M, "image_size", "square network input size in pixels (multiple of 16)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onenip", description="OneNIP unified anomaly detection on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_info(sub) -> None:
+    _add_model_flags(sub.add_parser("info", help="print backbone channels, feature grid and parameter count as JSON",
+                                    formatter_class=_HelpFormatter))
 
-    info = sub.add_parser("info", help="print backbone channels, feature grid and parameter count as JSON")
-    _add_model_flags(info)
 
-    train = sub.add_parser("train", help="train with Ray Train and write a model bundle")
+def _add_train(sub) -> None:
+    train = sub.add_parser("train", help="train with Ray Train and write a model bundle", formatter_class=_HelpFormatter)
     _add_data_flags(train)
     _add_model_flags(train)
     train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
-    train.add_argument("--epochs", type=int, default=T.epochs, help="passes over the training images (official recipe: 1000)")
-    train.add_argument("--steps-per-epoch", type=int, default=T.steps_per_epoch,
-                       help="optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
-    train.add_argument("--batch-size", type=int, default=T.batch_size, help="per-worker batch size")
-    train.add_argument("--lr", type=float, default=T.lr, help="AdamW peak learning rate (official 1e-4 over 1000 epochs)")
-    train.add_argument("--lr-schedule", default=T.lr_schedule, choices=["cosine", "step"],
-                       help="cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs")
-    train.add_argument("--warmup-fraction", type=float, default=T.warmup_fraction, help="share of the steps spent warming up (cosine)")
-    train.add_argument("--no-balance-classes", dest="balance_classes", action="store_false",
-                       help="draw training images uniformly instead of every class equally often")
-    train.add_argument("--backbone-weights", default=None, help="backbone weights file or URI (safetensors or torch state dict)")
-    train.add_argument("--textures", default=None, help="DTD-style texture folder (default: built-in procedural textures)")
-    train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = in-process, no cluster)")
-    train.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (NCCL); default CPU (gloo)")
-    train.add_argument("--seed", type=int, default=133, help="random seed (split, prompts, anomaly synthesis, initialisation)")
-    train.add_argument("--decoder", default="v2", choices=["v2", "v1"], help="v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)")
-    train.add_argument("--fusion", default="calibrated", choices=["calibrated", "official", "paper"],
-                       help="map fusion: α chosen on calibration data (default), official α=0.5 rescaled, or paper Eq. 10")
-    train.add_argument("--alpha", type=float, default=0.5, help="refiner weight α for --fusion official/paper")
-    train.add_argument("--map-sigma", type=float, default=4.0, help="Gaussian smoothing of the fused map in px (0 = official: none)")
-    train.add_argument("--jitter-scale", type=float, default=20.0, help="feature jitter scale in training (official 20)")
-    train.add_argument("--residual-init", type=float, default=0.1,
-                       help="gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
-    train.add_argument("--prompts-per-class", type=int, default=T.prompts_per_class,
-                       help="prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
-    train.add_argument("--memory-per-class", type=int, default=T.memory_per_class,
-                       help="normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
-    train.add_argument("--calibration-fraction", type=float, default=T.calibration_fraction,
-                       help="training normals held out for thresholds (at least 5, at most half a class)")
-    train.add_argument("--target-fpr", type=float, default=T.target_fpr, help="false-positive rate the per-class thresholds aim at")
+    _option(train, T, "epochs", "passes over the training images (official recipe: 1000)")
+    _option(train, T, "steps_per_epoch", "optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
+    _option(train, T, "batch_size", "per-worker batch size")
+    _option(train, T, "lr", "AdamW peak learning rate (official 1e-4 over 1000 epochs)")
+    _option(train, T, "lr_schedule", "cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs",
+            choices=LR_SCHEDULES)
+    _option(train, T, "warmup_fraction", "share of the steps spent warming up (cosine)")
+    _option(train, T, "balance_classes", "draw training images uniformly instead of every class equally often")
+    _option(train, T, "backbone_weights", "backbone weights file or URI (safetensors or torch state dict)")
+    _option(train, T, "textures", "DTD-style texture folder (default: built-in procedural textures)")
+    _option(train, T, "num_workers", "Ray Train workers (0 = in-process, no cluster)")
+    _option(train, T, "use_gpu", "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
+    _option(train, T, "seed", "random seed (split, prompts, anomaly synthesis, initialisation)")
+    _option(train, M, "decoder", "v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)", choices=DECODERS)
+    _option(train, M, "fusion", "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", choices=FUSIONS)
+    _option(train, M, "alpha", "refiner weight α for --fusion official/paper")
+    _option(train, M, "map_sigma", "Gaussian smoothing of the fused map in px (0 = official: none)")
+    _option(train, M, "jitter_scale", "feature jitter scale in training (official 20)")
+    _option(train, M, "residual_init", "gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
+    _option(train, T, "prompts_per_class", "prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
+    _option(train, T, "memory_per_class", "normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
+    _option(train, T, "calibration_fraction", "training normals held out for thresholds (at least 5, at most half a class)")
+    _option(train, T, "target_fpr", "false-positive rate the per-class thresholds aim at")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
     train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     resume.add_argument("--auto-resume", action="store_true",
                         help="continue the named run if it has checkpoints, else start it (for jobs retried as a whole)")
-    train.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every N epochs (0 = only at the end)")
-    train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
-    train.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes for anomaly synthesis per trainer")
-    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
+    _option(train, T, "checkpoint_every", "checkpoint every N epochs (0 = only at the end)")
+    _option(train, T, "max_failures", "worker-group restarts from the latest checkpoint")
+    _option(train, T, "loader_workers", "DataLoader processes for anomaly synthesis per trainer")
+    _option(train, T, "precision", "auto = bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
 
-    ac = sub.add_parser("add-class", help="add (or --replace) a product class from a few good images; writes a new bundle")
+
+def _add_add_class(sub) -> None:
+    ac = sub.add_parser("add-class", help="add (or --replace) a product class from a few good images; writes a new bundle",
+                        formatter_class=_HelpFormatter)
     ac.add_argument("--bundle", required=True, help="source model bundle (local or s3://); left untouched")
     ac.add_argument("--class", dest="class_name", required=True, help="name of the class to add")
     ac.add_argument("--normals", required=True, help="good images: folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri")
@@ -88,94 +121,116 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--prompts-per-class", type=int, default=None, help="prompt images for the class (default: as the bundle was trained)")
     ac.add_argument("--memory-per-class", type=int, default=None, help="normal patches kept for the class (default: as the bundle was trained)")
     ac.add_argument("--target-fpr", type=float, default=None, help="false-positive rate of the class's threshold (default: the bundle's)")
-    ac.add_argument("--seed", type=int, default=T.seed, help="random seed (folds, synthetic anomalies)")
-    ac.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    _option(ac, T, "seed", "random seed (folds, synthetic anomalies)")
+    ac.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
-    ex = sub.add_parser("export", help="export a bundle to ONNX / OpenVINO; written only if it matches PyTorch on real images")
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="export a bundle to ONNX / OpenVINO; written only if it matches PyTorch on real images",
+                        formatter_class=_HelpFormatter)
     ex.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    ex.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="graph format (OpenVINO also runs onnx exports)")
+    ex.add_argument("--format", default=GRAPH_FORMATS[0], choices=GRAPH_FORMATS, help="graph format (OpenVINO also runs onnx exports)")
     ex.add_argument("--out", required=True, help="export directory to write (local or s3://)")
     ex.add_argument("--image-size", type=int, default=None, help="network input size (default and only choice: the bundle's)")
     ex.add_argument("--batch", default="dynamic", help="batch dimension of the graph: a fixed N, or dynamic")
     ex.add_argument("--images", default=None,
                     help="real images for the parity check: folder / s3:// prefix or manifest (default: the bundle's prompt images)")
-    ex.add_argument("--parity-images", type=int, default=32, help="at most this many images in the parity check")
+    ex.add_argument("--parity-images", type=int, default=PARITY_IMAGES, help="at most this many images in the parity check")
     ex.add_argument("--pool-only", action="store_true",
                     help="--out is an export of the same weights (e.g. before add-class): keep its graphs, take this bundle's "
                          "prompt pool and calibration, check parity again")
-    ex.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    ex.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
-    ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json")
+
+def _add_runtime_flag(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--runtime", default=default, choices=RUNTIMES,
+                   help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
+
+
+def _add_evaluate(sub) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate a bundle on labelled test splits; writes metrics.json", formatter_class=_HelpFormatter)
     _add_data_flags(ev)
     ev.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     ev.add_argument("--out", required=True, help="output directory for metrics.json and predictions.parquet")
     ev.add_argument("--oracle-class", action="store_true", help="give each image its true class (official code) instead of retrieval")
-    ev.add_argument("--batch-size", type=int, default=16, help="images per model batch")
-    ev.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
+    ev.add_argument("--batch-size", type=int, default=EVALUATE_BATCH_SIZE, help="images per model batch")
+    _add_runtime_flag(ev, RUNTIMES[0])
 
-    sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)")
+
+def _add_score(sub) -> None:
+    sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUT/run_date=YYYY-MM-DD/ (Parquet)",
+                        formatter_class=_HelpFormatter)
     sc.add_argument("--bundle", default=None, help="model bundle (local or s3://); required unless --repair")
     sc.add_argument("--input", default=None,
                     help="image folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri[, class_name]; required unless --repair")
-    sc.add_argument("--output", default=None, help="results root (local or s3://); the run replaces OUTPUT/run_date=<date>/")
-    sc.add_argument("--repair", metavar="OUTPUT", default=None,
-                    help="only finish interrupted commits under OUTPUT (each date under its lease), then exit")
+    sc.add_argument("--out", "--output", dest="output", metavar="OUT", default=None,
+                    help="results root (local or s3://); the run replaces OUT/run_date=<date>/ (`--output`: its earlier spelling)")
+    sc.add_argument("--repair", metavar="OUT", default=None,
+                    help="only finish interrupted commits under OUT (each date under its lease), then exit")
     sc.add_argument("--run-date", type=_date, default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
-    sc.add_argument("--heatmaps", action="store_true", help="write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/_heatmaps/")
-    sc.add_argument("--max-error-fraction", type=float, default=B.max_error_fraction,
-                    help="reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
-    sc.add_argument("--allow-empty", action="store_true", help="commit an empty night instead of rejecting a run without inputs")
-    sc.add_argument("--batch-size", type=int, default=B.batch_size, help="images per model batch")
-    sc.add_argument("--concurrency", type=int, default=B.concurrency, help="inference actors (one per GPU with --use-gpu)")
-    sc.add_argument("--use-gpu", action="store_true", help="run the inference actors on GPUs (one each)")
-    sc.add_argument("--actor-cpus", type=float, default=B.actor_cpus,
-                    help="CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
-    sc.add_argument("--task-cpus", type=float, default=B.task_cpus, help="CPUs per decode / post-processing task")
-    sc.add_argument("--actor-threads", type=int, default=B.actor_threads,
-                    help="intra-op threads per inference actor (default: its --actor-cpus, at least 1)")
-    sc.add_argument("--runtime", default=B.runtime, choices=["torch", "onnxruntime", "openvino"],
-                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
-    sc.add_argument("--chunk-size", type=int, default=B.chunk_size, help="inputs per pipeline pass (bounds the driver's memory)")
-    sc.add_argument("--lease-seconds", type=float, default=B.lease_seconds,
-                    help="a run that stops renewing its lease for this long loses the date to the next run")
-    sc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    _option(sc, B, "heatmaps", "write heat-map PNGs (and overlay JPEGs of anomalous images) under OUT/_heatmaps/")
+    _option(sc, B, "max_error_fraction", "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
+    _option(sc, B, "allow_empty", "commit an empty night instead of rejecting a run without inputs")
+    _option(sc, B, "batch_size", "images per model batch")
+    _option(sc, B, "concurrency", "inference actors (one per GPU with --use-gpu)")
+    _option(sc, B, "use_gpu", "run the inference actors on GPUs (one each)")
+    _option(sc, B, "actor_cpus", "CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)", type=float)
+    _option(sc, B, "task_cpus", "CPUs per decode / post-processing task")
+    _option(sc, B, "actor_threads", "intra-op threads per inference actor (default: its --actor-cpus, at least 1)", type=int)
+    _add_runtime_flag(sc, B.runtime)
+    _option(sc, B, "chunk_size", "inputs per pipeline pass (bounds the driver's memory)")
+    _option(sc, B, "lease_seconds", "a run that stops renewing its lease for this long loses the date to the next run")
+    sc.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
+
+def _add_serve(sub) -> None:
     from .serve_args import ServeArgs  # the application's typed arguments: the one source of the serve defaults
 
-    S = {name: field.default for name, field in ServeArgs.model_fields.items()}
-    sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C")
+    S = ServeArgs.model_construct(bundle="")
+    sv = sub.add_parser("serve", help="online scoring: start a local Ray and serve POST /v1/score until Ctrl-C",
+                        formatter_class=_HelpFormatter)
     sv.add_argument("--bundle", required=True, help="model bundle, or a release root of `onenip publish` (followed as it moves); local or s3://")
     sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address (not loopback without ONENIP_API_TOKEN: a loud warning)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port")
-    sv.add_argument("--max-batch-size", type=int, default=S["max_batch_size"], help="images per model forward pass (1 = no batching)")
-    sv.add_argument("--batch-wait-ms", type=float, default=S["batch_wait_timeout_s"] * 1e3, help="how long an idle replica waits for more images before a forward pass (under load a pass takes all queued)")
-    sv.add_argument("--max-queued-requests", type=int, default=S["max_queued_requests"],
-                    help="requests the replica holds beyond the 2 × max-batch-size it works on; more get 503 + Retry-After at once")
-    sv.add_argument("--request-timeout-s", type=float, default=S["request_timeout_s"],
-                    help="deadline per request: 408 if the body is still arriving, else 504")
-    sv.add_argument("--max-concurrent-decodes", type=int, default=S["max_concurrent_decodes"], help="images decoded at once (bounds decode memory)")
-    sv.add_argument("--bundle-poll-s", type=float, default=S["bundle_poll_s"], help="how often a release root's pointer is read (0 = never)")
+    _option(sv, S, "max_batch_size", "images per model forward pass (1 = no batching)")
+    sv.add_argument("--batch-wait-ms", type=float, default=S.batch_wait_timeout_s * 1e3,
+                    help="how long an idle replica waits for more images before a forward pass (under load a pass takes all queued)")
+    _option(sv, S, "max_queued_requests", "requests the replica holds beyond the 2 × max-batch-size it works on; more get 503 + Retry-After at once")
+    _option(sv, S, "request_timeout_s", "deadline per request: 408 if the body is still arriving, else 504")
+    _option(sv, S, "max_concurrent_decodes", "images decoded at once (bounds decode memory)")
+    _option(sv, S, "bundle_poll_s", "how often a release root's pointer is read (0 = never)")
     sv.add_argument("--require-token", action="store_true", help="refuse to start without ONENIP_API_TOKEN")
-    sv.add_argument("--api-docs", action="store_true", help="serve interactive API docs at /docs and the schema at /openapi.json")
-    sv.add_argument("--runtime", default=S["runtime"], choices=["torch", "onnxruntime", "openvino"],
-                    help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
-    sv.add_argument("--threads", type=int, default=S["threads"], help="intra-op threads of the engine (default: the runtime's)")
-    sv.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    _option(sv, S, "api_docs", "serve interactive API docs at /docs and the schema at /openapi.json")
+    _add_runtime_flag(sv, S.runtime)
+    _option(sv, S, "threads", "intra-op threads of the engine (default: the runtime's)", type=int)
+    sv.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
-    pb = sub.add_parser("publish", help="release a bundle: copy it to ROOT/versions/<version> and move ROOT's pointer to it")
+
+def _add_publish(sub) -> None:
+    pb = sub.add_parser("publish", help="release a bundle: copy it to ROOT/versions/<version> and move ROOT's pointer to it",
+                        formatter_class=_HelpFormatter)
     pb.add_argument("--bundle", required=True, help="the bundle to release (local or s3://); verified first")
     pb.add_argument("--root", required=True, help="release root (local or s3://) that services are started on")
-    pb.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    pb.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
-    rp = sub.add_parser("report", help="static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)")
+
+def _add_report(sub) -> None:
+    rp = sub.add_parser("report", help="static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)",
+                        formatter_class=_HelpFormatter)
     rp.add_argument("--bundle", required=True, help="model bundle (local or s3://); re-scores the gallery images")
     source = rp.add_mutually_exclusive_group(required=True)
     source.add_argument("--evaluation", default=None, help="output directory of `onenip evaluate` (metrics.json, predictions.parquet)")
-    source.add_argument("--scores", default=None, help="one partition OUTPUT/run_date=YYYY-MM-DD/ of `onenip score`, or one of its Parquet files")
+    source.add_argument("--scores", default=None, help="one partition OUT/run_date=YYYY-MM-DD/ of `onenip score`, or one of its Parquet files")
     rp.add_argument("--out", required=True, help="report folder (local or s3://): index.html, figures/, gallery/")
-    rp.add_argument("--gallery-size", type=int, default=24, help="images per gallery section (false positives, false negatives, ...)")
-    rp.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)")
+    rp.add_argument("--gallery-size", type=int, default=GALLERY_SIZE, help="images per gallery section (false positives, false negatives, ...)")
+    rp.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onenip", description="OneNIP unified anomaly detection on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_info, _add_train, _add_add_class, _add_export, _add_evaluate, _add_score, _add_serve, _add_publish, _add_report):
+        add(sub)
     return parser
 
 
@@ -213,19 +268,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from .train import run_training
 
-    model = ModelConfig(backbone=args.backbone, image_size=args.image_size, decoder=args.decoder, fusion=args.fusion,
-                        alpha=args.alpha, map_sigma=args.map_sigma, jitter_scale=args.jitter_scale,
-                        residual_init=args.residual_init)
-    cfg = TrainConfig(
-        dataset=args.dataset, data=tuple(args.data), out=args.out, classes=tuple(_classes(args.classes)),
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, balance_classes=args.balance_classes,
-        memory_per_class=args.memory_per_class, target_fpr=args.target_fpr,
-        seed=args.seed, textures=args.textures, backbone_weights=args.backbone_weights,
-        num_workers=args.num_workers, use_gpu=args.use_gpu, calibration_fraction=args.calibration_fraction,
-        prompts_per_class=args.prompts_per_class, checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
-        loader_workers=args.loader_workers, precision=args.precision, model=model,
-    )
+    model = ModelConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
+    cfg = _from_args(TrainConfig, args, data=tuple(args.data), classes=tuple(_classes(args.classes)), model=model)
     meta = run_training(cfg, endpoint=args.s3_endpoint, storage_path=args.storage_path, run_name=args.run_name,
                         resume="auto" if args.auto_resume else args.resume)
     return {"bundle": args.out, "version": meta["version"], "classes": meta["classes"], "thresholds": meta["thresholds"],
@@ -255,17 +299,11 @@ def cmd_score(args: argparse.Namespace) -> dict:
 
     if args.repair:
         return repair_output(args.repair, args.s3_endpoint)
-    missing = [flag for flag, value in (("--bundle", args.bundle), ("--input", args.input), ("--output", args.output)) if not value]
+    missing = [flag for flag, value in (("--bundle", args.bundle), ("--input", args.input), ("--out", args.output)) if not value]
     if missing:
-        raise ValueError(f"{', '.join(missing)} required (or --repair OUTPUT)")
-    cfg = BatchConfig(
-        bundle=args.bundle, input=args.input, output=args.output,
-        run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(), endpoint=args.s3_endpoint,
-        heatmaps=args.heatmaps, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
-        actor_cpus=args.actor_cpus, actor_threads=args.actor_threads, task_cpus=args.task_cpus, runtime=args.runtime,
-        max_error_fraction=args.max_error_fraction, allow_empty=args.allow_empty, chunk_size=args.chunk_size,
-        lease_seconds=args.lease_seconds,
-    )
+        raise ValueError(f"{', '.join(missing)} required (or --repair OUT)")
+    cfg = _from_args(BatchConfig, args, run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(),
+                     endpoint=args.s3_endpoint, max_pixels=None)
     summary = run_batch_scoring(cfg)
     return {k: summary[k] for k in ("partition", "run_id", "run_date", "model_version", "counts", "errors_by_kind", "per_class",
                                     "resumed", "repaired", "heatmaps", "images_per_second", "wall_seconds")}
@@ -283,12 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from .publish import resolve_bundle
     from .serve import TOKEN_ENV, ServeArgs, build_app
 
-    settings = ServeArgs(
-        bundle=args.bundle, endpoint=args.s3_endpoint, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
-        max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
-        max_concurrent_decodes=args.max_concurrent_decodes, api_docs=args.api_docs, bundle_poll_s=args.bundle_poll_s,
-        runtime=args.runtime, threads=args.threads,
-    )
+    settings = _from_args(ServeArgs, args, endpoint=args.s3_endpoint, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
     has_token = bool(os.environ.get(TOKEN_ENV, "").strip())
     if not has_token and args.require_token:
         raise ValueError(f"--require-token: set {TOKEN_ENV} (a bearer token clients must send)")

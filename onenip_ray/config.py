@@ -6,6 +6,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 LEASE_SECONDS = 300.0  # default lifetime of an unrenewed nightly-run lease (renewed every third of it)
+DECODERS = ("v2", "v1")  # post-fix official decoder; the pre-fix bug (paper numbers)
+FUSIONS = ("calibrated", "official", "paper")
+FEATURE_NORMS = ("none", "channel")
+LR_SCHEDULES = ("cosine", "step")
+PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("torch", "onnxruntime", "openvino")  # engines: a bundle in PyTorch, or an ``onenip export`` directory
+GRAPH_FORMATS = ("onnx", "openvino")  # ``onenip export --format``
+PARITY_IMAGES = 32  # real images an export is checked on against PyTorch
+EVALUATE_BATCH_SIZE = 16  # images per model batch in ``onenip evaluate``
+GALLERY_SIZE = 24  # images per gallery section of ``onenip report``
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,14 +56,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
-        if self.decoder not in ("v1", "v2"):
-            raise ValueError(f"decoder must be 'v1' or 'v2', got {self.decoder!r}")
-        if self.fusion not in ("calibrated", "official", "paper"):
-            raise ValueError(f"fusion must be 'calibrated', 'official' or 'paper', got {self.fusion!r}")
+        _check_choice("decoder", self.decoder, DECODERS)
+        _check_choice("fusion", self.fusion, FUSIONS)
         if self.map_sigma < 0:
             raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
-        if self.feature_norm not in ("none", "channel"):
-            raise ValueError(f"feature_norm must be 'none' or 'channel', got {self.feature_norm!r}")
+        _check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
         if not 0.0 < self.residual_init <= 1.0:
             raise ValueError(f"residual_init must be in (0, 1], got {self.residual_init}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -103,14 +115,14 @@ class TrainConfig:
     prompts_per_class: int = 4
     memory_per_class: int = 100_000  # normal patches kept per class for the nearest-neighbour map (0 = all)
     checkpoint_every: int = 1
-    max_failures: int = 0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
     loader_workers: int = 0
     precision: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in ("cosine", "step"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("precision", self.precision, PRECISIONS)
         if self.steps_per_epoch < 0 or self.prompts_per_class < 1:
             raise ValueError("steps_per_epoch must be >= 0 and prompts_per_class >= 1")
 

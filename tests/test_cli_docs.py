@@ -2,12 +2,18 @@
 must stay in step with it: every flag of every subcommand is documented, with a meaning."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from onenip_ray.cli import build_parser
 from onenip_ray.cli_docs import DOC, main, option_strings, render, subcommands
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _flag_names(row: str) -> list[str]:
+    """The flags named in a table row's first cell (``| `--out`, `--output` `OUT` | …``)."""
+    return re.findall(r"`(-[^`]+)`", row.split("|")[1])
 
 
 def test_configuration_md_is_generated_from_the_current_parser():
@@ -24,7 +30,7 @@ def test_every_flag_of_every_subcommand_is_documented_with_a_meaning():
     for command, options in flags.items():
         section = text.split(f"## onenip {command}\n", 1)[1].split("\n## ", 1)[0]
         for option in options:
-            rows = [line for line in section.splitlines() if line.startswith(f"| `{option}`")]
+            rows = [line for line in section.splitlines() if line.startswith("| `-") and option in _flag_names(line)]
             assert len(rows) == 1, f"onenip {command} {option} is not documented"
             assert rows[0].rstrip(" |").rsplit("|", 1)[1].strip(), f"onenip {command} {option} has no help text"
     for command, (help_, _) in subcommands(parser).items():
