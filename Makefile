@@ -1,4 +1,4 @@
-# onenip-ray: `make install`, `make test`, `make demo`.
+# onenip-ray: `make install`, `make test`, `make lint`, `make demo`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # This workplace's pip installs exactly these from local disk; elsewhere override TORCH_SPEC
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 demo: install
-	$(PY) -m onenip_ray.demo
+	$(PY) -m demo
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -42,7 +42,7 @@ BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / 
 def source_files(n: int) -> tuple[str, list[Path]]:
     if BOTTLE.is_dir():
         return "MVTec AD bottle train/good (900×900 PNG)", sorted((BOTTLE / "train" / "good").glob("*.png"))[:n]
-    from onenip_ray.demo_data import write_demo_dataset
+    from demo.data import write_demo_dataset
 
     root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=512, train_per_class=max(1, n // 3 + 1), test_good=0, test_per_defect=0)
     return "synthetic demo set (512×512 PNG; ../shared absent)", sorted(Path(root).rglob("train/good/*.png"))[:n]

@@ -7,7 +7,7 @@ Needs torch, timm, opencv, safetensors and this package on PYTHONPATH; no Ray, n
 
 (i)   precision: bf16 autocast vs fp32 for the inference maps / image scores (the Predictor path)
       and for the training losses, on random images and on real images (MVTec AD bottle from
-      ../shared/data when present, else the synthetic demo set of onenip_ray.demo_data). On a GPU
+      ../shared/data when present, else the synthetic demo set of demo/data.py). On a GPU
       also GPU-fp32 vs CPU-fp32 (cuDNN convolutions use TF32 by default). Pass/fail against the
       tolerance of tests/test_train_scale.py (scores rtol 5e-2, per-image map correlation > 0.99,
       same retrieved prompts).
@@ -58,7 +58,7 @@ def real_images(size: int, n: int) -> tuple[str, np.ndarray]:
         paths = everything[:: max(1, len(everything) // n)][:n]
         source = f"MVTec bottle ({len(paths)} test images)"
     else:
-        from onenip_ray.demo_data import write_demo_dataset
+        from demo.data import write_demo_dataset
 
         root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=max(128, size), train_per_class=2, test_good=2, test_per_defect=1)
         paths = sorted(Path(root).rglob("test/*/*.png"))[:n]

@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from the CLI parser (``python -m onenip_ray.cli_docs``) and
+"""docs/configuration.md is generated from the CLI parser (``python tools/cli_docs.py``) and
 must stay in step with it: every flag of every subcommand is documented, with a meaning."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from onenip_ray.cli import build_parser
-from onenip_ray.cli_docs import DOC, main, option_strings, render, subcommands
+from tools.cli_docs import DOC, main, option_strings, render, subcommands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def _flag_names(row: str) -> list[str]:
 
 def test_configuration_md_is_generated_from_the_current_parser():
     assert DOC == REPO / "docs" / "configuration.md"
-    assert DOC.read_text() == render(), "docs/configuration.md is out of date: run `python -m onenip_ray.cli_docs`"
+    assert DOC.read_text() == render(), "docs/configuration.md is out of date: run `python tools/cli_docs.py`"
     assert main(["--check"]) == 0
 
 

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 SHRINK = (
-    "import sys, onenip_ray.demo as d; "
+    "import sys, demo.guide as d; "
     "d.SYNTHETIC.update(size=64, train_per_class=6, test_good=2, test_per_defect=1); "
     "d.INCOMING.update(per_class=2); sys.exit(d.main())"
 )
@@ -19,7 +22,7 @@ SHRINK = (
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_synthetic_set(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "FORCE_SYNTHETIC": "1", "EPOCHS": "1", "DEMO_OUT": str(out), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FORCE_SYNTHETIC": "1", "EPOCHS": "1", "DEMO_OUT": str(out), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     run = subprocess.run([sys.executable, "-c", SHRINK], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The synthetic demo set (``onenip_ray.demo_data``): deterministic bytes, masks that are exactly the
+"""The synthetic demo set (``demo/data.py``): deterministic bytes, masks that are exactly the
 painted pixels, every defective test image with a non-empty mask, readable by the mvtec layout."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from onenip_ray.data.layouts import read_dataset
-from onenip_ray.demo_data import CLASSES, DEFECTS, iter_demo_samples, make_sample, write_demo_dataset, write_incoming
+from demo.data import CLASSES, DEFECTS, iter_demo_samples, make_sample, write_demo_dataset, write_incoming
 
 SMALL = {"size": 64, "train_per_class": 3, "test_good": 2, "test_per_defect": 2}
 

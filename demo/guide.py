@@ -3,7 +3,7 @@
 1. starts a private local Ray cluster (all of this machine's CPUs, no dashboard, no auth token);
 2. data: the real MVTec AD ``bottle`` class when ``../shared/data/mvtec_ad`` is beside the checkout,
    or ``DATA=ROOT [CLASSES=a,b]``; otherwise (or with ``FORCE_SYNTHETIC=1``) a generated,
-   deterministic 3-class synthetic set (``onenip_ray.demo_data``) — synthetic, not for accuracy
+   deterministic 3-class synthetic set (``demo/data.py``) — synthetic, not for accuracy
    claims — plus a separate ``incoming/`` folder of new images drawn with another seed (with real
    data, a manifest of up to 40 of its test images stands in for the new images);
 3. trains with Ray Train (1 worker, the offline ``tf_efficientnet_lite0`` backbone), evaluates on
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import main as cli_main
+from onenip_ray.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MVTEC = REPO.parent / "shared" / "data" / "mvtec_ad"
@@ -82,7 +82,7 @@ def _start_ray() -> str:
     cpus = os.cpu_count() or 1
     temp_dir = tempfile.mkdtemp(prefix="ray-demo-", dir="/tmp")  # short path: Ray puts unix sockets here
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
-             runtime_env={"worker_process_setup_hook": "onenip_ray.demo.worker_setup"})
+             runtime_env={"worker_process_setup_hook": worker_setup})
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     print(f"started a local Ray cluster with {cpus} CPUs (no dashboard, auth disabled)", flush=True)
     return temp_dir
@@ -96,7 +96,7 @@ def main() -> int:
     data = os.environ.get("DATA")
     synthetic = not data and (os.environ.get("FORCE_SYNTHETIC") == "1" or not (SHARED_MVTEC / "bottle").is_dir())
     if synthetic:
-        from .demo_data import write_demo_dataset, write_incoming
+        from demo.data import write_demo_dataset, write_incoming
 
         data = write_demo_dataset(str(out / "data"), **SYNTHETIC)
         incoming = out / "incoming"

@@ -1,0 +1,5 @@
+import sys
+
+from demo.guide import main
+
+sys.exit(main())

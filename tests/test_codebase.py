@@ -1,0 +1,55 @@
+"""The codebase's own rules, checked so they stay true: the public API resolves and loads lazily,
+functions stay short, and the shared names of ``formats.py`` are not redefined elsewhere."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import onenip_ray
+
+PACKAGE = Path(onenip_ray.__file__).resolve().parent
+MAX_FUNCTION_LINES = 60
+# Being split into steps (issue 13); this list only shrinks.
+LONG_FUNCTIONS_ALLOWED = {("add_class.py", "add_class"), ("evaluate.py", "evaluate"), ("export.py", "export_bundle"),
+                          ("report.py", "_write_report"), ("train.py", "train_loop_per_worker"), ("train.py", "run_training")}
+# Literals that name a shared fact: only ``formats.py`` may spell them.
+SHARED_LITERALS = ("bundle.json", "metrics.json", "predictions.parquet", "_SUCCESS.json", "model.safetensors",
+                   "prompts.safetensors", "(unknown)", "s3://")
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path, ast.parse(path.read_text(), filename=str(path))
+
+
+def test_public_api_resolves_and_import_is_light():
+    for name in onenip_ray.__all__:
+        assert getattr(onenip_ray, name) is not None, name
+    code = "import sys, onenip_ray; print(onenip_ray.__all__); print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "run_training" in out[0] and "Scorer" in out[0]
+    assert out[1] == "[]", f"`import onenip_ray` imported {out[1]}"
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and (path.name, node.name) not in LONG_FUNCTIONS_ALLOWED:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_shared_names_are_spelled_only_in_formats():
+    found = []
+    for path, tree in _modules():
+        if path.name == "formats.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SHARED_LITERALS:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert not found, f"use onenip_ray.formats instead of: {found}"
