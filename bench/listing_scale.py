@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onenip_ray import batch  # noqa: E402
+from onenip_ray import batch, inputs  # noqa: E402
 from onenip_ray.config import BatchConfig  # noqa: E402
 from onenip_ray.schema import FILE_SCHEMA, STATUS_OK  # noqa: E402
 
@@ -79,7 +79,7 @@ BASELINE_RSS_MB = 0.0
 
 def run(label: str, cfg: BatchConfig) -> dict:
     start = time.perf_counter()
-    listed = sum(chunk.num_rows for chunk in batch.iter_input_chunks(cfg.input, chunk_size=cfg.chunk_size))
+    listed = sum(chunk.num_rows for chunk in inputs.iter_input_chunks(cfg.input, chunk_size=cfg.chunk_size))
     listing_s = time.perf_counter() - start
     accounted = []
     account = batch._account

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onenip_ray.batch import BatchConfig, list_inputs, run_batch_scoring
+from onenip_ray.batch import BatchConfig, run_batch_scoring
+from onenip_ray.inputs import list_inputs
 from onenip_ray.engines import RUNTIMES, load_model
 from onenip_ray.scoring import Scorer
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .batch import list_inputs
+from .inputs import list_inputs
 from .bundle import commit_bundle, load_bundle, write_bundle
 from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .data.images import ImageError, decode_image, resize_image

@@ -195,7 +195,7 @@ def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_siz
 def parity_inputs(bundle: Bundle, images: str | None, limit: int, endpoint: str | None) -> tuple[np.ndarray, list[str]]:
     """Normalised real images for the parity check: ``images`` (folder / prefix / manifest), else
     the bundle's own prompt images (their URIs are the pool's prompt ids); at most ``limit``."""
-    from .batch import list_inputs
+    from .inputs import list_inputs
 
     spec = ScoringSpec.from_bundle(bundle)
     if images:

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from onenip_ray import storage
-from onenip_ray.batch import BatchConfig, InferenceActor, list_inputs, run_batch_scoring
+from onenip_ray.batch import BatchConfig, InferenceActor, run_batch_scoring
+from onenip_ray.inputs import list_inputs
 from onenip_ray.formats import uri_stem
 from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
@@ -72,7 +73,7 @@ def test_list_s3_prefix(s3_bucket, s3_env):
 
 
 def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
-    from onenip_ray.batch import iter_input_chunks
+    from onenip_ray.inputs import iter_input_chunks
 
     for i in range(7):
         (tmp_path / "in" / f"{i}.png").parent.mkdir(exist_ok=True)
