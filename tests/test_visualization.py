@@ -82,6 +82,7 @@ def test_figures_are_pngs():
     pr = pr_figure("bottle", np.array([0.5, 1.0]), np.array([1.0, 1.0]), float("nan"), 0.5, None)
     hist = histogram_figure("bottle", [("good", scores[:2], NORMAL_COLOUR), ("defective", scores[2:], DEFECT_COLOUR),
                                        ("none", np.array([]), NORMAL_COLOUR)], threshold=0.5)
-    flat = histogram_figure("bottle", [("good", np.full(3, 0.4), NORMAL_COLOUR)], threshold=None)  # one value: bins still grow
+    # a single value and no threshold: the bins still span a width
+    flat = histogram_figure("bottle", [("good", np.full(3, 0.4), NORMAL_COLOUR)], threshold=None)
     for png in (roc, pr, hist, flat):
         assert png[:8] == PNG_MAGIC and _decode(png).shape[2] == 3
