@@ -47,7 +47,8 @@ from .schema import (
     ERROR_MISSING, ERROR_TRANSIENT, ERROR_UNREADABLE, FILE_SCHEMA, PARTITION_COLUMN, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK,
     to_table,
 )
-from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap, render_overlay
+from .scoring import Prepared, Scorer, ScoringSpec
+from .visualization import render_heatmap, render_overlay
 
 MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per task)
 

@@ -41,7 +41,7 @@ def _as_scores(x: np.ndarray) -> np.ndarray:
     return s
 
 
-def _clf_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def clf_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Cumulative (tps, fps) at each distinct score, highest first; None if one class.
 
     Tied scores form a single operating point, exactly as sklearn's ``roc_curve``;
@@ -92,17 +92,17 @@ def _f1_max(curve: tuple[np.ndarray, np.ndarray] | None) -> float:
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve of image scores (1 = anomalous label)."""
-    return _auroc(_clf_curve(labels, scores))
+    return _auroc(clf_curve(labels, scores))
 
 
 def image_ap(labels: np.ndarray, scores: np.ndarray) -> float:
     """Average precision of image scores (sklearn ``average_precision_score``)."""
-    return _ap(_clf_curve(labels, scores))
+    return _ap(clf_curve(labels, scores))
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     """Maximum F1 over all thresholds of the precision-recall curve."""
-    return _f1_max(_clf_curve(labels, scores))
+    return _f1_max(clf_curve(labels, scores))
 
 
 def _pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,12 +114,12 @@ def _pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """AUROC pooled over all pixels of all images; masks/maps are (N, H, W)."""
-    return _auroc(_clf_curve(*_pixels(masks, maps)))
+    return _auroc(clf_curve(*_pixels(masks, maps)))
 
 
 def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     """Average precision pooled over all pixels of all images."""
-    return _ap(_clf_curve(*_pixels(masks, maps)))
+    return _ap(clf_curve(*_pixels(masks, maps)))
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -205,14 +205,14 @@ def class_metrics(
     maps: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics of one class; pixel metrics only when both masks and maps are given."""
-    curve = _clf_curve(labels, scores)
+    curve = clf_curve(labels, scores)
     out = {
         "image_auroc": _auroc(curve),
         "image_ap": _ap(curve),
         "image_f1_max": _f1_max(curve),
     }
     if masks is not None and maps is not None:
-        pix = _clf_curve(*_pixels(masks, maps))
+        pix = clf_curve(*_pixels(masks, maps))
         out["pixel_auroc"] = _auroc(pix)
         out["pixel_ap"] = _ap(pix)
         out["pixel_aupro"] = pixel_aupro(masks, maps)

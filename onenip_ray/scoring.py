@@ -220,37 +220,6 @@ def find_regions(
     return regions, int(sum(r["area_px"] for r in regions))
 
 
-def heat_levels(fused: np.ndarray, cal: ClassCalibration, threshold: float | None = None) -> np.ndarray:
-    """uint8 levels with the class's statistics (not per image): ``map_low`` → 0, threshold → 128."""
-    thr = cal.threshold_raw if threshold is None else threshold
-    span = max(thr - cal.map_low, 1e-6)
-    return (np.clip(0.5 * (fused - cal.map_low) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def render_heatmap(fused: np.ndarray, cal: ClassCalibration, threshold: float | None = None) -> bytes:
-    """The fused map as a TURBO-coloured PNG at network resolution (see ``heat_levels``)."""
-    colour = cv2.applyColorMap(heat_levels(fused, cal, threshold), cv2.COLORMAP_TURBO)
-    return cv2.imencode(".png", colour)[1].tobytes()
-
-
-def render_overlay(
-    image_rgb: np.ndarray, fused: np.ndarray, cal: ClassCalibration, regions: list[dict[str, Any]],
-    threshold: float | None = None, quality: int = 90,
-) -> bytes:
-    """JPEG of the original image with the heat map blended where it is above ``map_low`` and the
-    regions' boxes drawn (original resolution)."""
-    height, width = image_rgb.shape[:2]
-    levels = cv2.resize(heat_levels(fused, cal, threshold), (width, height), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)
-    image_bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    alpha = np.where(levels > 0, 0.45, 0.0)[..., None]
-    out = (image_bgr * (1.0 - alpha) + colour * alpha).astype(np.uint8)
-    thickness = max(1, round(max(width, height) / 300))
-    for r in regions:
-        cv2.rectangle(out, (r["x"], r["y"]), (r["x"] + r["w"] - 1, r["y"] + r["h"] - 1), (255, 255, 255), thickness)
-    return cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
-
-
 class Scorer:
     """A loaded model that turns image bytes into result rows (batch job and online service).
     ``runtime`` picks the engine: ``torch`` runs a bundle, ``onnxruntime``/``openvino`` an

@@ -46,8 +46,9 @@ from .engines import load_model as load_engine_model
 from .forward_passes import ForwardPasses
 from .publish import read_pointer, resolve_bundle
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
-from .scoring import Prepared, Scorer, ScoringSpec, render_heatmap
+from .scoring import Prepared, Scorer, ScoringSpec
 from .serve_args import BatchingConfig, ServeArgs
+from .visualization import render_heatmap
 
 TOKEN_ENV = "ONENIP_API_TOKEN"
 RETRY_AFTER_S = 1  # Retry-After of 503/504 answers

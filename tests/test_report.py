@@ -221,6 +221,26 @@ def test_scores_report_has_counts_histograms_gallery_and_errors(tiny_bundle, sco
     assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(part), "--out", str(tmp_path / "one-file")]) == 0
 
 
+def test_report_escapes_class_names_uris_and_messages(tiny_bundle, scored_partition, tmp_path):
+    """Class names, URIs and error messages come from users' data: the template engine escapes them."""
+    from onenip_ray.schema import error_row, to_table
+
+    hostile = '<script>alert("x")</script>'
+    rows = pq.read_table(next(scored_partition.glob("*.parquet"))).to_pylist()
+    ok = next(r for r in rows if r["status"] == "ok")
+    ok["class_name"] = f"{hostile}&"
+    rows.append(error_row(f"s3://bucket/{hostile}.png", f"cannot read {hostile}", error_kind="unreadable",
+                          model_version=ok["model_version"], run_id=ok["run_id"], run_date=ok["run_date"]))
+    partition = tmp_path / "run_date=2026-11-27"
+    partition.mkdir()
+    pq.write_table(to_table(rows), partition / "part-00000.parquet")
+    out = tmp_path / "report"
+    assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(partition), "--out", str(out)]) == 0
+    text = (out / "index.html").read_text()
+    assert "<script>" not in text and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
+    assert _parse(out / "index.html").first_cells["counts-table"][0] == f"{hostile}&"
+
+
 def test_report_rejects_a_results_root_and_missing_inputs(tiny_bundle, scored_partition, tmp_path, capsys):
     assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(scored_partition.parent), "--out", str(tmp_path / "r")]) == 2
     assert "pass one partition" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The Scorer (bytes → result rows): guards, classes, calibration, regions, heat maps (no Ray)."""
+"""The Scorer (bytes → result rows): guards, classes, calibration, regions (no Ray)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from onenip_ray.bundle import load_bundle
-from onenip_ray.calibration import ClassCalibration, calibrated_score
+from onenip_ray.calibration import calibrated_score
 from onenip_ray.model.onenip import image_scores
 from onenip_ray.schema import OUTPUT_COLUMNS, RESULT_SCHEMA, to_table
-from onenip_ray.scoring import MAP_KEY, Scorer, find_regions, heat_levels, render_heatmap, render_overlay, smoothed_map
+from onenip_ray.scoring import MAP_KEY, Scorer, find_regions, smoothed_map
 from tests.inputs import bad_inputs, good_inputs
 
 
@@ -156,29 +156,3 @@ def test_find_regions_in_original_pixels():
     # an original smaller than the map: every region still has pixels, boxes stay inside
     regions, area = find_regions(fused, 0.25, 16, width=10, height=9)
     assert all(r["area_px"] > 0 and r["x"] + r["w"] <= 10 and r["y"] + r["h"] <= 9 for r in regions)
-
-
-def test_heatmap_uses_class_statistics_not_per_image():
-    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, normal_mean=2.0, normal_std=0.5, map_low=1.0,
-                           num_images=5, normal_similarity_min=0.9)
-    assert heat_levels(np.array([[0.5, 1.0, 2.0, 3.0, 5.0, 9.0]]), cal).tolist() == [[0, 0, 64, 128, 255, 255]]
-    flat = np.full((64, 64), 3.0, np.float32)  # per-image min-max would make this all 0 (or NaN)
-    png = cv2.imdecode(np.frombuffer(render_heatmap(flat, cal), np.uint8), cv2.IMREAD_COLOR)
-    expected = cv2.applyColorMap(np.full((1, 1), 128, np.uint8), cv2.COLORMAP_TURBO)[0, 0]
-    assert png.shape == (64, 64, 3) and (png == expected).all()
-    assert heat_levels(flat, cal, threshold=5.0)[0, 0] == 64  # a manual threshold moves the midpoint
-
-
-def test_overlay_is_a_jpeg_at_original_size():
-    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, normal_mean=2.0, normal_std=0.5, map_low=1.0,
-                           num_images=5, normal_similarity_min=0.9)
-    image = np.full((120, 200, 3), 200, np.uint8)
-    fused = np.ones((64, 64), np.float32)
-    fused[10:30, 10:30] = 6.0
-    regions, _ = find_regions(fused, 3.0, 16, 200, 120)
-    jpeg = render_overlay(image, fused, cal, regions)
-    assert jpeg[:2] == b"\xff\xd8"
-    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape == (120, 200, 3)
-    assert np.abs(decoded[5:45, 5:50].astype(int) - 200).max() > 50  # coloured where the map is hot
-    assert np.abs(decoded[100:, 150:].astype(int) - 200).max() < 20  # untouched where it is at map_low

@@ -31,11 +31,12 @@ from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.cli import _is_loopback, build_parser, main
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, Pointer, publish, read_pointer
 from onenip_ray.schema import RESULT_COLUMNS
-from onenip_ray.scoring import MAP_KEY, Scorer, render_heatmap
+from onenip_ray.scoring import MAP_KEY, Scorer
 from onenip_ray.serve import (
     BATCH_SIZE_HEADER, TOKEN_ENV, ClientError, ScoreResult, ServeArgs, Unavailable, app, build_app, json_safe, parse_options,
     within_deadline,
 )
+from onenip_ray.visualization import render_heatmap
 from tests.conftest import _free_port
 from tests.inputs import bad_inputs
 
