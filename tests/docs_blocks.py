@@ -113,3 +113,22 @@ def with_train_flags(text: str, flags: str) -> str:
             command = [*command[:-1], f"{parts['command']} {flags}{parts['comment'] or ''}"]
         out.extend(command)
     return "\n".join(out) + "\n"
+
+
+CLI_CALL = re.compile(r"\bonenip (?P<command>[a-z][a-z-]*)|\bjobs/(?P<job>[a-z_]+)\.py\b")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+COMMAND_END = re.compile(r"\s#|\s\|\s|;|&&")
+
+
+def cli_calls(text: str) -> list[tuple[str, list[str]]]:
+    """``(subcommand, flags)`` of every ``onenip SUB …`` and ``jobs/SUB.py …`` call in a block (job
+    scripts take the flags of their subcommand; a comment, pipe or ``;`` ends a call)."""
+    calls = []
+    for command in _logical_commands(text):
+        line = " ".join(part.rstrip().rstrip("\\") for part in command)
+        for match in CLI_CALL.finditer(line):
+            rest = line[match.end():]
+            rest = rest[:end.start()] if (end := COMMAND_END.search(rest)) else rest
+            subcommand = match["command"] or match["job"].replace("_", "-")
+            calls.append((subcommand, FLAG.findall(rest)))
+    return calls

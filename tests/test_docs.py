@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs_blocks import REPO, all_blocks, with_train_flags
+from onenip_ray.cli import build_parser
+from onenip_ray.cli_docs import option_strings
+from tests.docs_blocks import REPO, all_blocks, cli_calls, with_train_flags
 
 BLOCKS = all_blocks()
 VENV_BIN = Path(sys.executable).parent
@@ -48,6 +50,15 @@ def test_every_shell_block_is_classified():
                               f"`<!-- docs-test: skip (reason) -->` comment before the fence: {unclassified}")
     invalid = [f"{b.id}: {b.directive!r}" for b in BLOCKS if not b.is_valid]
     assert not invalid, f"docs-test comments that are neither `run[, train with FLAGS]` nor `skip (reason)`: {invalid}"
+
+
+def test_every_onenip_call_in_a_block_uses_real_subcommands_and_flags():
+    """Skipped blocks too: a synopsis cannot run, but its subcommands and flags must exist."""
+    known = option_strings(build_parser())
+    wrong = [f"{b.id}: onenip {command} {flag}" for b in BLOCKS for command, flags in cli_calls(b.text)
+             for flag in (flags if command in known else ["(no such subcommand)"])
+             if flag not in known.get(command, ())]
+    assert not wrong, f"doc examples with unknown subcommands or flags: {wrong}"
 
 
 def test_train_flags_are_appended_to_training_commands_only():
@@ -90,27 +101,34 @@ def _wait_for_dashboard(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """``ray start --block`` stops the processes it started when it gets SIGTERM (unlike ``ray stop``,
-    which would stop every Ray instance on the machine)."""
-    process.send_signal(signal.SIGTERM)
+    """SIGTERM to the process group of ``ray start --block`` (its own session: GCS, raylet, dashboard,
+    workers), then SIGKILL to what is left; unlike ``ray stop`` this leaves other Ray instances alone."""
+    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(60)
+        process.wait(10)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    time.sleep(2)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A private ``ray start --head`` cluster (2 CPUs, token auth); yields the client environment."""
+    """A private ``ray start --head`` cluster (2 CPUs) that turns token authentication on because a
+    token exists, as docs/training.md sets it up; yields the client environment (address, token)."""
     token = secrets.token_hex(32)
     temp_dir = tempfile.mkdtemp(prefix="rayd", dir="/tmp")  # short: Ray puts unix sockets here
     dashboard_port = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port(), "--metrics-export-port": _free_port()}
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_TOKEN": token,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # as in docs/training.md: a token exists, the mode is Ray's default
+        env.pop(key, None)
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
                "--dashboard-host", "127.0.0.1", "--object-store-memory", str(256 * 2**20), "--temp-dir", temp_dir,
                *[str(x) for pair in ports.items() for x in pair]]
@@ -120,6 +138,7 @@ def ray_head(tmp_path_factory):
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(url, process, log)
+        assert "Token authentication is enabled" in log.read_text(), "the cluster did not turn token auth on"
         yield {"RAY_API_SERVER_ADDRESS": url, "RAY_AUTH_TOKEN": token}
     finally:
         _stop(process)
