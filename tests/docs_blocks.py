@@ -70,12 +70,12 @@ def _directive_before(lines: list[str], index: int) -> str | None:
 
 
 def shell_blocks(path: Path, repo: Path = REPO) -> list[Block]:
-    """The shell blocks of one markdown file (blocks of other languages are stepped over)."""
+    """The shell blocks of one markdown file (blocks of other or no language are stepped over)."""
     lines = path.read_text().splitlines()
     blocks, index = [], 0
     while index < len(lines):
         opening = FENCE.match(lines[index])
-        if not opening or not opening["lang"]:
+        if not opening:
             index += 1
             continue
         end = next(i for i in range(index + 1, len(lines)) if lines[i].strip() == "```")

@@ -28,7 +28,7 @@ import pytest
 
 from onenip_ray.cli import build_parser
 from onenip_ray.cli_docs import option_strings
-from tests.docs_blocks import REPO, all_blocks, cli_calls, with_train_flags
+from tests.docs_blocks import REPO, all_blocks, cli_calls, shell_blocks, with_train_flags
 
 BLOCKS = all_blocks()
 VENV_BIN = Path(sys.executable).parent
@@ -50,6 +50,15 @@ def test_every_shell_block_is_classified():
                               f"`<!-- docs-test: skip (reason) -->` comment before the fence: {unclassified}")
     invalid = [f"{b.id}: {b.directive!r}" for b in BLOCKS if not b.is_valid]
     assert not invalid, f"docs-test comments that are neither `run[, train with FLAGS]` nor `skip (reason)`: {invalid}"
+
+
+def test_the_parser_sees_unclassified_blocks_and_steps_over_other_fences(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- docs-test: skip (needs a GPU cluster) -->\n\n```bash\nonenip info\n```\n"
+                   "```\nnot shell\n```\n```python\nprint()\n```\n  ```sh\n  make demo\n  ```\n")
+    first, second = shell_blocks(doc, tmp_path)
+    assert (first.line, first.skip_reason, first.text) == (3, "needs a GPU cluster", "onenip info\n")
+    assert (second.line, second.directive, second.text) == (12, None, "make demo\n")
 
 
 def test_every_onenip_call_in_a_block_uses_real_subcommands_and_flags():
