@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from onenip_ray.cli import build_parser
-from onenip_ray.cli_docs import option_strings
+from tools.cli_docs import option_strings
 from tests.docs_blocks import REPO, all_blocks, cli_calls, shell_blocks, with_train_flags
 
 BLOCKS = all_blocks()

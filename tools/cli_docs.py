@@ -34,7 +34,7 @@ ENVIRONMENT = """## Environment variables
 | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` / `AWS_DEFAULT_REGION` | S3 access | the usual AWS credential chain (instance profiles / IRSA need none of these); `train` and `score` forward them to their Ray workers |
 | `ONENIP_API_TOKEN` | `serve` replicas | when set (surrounding whitespace stripped), `/v1/score`, `/v1/model` and `/v1/stats` need `Authorization: Bearer <token>`; unset on a non-loopback `--host`: a loud warning (`--require-token`: refuse to start) |
 | `RAY_ADDRESS` | `train`, `score` (and `ray job submit`) | an existing Ray cluster to join; unset: a local one is started |
-| `RAY_AUTH_MODE`, `RAY_AUTH_TOKEN` | Ray clients | token authentication of Ray 2.60 clusters (`disabled` for private local clusters) |
+| `RAY_AUTH_MODE`, `RAY_AUTH_TOKEN` | Ray clients | token authentication of Ray 2.60 clusters: `token` for `ray job submit` to a `ray start` cluster (see [training.md](training.md)), `disabled` for private local clusters |
 | `DATA`, `CLASSES`, `EPOCHS`, `LR`, `DEMO_OUT`, `FORCE_SYNTHETIC=1` | `make demo` | dataset root and classes (default: `../shared/data/mvtec_ad` bottle if present, else the synthetic set), training epochs and learning rate, output folder (default `demo_out`), force the synthetic set |
 | `TORCH_SPEC`, `PYTEST_ARGS`, `VENV` | `make install`, `make test` | how torch is installed, extra pytest arguments, the virtual environment folder |
 """
