@@ -170,7 +170,7 @@ def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthe
     _step("evaluate", ["evaluate", *common, "--bundle", str(bundle), "--out", str(evaluation)], logs)
     timings["evaluate"] = time.time() - t
     t = time.time()
-    scored = _step("score", ["score", "--bundle", str(bundle), "--input", str(incoming), "--output", str(scores),
+    scored = _step("score", ["score", "--bundle", str(bundle), "--input", str(incoming), "--out", str(scores),
                              "--run-date", run_date, "--heatmaps", "--batch-size", "16"], logs)
     timings["score"] = time.time() - t
     t = time.time()

@@ -158,17 +158,17 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_score(sub) -> None:
-    sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUT/run_date=YYYY-MM-DD/ (Parquet)",
+    sc = sub.add_parser("score", help="nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)",
                         formatter_class=_HelpFormatter)
     sc.add_argument("--bundle", default=None, help="model bundle (local or s3://); required unless --repair")
     sc.add_argument("--input", default=None,
                     help="image folder / s3:// prefix (recursive) or a .parquet/.csv manifest with image_uri[, class_name]; required unless --repair")
-    sc.add_argument("--out", "--output", dest="output", metavar="OUT", default=None,
-                    help="results root (local or s3://); the run replaces OUT/run_date=<date>/ (`--output`: its earlier spelling)")
-    sc.add_argument("--repair", metavar="OUT", default=None,
-                    help="only finish interrupted commits under OUT (each date under its lease), then exit")
+    sc.add_argument("--out", "--output", dest="output", metavar="OUTPUT", default=None,
+                    help="results root (local or s3://); the run replaces OUTPUT/run_date=<date>/ (`--output`: its earlier spelling)")
+    sc.add_argument("--repair", metavar="OUTPUT", default=None,
+                    help="only finish interrupted commits under OUTPUT (each date under its lease), then exit")
     sc.add_argument("--run-date", type=_date, default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
-    _option(sc, B, "heatmaps", "write heat-map PNGs (and overlay JPEGs of anomalous images) under OUT/_heatmaps/")
+    _option(sc, B, "heatmaps", "write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/_heatmaps/")
     _option(sc, B, "max_error_fraction", "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
     _option(sc, B, "allow_empty", "commit an empty night instead of rejecting a run without inputs")
     _option(sc, B, "batch_size", "images per model batch")
@@ -220,7 +220,7 @@ def _add_report(sub) -> None:
     rp.add_argument("--bundle", required=True, help="model bundle (local or s3://); re-scores the gallery images")
     source = rp.add_mutually_exclusive_group(required=True)
     source.add_argument("--evaluation", default=None, help="output directory of `onenip evaluate` (metrics.json, predictions.parquet)")
-    source.add_argument("--scores", default=None, help="one partition OUT/run_date=YYYY-MM-DD/ of `onenip score`, or one of its Parquet files")
+    source.add_argument("--scores", default=None, help="one partition OUTPUT/run_date=YYYY-MM-DD/ of `onenip score`, or one of its Parquet files")
     rp.add_argument("--out", required=True, help="report folder (local or s3://): index.html, figures/, gallery/")
     rp.add_argument("--gallery-size", type=int, default=GALLERY_SIZE, help="images per gallery section (false positives, false negatives, ...)")
     rp.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
@@ -301,7 +301,7 @@ def cmd_score(args: argparse.Namespace) -> dict:
         return repair_output(args.repair, args.s3_endpoint)
     missing = [flag for flag, value in (("--bundle", args.bundle), ("--input", args.input), ("--out", args.output)) if not value]
     if missing:
-        raise ValueError(f"{', '.join(missing)} required (or --repair OUT)")
+        raise ValueError(f"{', '.join(missing)} required (or --repair OUTPUT)")
     cfg = _from_args(BatchConfig, args, run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(),
                      endpoint=args.s3_endpoint, max_pixels=None)
     summary = run_batch_scoring(cfg)

@@ -288,7 +288,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     assert by_uri[str(tmp_path / "in/missing.png")]["error_kind"] == "missing"
 
     # the same date again through the CLI, locally: the partition is replaced by directory renames
-    argv = ["score", "--bundle", tiny_bundle, "--input", cfg.input, "--output", cfg.output, "--run-date", "2026-11-27",
+    argv = ["score", "--bundle", tiny_bundle, "--input", cfg.input, "--out", cfg.output, "--run-date", "2026-11-27",
             "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25", "--max-error-fraction", "0.6"]
     assert main(argv) == 0
     printed = capsys.readouterr().out  # Ray's own log lines may come first
@@ -336,7 +336,7 @@ def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_clus
     # a night where most images are gone: rejected, the good night stays, the new rows stay staged
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("image_uri\n" + "".join(f"in/{i:02d}.png\n" for i in range(10)) + "".join(f"gone/{i}.png\n" for i in range(10)))
-    argv = ["score", "--bundle", tiny_bundle, "--input", str(manifest), "--output", out, "--run-date", "2026-11-27",
+    argv = ["score", "--bundle", tiny_bundle, "--input", str(manifest), "--out", out, "--run-date", "2026-11-27",
             "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25"]
     assert main(argv) == 3
     err = capsys.readouterr().err
