@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onenip_ray.config import ModelConfig  # noqa: E402
 from onenip_ray.model.backbone import FrozenBackbone, packaged_weights_path  # noqa: E402
+from onenip_ray.model.anomaly_map import fuse, image_scores  # noqa: E402
 from onenip_ray.model.build import build_backbone, build_onenip  # noqa: E402
-from onenip_ray.model.onenip import fuse, image_scores  # noqa: E402
+from onenip_ray.model.loss import training_losses  # noqa: E402
 from onenip_ray.prompts import descriptors, retrieve  # noqa: E402
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -94,7 +95,7 @@ class Bench:
         return contextlib.nullcontext()
 
     def to_input(self, images) -> torch.Tensor:
-        x = self.backbone.normalize(images if isinstance(images, torch.Tensor) else torch.from_numpy(images))
+        x = self.backbone.to_network_input(images if isinstance(images, torch.Tensor) else torch.from_numpy(images))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
@@ -119,7 +120,7 @@ class Bench:
         torch.manual_seed(1)
         with self.autocast(precision):
             synthetic = self.backbone(self.to_input(synthetic_images))
-            out = self.model(clean, synthetic.float(), mask, prompt)
+            out = training_losses(self.model, clean, synthetic.float(), mask, prompt)
         self.model.eval()
         return torch.stack([out.total.float().detach(), out.mse.float(), out.dice.float()])
 
@@ -204,7 +205,7 @@ def train_throughput(bench: Bench, size: int, batch: int, precision: str, warmup
     def step() -> None:
         with bench.autocast(precision):
             synthetic = bench.backbone(bench.to_input(images))
-            losses = model(clean, synthetic.float(), mask, prompt)
+            losses = training_losses(model, clean, synthetic.float(), mask, prompt)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)

@@ -72,7 +72,7 @@ def add_class(
     endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out_uri``: the bundle at ``bundle_uri`` plus (or with a replaced) ``class_name``."""
-    if storage.normalize_uri(out_uri).rstrip("/") == storage.normalize_uri(bundle_uri).rstrip("/"):
+    if storage.canonical_uri(out_uri).rstrip("/") == storage.canonical_uri(bundle_uri).rstrip("/"):
         raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
     if not class_name or class_name != class_name.strip():
         raise ValueError(f"invalid class name {class_name!r}")

@@ -28,7 +28,7 @@ from scipy.stats import t as student_t
 
 from .data.synthesis import AnomalySynthesizer
 from .metrics import pixel_auroc
-from .model.onenip import Maps, fuse, image_scores
+from .model.anomaly_map import Maps, fuse, image_scores
 from .predictor import Predictor
 from .prompts import PromptPool, descriptors
 

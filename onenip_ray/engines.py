@@ -124,7 +124,7 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
         raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found (make one with `onenip export`)") from e
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
-    local_dir = storage.normalize_uri(uri)
+    local_dir = storage.canonical_uri(uri)
     if storage.is_s3(uri):
         local_dir = tempfile.mkdtemp(prefix="onenip-export-")
         storage.download_dir(uri, local_dir, endpoint)

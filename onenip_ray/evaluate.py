@@ -13,11 +13,11 @@ import torch
 
 from . import storage
 from .calibration import bound, calibrated_score
-from .data.images import decode_mask, normalize, resize_mask
+from .data.images import decode_mask, resize_mask, to_network_input
 from .data.layouts import read_datasets
 from .engines import load_model, make_engine
 from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
-from .model.onenip import Maps, fuse, image_scores
+from .model.anomaly_map import Maps, fuse, image_scores
 from .formats import METRICS_FILE, PREDICTIONS_FILE, UNKNOWN_CLASS
 from .training_data import load_images
 
@@ -78,7 +78,7 @@ def evaluate(
                                    predictor.alpha, beta, predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
         else:
             norm = bundle.meta["normalization"]
-            out = engine.infer(normalize(images, tuple(norm["mean"]), tuple(norm["std"])), truth.numpy() if oracle else np.full(len(batch), -1))
+            out = engine.infer(to_network_input(images, tuple(norm["mean"]), tuple(norm["std"])), truth.numpy() if oracle else np.full(len(batch), -1))
             pred = EngineOutput(torch.from_numpy(out.scores), bundle.pool.class_index[torch.from_numpy(out.prompt_index)],
                                 torch.from_numpy(out.prompt_index), torch.from_numpy(out.similarity))
             fused, branches = out.fused, {}

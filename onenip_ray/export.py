@@ -46,7 +46,7 @@ from .engines import (
     require_runtime,
 )
 from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
-from .model.onenip import gaussian_blur, image_scores, upsample
+from .model.anomaly_map import gaussian_blur, image_scores, upsample
 from .prompts import descriptors, nearest_distance, retrieve
 from .scoring import ScoringSpec
 

@@ -62,7 +62,7 @@ class Predictor:
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 RGB (N, S, S, 3) at the model's image size → normalised (N, 3, S, S)."""
-        return self.backbone.normalize(torch.from_numpy(np.ascontiguousarray(images)))
+        return self.backbone.to_network_input(torch.from_numpy(np.ascontiguousarray(images)))
 
     @torch.inference_mode()
     def features(self, images: np.ndarray) -> torch.Tensor:

@@ -107,7 +107,7 @@ def load_scores(uri: str, endpoint: str | None = None) -> Source:
             raise FileNotFoundError(f"{uri}: not one scored partition (no Parquet files directly in it){hint}")
         files = [storage.join(uri, *n.split("/")) for n in names]
     elif storage.exists(uri, endpoint) and uri.lower().endswith(".parquet"):
-        partition, files = posixpath.dirname(storage.normalize_uri(uri)), [uri]
+        partition, files = posixpath.dirname(storage.canonical_uri(uri)), [uri]
     else:
         raise FileNotFoundError(f"{uri}: not a scored partition directory or Parquet file (written by `onenip score`)")
     rows: list[dict[str, Any]] = []

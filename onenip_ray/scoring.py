@@ -26,7 +26,7 @@ import torch
 
 from .bundle import Bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
-from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, normalize
+from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, to_network_input
 from .engines import Engine, ExportedModel, Inference, load_model, make_engine
 from .formats import UNKNOWN_CLASS
 from .schema import (
@@ -95,7 +95,7 @@ class ScoringSpec:
                 prepared.class_index = self.class_names.index(class_name)
             try:
                 image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri, self.max_pixels)
-                prepared.input = normalize(image, self.mean, self.std)
+                prepared.input = to_network_input(image, self.mean, self.std)
             except ImageError as exc:
                 prepared.error = str(exc)
             except cv2.error as exc:

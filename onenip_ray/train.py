@@ -99,7 +99,7 @@ def lr_factor(cfg: TrainConfig, total_steps: int):
 
 
 def _backbone_input(backbone, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = backbone.normalize(images)
+    x = backbone.to_network_input(images)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -255,7 +255,7 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
 
 
 def default_run_name(out: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.normalize_uri(out).rstrip("/").rsplit("/", 1)[-1]) or "bundle"
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.canonical_uri(out).rstrip("/").rsplit("/", 1)[-1]) or "bundle"
     return f"onenip-{base}"
 
 
@@ -274,7 +274,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path = storage.normalize_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
+    storage_path = storage.canonical_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
     run_name = run_name or default_run_name(cfg.out)
     run_uri = storage.join(storage_path, run_name)
     exists = storage.exists(storage.join(run_uri, "checkpoint_manager_snapshot.json"), endpoint)
@@ -340,7 +340,7 @@ def _worker_input_error(error: Exception) -> Exception | None:
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative local paths resolved in the driver: Ray Train workers run in another directory."""
     def fix(uri: str | None) -> str | None:
-        return uri if uri is None or storage.is_s3(uri) else storage.normalize_uri(uri)
+        return uri if uri is None or storage.is_s3(uri) else storage.canonical_uri(uri)
 
     data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
     return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))

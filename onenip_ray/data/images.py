@@ -145,10 +145,10 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def normalize(img: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+def to_network_input(img: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
     """uint8 (H, W, 3) or (N, H, W, 3) RGB -> float32 (..., 3, H, W) as ``(x / 255 - mean) / std``."""
     if img.ndim not in (3, 4) or img.shape[-1] != 3:
         raise ValueError(f"expected (H, W, 3) or (N, H, W, 3) RGB images, got shape {img.shape}")
     scaled = img.astype(np.float32) / 255.0
-    normalized = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(np.moveaxis(normalized, -1, -3))
+    standardized = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(standardized, -1, -3))

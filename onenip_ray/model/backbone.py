@@ -49,8 +49,9 @@ class FrozenBackbone(nn.Module):
         """Frozen: BatchNorm keeps running statistics whatever the caller asks."""
         return super().train(False)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB (N, H, W, 3) on any device → normalised float input (N, 3, H, W) on the backbone's."""
+    def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, H, W, 3) on any device → the network input (N, 3, H, W) on the backbone's:
+        ``(x / 255 − mean) / std`` with the backbone's ImageNet mean and std."""
         x = images.to(self._mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._mean) / self._std
 
