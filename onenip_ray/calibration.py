@@ -103,9 +103,9 @@ def score_normals(predictor: Predictor, cls: str, images: np.ndarray, synthesize
     for start in range(0, len(batch_images), batch_size):
         batch = batch_images[start : start + batch_size]
         pred = predictor.predict(batch, torch.full((len(batch),), c))
-        rec.append(pred.reconstruction.cpu().numpy())
-        ref.append(pred.refiner.cpu().numpy())
-        nn.append(pred.neighbor.cpu().numpy())
+        rec.append(pred.maps.reconstruction.cpu().numpy())
+        ref.append(pred.maps.refiner.cpu().numpy())
+        nn.append(pred.maps.neighbor.cpu().numpy())
         sim.append(pred.similarity.cpu().numpy())
     return CalibrationMaps(np.concatenate(rec), np.concatenate(ref), np.concatenate(nn), masks,
                            np.concatenate(sim)[: len(images)], len(images))

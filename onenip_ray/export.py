@@ -4,7 +4,7 @@ Two graphs (``engines.EXPORT_FILE`` describes the directory):
 
 * ``prompts``: prompt backbone features (P, C, h, w) → encoded prompt tokens and retrieval
   descriptors; run once when an engine loads, like the ``Predictor`` encodes its pool once;
-* ``score``: normalised images (N, 3, S, S) and class indices (-1 = retrieve), with the encoded
+* ``score``: network inputs (N, 3, S, S) and given classes (-1 = retrieve), with the encoded
   pool, the per-class patch memory and the fusion weights as *inputs* → fused anomaly map
   (N, S, S), raw image score, prompt index and retrieval similarity. One graph: backbone,
   retrieval, OneNIP's maps, the nearest-neighbour map (one image at a time, a ``Scan``, so memory
@@ -78,12 +78,12 @@ class ScoreGraph(nn.Module):
         super().__init__()
         self.backbone, self.model, self.config = bundle.backbone, bundle.model, bundle.config
 
-    def forward(self, image: torch.Tensor, class_index: torch.Tensor, prompt_tokens: torch.Tensor, prompt_descriptors: torch.Tensor,
+    def forward(self, image: torch.Tensor, given_class: torch.Tensor, prompt_tokens: torch.Tensor, prompt_descriptors: torch.Tensor,
                 prompt_class: torch.Tensor, memory: torch.Tensor, memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         feats = self.backbone(image)
-        prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, class_index)
+        prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
         neighbor = upsample(nearest_distances(feats, memory, memory_sqnorm, prompt_class[prompt_index]), cfg.image_size)
         alpha, scale, beta, neighbor_scale = fusion[0], fusion[1], fusion[2], fusion[3]
@@ -129,6 +129,7 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
     Dim = torch.export.Dim
     n = Dim("batch", min=1, max=4096) if batch is None else None
     prompts, classes, rows = Dim("prompts", min=1), Dim("classes", min=1), Dim("memory_rows", min=1)
+    # "class_index" names the given class (-1 = retrieve) in the onenip-export/1 graphs; kept for existing exports
     names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm", "fusion"]
     shapes = {"image": {0: n} if n else None, "class_index": {0: n} if n else None, "prompt_tokens": {0: prompts},
               "prompt_descriptors": {0: prompts}, "prompt_class": {0: prompts}, "memory": {0: classes, 1: rows},
@@ -163,7 +164,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_size: int, spec: ScoringSpec) -> dict[str, Any]:
-    """Both engines on the same normalised inputs (class retrieved): image-score and map agreement.
+    """Both engines on the same network inputs (class retrieved): image-score and map agreement.
 
     ``map_correlation`` (the bound) pools every pixel of every map. Per image it is also given
     (``min_image_map_correlation``) over the maps that vary by more than 1e-4 of their class's
@@ -193,7 +194,7 @@ def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_siz
 
 
 def parity_inputs(bundle: Bundle, images: str | None, limit: int, endpoint: str | None) -> tuple[np.ndarray, list[str]]:
-    """Normalised real images for the parity check: ``images`` (folder / prefix / manifest), else
+    """Real images as network inputs for the parity check: ``images`` (folder / prefix / manifest), else
     the bundle's own prompt images (their URIs are the pool's prompt ids); at most ``limit``."""
     from .batch import list_inputs
 
@@ -274,7 +275,7 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
             "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
             "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
                       "calibration": BUNDLE_FILE, "prompt_pool": PROMPTS_FILE},
-            "score_inputs": {"image": "(N, 3, S, S) float32, normalised (bundle.json normalization)",
+            "score_inputs": {"image": "(N, 3, S, S) float32, (x / 255 - mean) / std (bundle.json normalization)",
                              "class_index": "(N,) int64, -1 = retrieve the class", "prompt_tokens": "prompts graph output",
                              "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",
                              "memory": "(K, Mmax, C) float32 per-class patch memory, zero-padded",

@@ -100,12 +100,12 @@ def descriptors(features: torch.Tensor) -> torch.Tensor:
 
 
 def retrieve(query: torch.Tensor, pool: torch.Tensor, pool_class: torch.Tensor,
-             class_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             given_class: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, cosine similarity) of the most similar prompt per query (paper §3.5). With
-    ``class_index`` (oracle / given class) only that class's prompts compete; -1 retrieves freely."""
+    ``given_class`` (oracle / caller-given) only that class's prompts compete; -1 retrieves freely."""
     sims = query @ pool.T
-    if class_index is not None:
-        allowed = (pool_class[None, :] == class_index[:, None]) | (class_index[:, None] < 0)
+    if given_class is not None:
+        allowed = (pool_class[None, :] == given_class[:, None]) | (given_class[:, None] < 0)
         sims = sims.masked_fill(~allowed, float("-inf"))
     best = sims.max(dim=1)
     return best.indices, best.values

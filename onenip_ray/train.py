@@ -36,7 +36,7 @@ from .data.synthesis import AnomalySynthesizer, TextureSource
 from .model.build import build_backbone, build_onenip
 from .predictor import Predictor
 from .prompts import build_pool
-from .training_data import TrainingSet, build_training_set, parse_data_specs
+from .training_data import TrainingSet, build_training_set, parse_data_roots
 
 STATE_FILE = "state.pt"
 BUNDLE_SUBDIR = "bundle"
@@ -62,7 +62,7 @@ class SyntheticPairs(Dataset):
         idx = int(self.order[i])
         rng = np.random.default_rng([*self.key, i])
         image, mask = self.synthesizer(self.data.images[idx], rng)
-        prompt = int(rng.choice(self.by_class[int(self.data.labels[idx])]))
+        prompt = int(rng.choice(self.by_class[int(self.data.class_ids[idx])]))
         return idx, torch.from_numpy(image), torch.from_numpy(mask), prompt
 
 
@@ -71,7 +71,7 @@ def epoch_order(data: TrainingSet, samples: int, balance: bool, rng: np.random.G
     same share (its images cycled in fresh permutations), so a 40-image class is not drowned by a
     200-image one; otherwise the training images in permuted passes."""
     train = data.train_index
-    groups = [train[data.labels[train] == c] for c in range(len(data.class_names))] if balance else [train]
+    groups = [train[data.class_ids[train] == c] for c in range(len(data.class_names))] if balance else [train]
     groups = [g for g in groups if len(g)]
     counts = np.full(len(groups), samples // len(groups))
     counts[rng.permutation(len(groups))[: samples - counts.sum()]] += 1
@@ -136,7 +136,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
 
     t0 = time.perf_counter()
     data = build_training_set(
-        parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes), cfg.model.image_size,
+        parse_data_roots(cfg.dataset, cfg.data), list(cfg.classes), cfg.model.image_size,
         cfg.calibration_fraction, cfg.seed, endpoint,
     )
     load_s = time.perf_counter() - t0
@@ -162,7 +162,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.decoder == "v1"})
     core = model.module if hasattr(model, "module") else model
 
-    by_class = {c: data.train_index[data.labels[data.train_index] == c] for c in range(len(data.class_names))}
+    by_class = {c: data.train_index[data.class_ids[data.train_index] == c] for c in range(len(data.class_names))}
     train_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -240,14 +240,14 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
 def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict) -> None:
     model.eval()
     train = data.train_index
-    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.labels[train]), clean_features[train].cpu(),
+    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]), clean_features[train].cpu(),
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
     for c, name in enumerate(data.class_names):
-        idx = data.calibration_index[data.labels[data.calibration_index] == c]
-        calib[name] = data.images[idx] if len(idx) else data.images[data.labels == c][:1]
+        idx = data.calibration_index[data.class_ids[data.calibration_index] == c]
+        calib[name] = data.images[idx] if len(idx) else data.images[data.class_ids == c][:1]
     t0 = time.perf_counter()
     calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
@@ -287,7 +287,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     if cfg.num_workers > 0:
         # Dataset layout errors are deterministic: raise them here, before Ray starts, instead of in
         # a worker that FailureConfig would restart max_failures times (in-process runs raise at once).
-        read_datasets(parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
+        read_datasets(parse_data_roots(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
         ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
@@ -342,5 +342,5 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def fix(uri: str | None) -> str | None:
         return uri if uri is None or storage.is_s3(uri) else storage.canonical_uri(uri)
 
-    data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
+    data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_roots(cfg.dataset, cfg.data))
     return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))
