@@ -38,6 +38,7 @@ from .engines import (
     GRAPH_FILES,
     PROMPT_GRAPH,
     SCORE_GRAPH,
+    ExportedModel,
     TorchEngine,
     fusion_input,
     load_export,
@@ -223,19 +224,48 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
     ``pool_only``: ``out`` is an export of the same weights (e.g. ``bundle_uri`` came from it by
     ``onenip add-class``); its graphs are kept (format and batch too), the bundle's pool and
     calibration replace the old ones, and parity is checked again before anything is replaced."""
-    previous = None
-    if pool_only:
-        previous = load_export(out, endpoint)
+    previous = load_export(out, endpoint) if pool_only else None
+    if previous is not None:
         fmt, batch = previous.export["graph_format"], previous.export["batch"]
+    _require_export_packages(fmt)
+    bundle = load_bundle(bundle_uri, endpoint)
+    fixed = _fixed_batch(bundle, image_size, batch)
+    weights_sha256 = hashlib.sha256(storage.read_bytes(storage.join(bundle_uri, MODEL_FILE), endpoint)).hexdigest()
+    if previous is not None and previous.export["weights_sha256"] != weights_sha256:
+        raise ExportError(f"--pool-only: {bundle_uri} has other weights than the export at {out} (bundle "
+                          f"{previous.export['model_version']}); export it in full")
+    inputs, uris = parity_inputs(bundle, images, parity_images, endpoint)
+    work = tempfile.mkdtemp(prefix="onenip-export-")
+    try:
+        stage = os.path.join(work, "stage")
+        _write_graphs(bundle, fmt, fixed, previous, work, stage)
+        for name in (BUNDLE_FILE, PROMPTS_FILE):
+            with open(os.path.join(stage, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(bundle_uri, name), endpoint))
+        meta = _export_meta(bundle, bundle_uri, fmt, fixed, weights_sha256, previous)
+        _write_meta(stage, meta)
+        meta["parity"] = _check_parity(bundle, stage, FORMATS[fmt], inputs, fixed, images, uris, out)
+        _write_meta(stage, meta)
+        storage.commit_dir(stage, out, endpoint=endpoint, marker=EXPORT_FILE)
+        return meta
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _require_export_packages(fmt: str) -> None:
+    """The checking runtime and the ONNX exporter's packages, or an ImportError naming the extra."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    require_runtime("onnxruntime" if fmt == "onnx" else "openvino")
+    require_runtime(FORMATS[fmt])
     for module in ("onnx", "onnxscript"):
         try:
             __import__(module)
         except ImportError as exc:
             raise ImportError(f"onenip export needs the {module} package: pip install 'onenip-ray[{'onnx' if fmt == 'onnx' else 'openvino'}]'") from exc
-    bundle = load_bundle(bundle_uri, endpoint)
+
+
+def _fixed_batch(bundle: Bundle, image_size: int | None, batch: str | int) -> int | None:
+    """The graph's fixed batch size (None = dynamic), after checking the image size and batch asked for."""
     if image_size is not None and image_size != bundle.config.image_size:
         raise ExportError(f"--image-size {image_size}: this bundle was trained at {bundle.config.image_size} px and its "
                           f"position embeddings fix the {bundle.config.grid}×{bundle.config.grid} feature grid; export it at "
@@ -243,62 +273,61 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
     fixed = None if str(batch) == "dynamic" else int(batch)
     if fixed is not None and fixed < 1:
         raise ExportError(f"--batch must be a positive integer or 'dynamic', got {batch}")
-    model_bytes = storage.read_bytes(storage.join(bundle_uri, MODEL_FILE), endpoint)
-    weights_sha256 = hashlib.sha256(model_bytes).hexdigest()
-    if previous is not None and previous.export["weights_sha256"] != weights_sha256:
-        raise ExportError(f"--pool-only: {bundle_uri} has other weights than the export at {out} (bundle "
-                          f"{previous.export['model_version']}); export it in full")
-    inputs, uris = parity_inputs(bundle, images, parity_images, endpoint)
-    work = tempfile.mkdtemp(prefix="onenip-export-")
-    try:
-        onnx_dir = os.path.join(work, "onnx")
-        stage = os.path.join(work, "stage")
-        os.makedirs(onnx_dir)
-        os.makedirs(stage)
-        if previous is not None:
-            for name in previous.export["files"]["graphs"]:
-                shutil.copy(os.path.join(previous.local_dir, name), stage)
-        elif fmt == "onnx":
-            write_onnx(bundle, onnx_dir, fixed)
-            for stem in (SCORE_GRAPH, PROMPT_GRAPH):
-                shutil.copy(os.path.join(onnx_dir, f"{stem}.onnx"), stage)
-        else:
-            write_onnx(bundle, onnx_dir, fixed)
-            write_openvino(onnx_dir, stage)
-        for name in (BUNDLE_FILE, PROMPTS_FILE):
-            with open(os.path.join(stage, name), "wb") as f:
-                f.write(storage.read_bytes(storage.join(bundle_uri, name), endpoint))
-        meta = {
-            "format": EXPORT_FORMAT, "graph_format": fmt, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "bundle": bundle_uri, "model_version": bundle.version, "weights_sha256": weights_sha256,
-            "image_size": bundle.config.image_size, "batch": "dynamic" if fixed is None else fixed, "opset": OPSET,
-            "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
-            "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
-                      "calibration": BUNDLE_FILE, "prompt_pool": PROMPTS_FILE},
-            "score_inputs": {"image": "(N, 3, S, S) float32, (x / 255 - mean) / std (bundle.json normalization)",
-                             "class_index": "(N,) int64, -1 = retrieve the class", "prompt_tokens": "prompts graph output",
-                             "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",
-                             "memory": "(K, Mmax, C) float32 per-class patch memory, zero-padded",
-                             "memory_sqnorm": "(K, Mmax) float32 squared norms, +inf on padding",
-                             "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] from bundle.json calibration"},
-            "score_outputs": {"anomaly_map": "(N, S, S) float32 fused map", "score": "(N,) raw image score",
-                              "prompt_index": "(N,) int64", "similarity": "(N,) retrieval cosine similarity"},
-        }
-        with open(os.path.join(stage, EXPORT_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        runtime = FORMATS[fmt]
-        engine = make_engine(load_export(stage), runtime)
-        figures = parity(TorchEngine(bundle), engine, inputs, fixed or 8, ScoringSpec.from_bundle(bundle))
-        figures.update(runtime=runtime, source=images or "prompt images", first_images=uris[:3])
-        meta["parity"] = figures
-        if not (figures["max_abs_score_diff"] < MAX_SCORE_DIFF and figures["map_correlation"] > MIN_MAP_CORR):
-            raise ExportError(
-                f"export refused, nothing written to {out}: on {figures['images']} real images {runtime} differs from PyTorch "
-                f"by up to {figures['max_abs_score_diff']:.3g} in raw image score (bound < {MAX_SCORE_DIFF}) and its maps "
-                f"correlate {figures['map_correlation']:.6f} with PyTorch's (bound > {MIN_MAP_CORR})")
-        with open(os.path.join(stage, EXPORT_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        storage.commit_dir(stage, out, endpoint=endpoint, marker=EXPORT_FILE)
-        return meta
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return fixed
+
+
+def _write_graphs(bundle: Bundle, fmt: str, fixed: int | None, previous: ExportedModel | None, work: str, stage: str) -> None:
+    """The graphs into ``stage``: copied from ``previous`` (pool only), else exported (ONNX first, in ``work``)."""
+    onnx_dir = os.path.join(work, "onnx")
+    os.makedirs(onnx_dir)
+    os.makedirs(stage)
+    if previous is not None:
+        for name in previous.export["files"]["graphs"]:
+            shutil.copy(os.path.join(previous.local_dir, name), stage)
+        return
+    write_onnx(bundle, onnx_dir, fixed)
+    if fmt == "onnx":
+        for stem in (SCORE_GRAPH, PROMPT_GRAPH):
+            shutil.copy(os.path.join(onnx_dir, f"{stem}.onnx"), stage)
+    else:
+        write_openvino(onnx_dir, stage)
+
+
+def _export_meta(bundle: Bundle, bundle_uri: str, fmt: str, fixed: int | None, weights_sha256: str,
+                 previous: ExportedModel | None) -> dict[str, Any]:
+    """``export.json`` before the parity check."""
+    return {
+        "format": EXPORT_FORMAT, "graph_format": fmt, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": bundle_uri, "model_version": bundle.version, "weights_sha256": weights_sha256,
+        "image_size": bundle.config.image_size, "batch": "dynamic" if fixed is None else fixed, "opset": OPSET,
+        "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
+        "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
+                  "calibration": BUNDLE_FILE, "prompt_pool": PROMPTS_FILE},
+        "score_inputs": {"image": "(N, 3, S, S) float32, (x / 255 - mean) / std (bundle.json normalization)",
+                         "class_index": "(N,) int64, -1 = retrieve the class", "prompt_tokens": "prompts graph output",
+                         "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",
+                         "memory": "(K, Mmax, C) float32 per-class patch memory, zero-padded",
+                         "memory_sqnorm": "(K, Mmax) float32 squared norms, +inf on padding",
+                         "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] from bundle.json calibration"},
+        "score_outputs": {"anomaly_map": "(N, S, S) float32 fused map", "score": "(N,) raw image score",
+                          "prompt_index": "(N,) int64", "similarity": "(N,) retrieval cosine similarity"},
+    }
+
+
+def _write_meta(stage: str, meta: dict[str, Any]) -> None:
+    with open(os.path.join(stage, EXPORT_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _check_parity(bundle: Bundle, stage: str, runtime: str, inputs: np.ndarray, fixed: int | None, images: str | None,
+                  uris: list[str], out: str) -> dict[str, Any]:
+    """The staged export run by ``runtime`` next to the PyTorch bundle; ``ExportError`` outside the bounds."""
+    engine = make_engine(load_export(stage), runtime)
+    figures = parity(TorchEngine(bundle), engine, inputs, fixed or 8, ScoringSpec.from_bundle(bundle))
+    figures.update(runtime=runtime, source=images or "prompt images", first_images=uris[:3])
+    if not (figures["max_abs_score_diff"] < MAX_SCORE_DIFF and figures["map_correlation"] > MIN_MAP_CORR):
+        raise ExportError(
+            f"export refused, nothing written to {out}: on {figures['images']} real images {runtime} differs from PyTorch "
+            f"by up to {figures['max_abs_score_diff']:.3g} in raw image score (bound < {MAX_SCORE_DIFF}) and its maps "
+            f"correlate {figures['map_correlation']:.6f} with PyTorch's (bound > {MIN_MAP_CORR})")
+    return figures

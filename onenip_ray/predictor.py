@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .model.backbone import FrozenBackbone
 from .model.anomaly_map import Maps, fuse, image_scores, upsample
+from .model.backbone import FrozenBackbone
 from .model.onenip import OneNIP
 from .prompts import PromptPool, descriptors, neighbor_distances, retrieve
 

@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from onenip_ray.config import ModelConfig
 from onenip_ray.model import loss as loss_module
