@@ -130,9 +130,9 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
     Dim = torch.export.Dim
     n = Dim("batch", min=1, max=4096) if batch is None else None
     prompts, classes, rows = Dim("prompts", min=1), Dim("classes", min=1), Dim("memory_rows", min=1)
-    # "class_index" names the given class (-1 = retrieve) in the onenip-export/1 graphs; kept for existing exports
+    # the graph input "class_index" is the given class (-1 = retrieve): the onenip-export/1 name, kept for existing exports
     names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm", "fusion"]
-    shapes = {"image": {0: n} if n else None, "class_index": {0: n} if n else None, "prompt_tokens": {0: prompts},
+    shapes = {"image": {0: n} if n else None, "given_class": {0: n} if n else None, "prompt_tokens": {0: prompts},
               "prompt_descriptors": {0: prompts}, "prompt_class": {0: prompts}, "memory": {0: classes, 1: rows},
               "memory_sqnorm": {0: classes, 1: rows}, "fusion": None}
     example = _example_inputs(bundle, 2 if batch is None else batch)

@@ -81,8 +81,8 @@ def test_prediction_equals_the_model_maps_with_the_retrieved_prompt(backbone, pa
         maps = model.maps(feats, model.encode(pool.features)[pred.prompt_index])
     fused = fuse(maps, CONFIG, 1.7)
     assert pred.fused.shape == (4, 64, 64)
-    assert torch.allclose(pred.reconstruction, maps.reconstruction, atol=1e-5)
-    assert torch.allclose(pred.refiner, maps.refiner, atol=1e-5)
+    assert torch.allclose(pred.maps.reconstruction, maps.reconstruction, atol=1e-5)
+    assert torch.allclose(pred.maps.refiner, maps.refiner, atol=1e-5)
     assert torch.allclose(pred.fused, fused, atol=1e-5)
     assert torch.allclose(pred.scores, image_scores(fused, CONFIG.score_pool), atol=1e-5)
     # the retrieved prompt is the most similar pool descriptor
@@ -115,10 +115,10 @@ def test_oracle_class_overrides_retrieval(backbone, parts, images):
     assert predictor.class_names == ["disc", "stripes"]
 
 
-def test_to_input_normalises_like_the_data_module(backbone, parts, images):
+def test_to_network_input_matches_the_data_module(backbone, parts, images):
     model, pool = parts
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     batch = images["stripes/test"][:2]
     expected = torch.from_numpy(to_network_input(batch, backbone.mean, backbone.std))
-    assert torch.allclose(predictor.to_input(batch), expected, atol=1e-6)
+    assert torch.allclose(predictor.to_network_input(batch), expected, atol=1e-6)
     assert not predictor.model.training and not predictor.backbone.training
