@@ -45,7 +45,8 @@ def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list
         raise ValueError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
     if len(images) < MIN_NORMALS:
         raise ValueError(f"{uri}: found {len(images)} normal images; a class needs at least {MIN_NORMALS} "
-                         f"({RECOMMENDED_NORMALS} or more recommended, 20+ for a threshold near the target false-positive rate)")
+                         f"({RECOMMENDED_NORMALS} or more recommended, "
+                         "20+ for a threshold near the target false-positive rate)")
     return uris, np.stack(images)
 
 
@@ -95,24 +96,28 @@ def add_class(
     feats = torch.cat([predictor.features(images[i : i + 16]) for i in range(0, len(images), 16)])
 
     def pool_of(rows: np.ndarray) -> PromptPool:
-        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows], k, memory_cap, seed)
+        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows],
+                         k, memory_cap, seed)
         return base.with_class(class_name, one.prompt_ids, one.features, one.memory)
 
-    per_class[class_name] = cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
+    cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
+    per_class[class_name] = cal
     pool = pool_of(np.arange(len(images)))
     floors = route_floors(pool, {c: v.normal_similarity_min for c, v in per_class.items()})
     per_class = {c: replace(v, route_floor=floors[c]) for c, v in per_class.items()}
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
-    added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version, "prompts": k,
+    added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
+             "prompts": k,
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
     meta = _write_new_version(bundle, pool, calibration, added, out_uri, endpoint)
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
-            "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw, "route_floor": floors[class_name]}
+            "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
+            "route_floor": floors[class_name]}
 
 
-def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray, pool_of: Callable[[np.ndarray], PromptPool],
-                    seed: int) -> CalibrationMaps:
+def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray,
+                    pool_of: Callable[[np.ndarray], PromptPool], seed: int) -> CalibrationMaps:
     """Maps of every normal (and its synthetic copy) scored by a pool of the *other* normals (k-fold);
     a single normal is scored through ``views_of_one`` by a pool of itself."""
     synthesizer = AnomalySynthesizer(predictor.config.image_size, TextureSource.procedural(seed))
@@ -146,7 +151,8 @@ def _write_new_version(bundle: Bundle, pool: PromptPool, calibration: Calibratio
 def _normals_first(parts: list[CalibrationMaps]) -> CalibrationMaps:
     """Fold results joined as one class's maps: all normals, then all synthetic copies."""
     def join(key: str) -> np.ndarray:
-        return np.concatenate([getattr(p, key)[: p.num_normals] for p in parts] + [getattr(p, key)[p.num_normals :] for p in parts])
+        normals = [getattr(p, key)[: p.num_normals] for p in parts]
+        return np.concatenate(normals + [getattr(p, key)[p.num_normals :] for p in parts])
 
     return CalibrationMaps(join("reconstruction"), join("refiner"), join("neighbor"), join("masks"),
                            np.concatenate([p.similarity for p in parts]), sum(p.num_normals for p in parts))

@@ -111,7 +111,8 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
     try:
         export = json.loads(storage.read_bytes(storage.join(uri, EXPORT_FILE), endpoint))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found (make one with `onenip export`)") from e
+        raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found "
+                                "(make one with `onenip export`)") from e
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
     local_dir = storage.canonical_uri(uri)
@@ -127,15 +128,16 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
                          Calibration.from_dict(meta["calibration"]))
 
 
-def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None, pool: PromptPool | None = None) -> Bundle | ExportedModel:
+def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None,
+               pool: PromptPool | None = None) -> Bundle | ExportedModel:
     """The bundle (``torch``) or export directory (``onnxruntime``/``openvino``) at ``uri``, with a
     clear error when the two are mixed up or the runtime's package is missing."""
     require_runtime(runtime)
     exported = is_export(uri, endpoint)
     if runtime == "torch":
         if exported:
-            raise ValueError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported from "
-                             f"(bundle version in {EXPORT_FILE})")
+            raise ValueError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported "
+                             f"from (bundle version in {EXPORT_FILE})")
         return load_bundle(uri, endpoint, pool=pool)
     if not exported:
         raise ValueError(f"--runtime {runtime} scores an export directory, and {uri} has no {EXPORT_FILE}: "
@@ -143,7 +145,8 @@ def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None, po
     return load_export(uri, endpoint, pool=pool)
 
 
-def make_engine(model: Bundle | ExportedModel, runtime: str = "torch", device: str = "cpu", threads: int | None = None) -> Engine:
+def make_engine(model: Bundle | ExportedModel, runtime: str = "torch", device: str = "cpu",
+                threads: int | None = None) -> Engine:
     """The engine for ``runtime`` on ``device`` (``cpu``/``cuda``; ``threads`` = intra-op threads,
     None = the runtime's default)."""
     if runtime == "torch":
@@ -222,7 +225,8 @@ class GraphEngine:
         tokens, descriptors = self._run(PROMPT_GRAPH, {"prompt_features": pool.features.float().numpy()})
         memory, sqnorm = memory_inputs(pool)
         self.pool_inputs = {
-            "prompt_tokens": tokens, "prompt_descriptors": descriptors, "prompt_class": pool.class_index.numpy().astype(np.int64),
+            "prompt_tokens": tokens, "prompt_descriptors": descriptors,
+            "prompt_class": pool.class_index.numpy().astype(np.int64),
             "memory": memory, "memory_sqnorm": sqnorm, "fusion": fusion_input(model.config, model.calibration),
         }
 
@@ -253,7 +257,8 @@ class GraphEngine:
         n = len(x)
         if self.batch and n < self.batch:
             pad = self.batch - n
-            x, given_class = np.concatenate([x, np.repeat(x[:1], pad, 0)]), np.concatenate([given_class, np.repeat(given_class[:1], pad)])
+            x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+            given_class = np.concatenate([given_class, np.repeat(given_class[:1], pad)])
         # "class_index" is the graph's input name for the given class (the onenip-export/1 format)
         out = self._run(SCORE_GRAPH, {"image": x, "class_index": given_class, **self.pool_inputs})
         return [o[:n] for o in out]
@@ -267,7 +272,8 @@ class OnnxRuntimeEngine(GraphEngine):
     def __init__(self, model: ExportedModel, device: str = "cpu", threads: int | None = None) -> None:
         ort = require_runtime("onnxruntime")
         if model.export["graph_format"] != "onnx":
-            raise ValueError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs `onnx export --format onnx`")
+            raise ValueError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs "
+                             "`onenip export --format onnx`")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -275,11 +281,13 @@ class OnnxRuntimeEngine(GraphEngine):
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if str(device).startswith("cuda") else []
         providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
         if wanted and providers == ["CPUExecutionProvider"]:
-            raise ValueError(f"device {device} asked for, but onnxruntime has no GPU provider here (available: {available}); "
+            raise ValueError(f"device {device} asked for, but onnxruntime has no GPU provider here "
+                             f"(available: {available}); "
                              "install onnxruntime-gpu")
         self.providers = providers
         self.device = "cuda" if len(providers) > 1 else "cpu"
-        self.sessions = {g: ort.InferenceSession(model.graph_path(g), options, providers=providers) for g in (PROMPT_GRAPH, SCORE_GRAPH)}
+        self.sessions = {g: ort.InferenceSession(model.graph_path(g), options, providers=providers)
+                         for g in (PROMPT_GRAPH, SCORE_GRAPH)}
         super().__init__(model)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -303,7 +311,8 @@ class OpenVinoEngine(GraphEngine):
         if threads and target == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.device = target.lower()
-        self.compiled = {g: core.compile_model(core.read_model(model.graph_path(g)), target, config) for g in (PROMPT_GRAPH, SCORE_GRAPH)}
+        self.compiled = {g: core.compile_model(core.read_model(model.graph_path(g)), target, config)
+                         for g in (PROMPT_GRAPH, SCORE_GRAPH)}
         self.requests = {g: c.create_infer_request() for g, c in self.compiled.items()}
         super().__init__(model)
 

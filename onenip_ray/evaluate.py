@@ -114,7 +114,8 @@ def _collect(per_class: dict[str, dict[str, list]], sample: Sample, pred: Predic
         acc[b].append(branches[b][i].astype(np.float32))
 
 
-def _row(model: Bundle | ExportedModel, sample: Sample, pred: Prediction[np.ndarray], i: int, oracle: bool) -> dict[str, Any]:
+def _row(model: Bundle | ExportedModel, sample: Sample, pred: Prediction[np.ndarray], i: int,
+         oracle: bool) -> dict[str, Any]:
     """Image ``i``'s ``predictions.parquet`` row."""
     raw = float(pred.scores[i])
     cal = model.calibration.per_class[sample.class_name]
@@ -124,7 +125,8 @@ def _row(model: Bundle | ExportedModel, sample: Sample, pred: Prediction[np.ndar
     return {
         "image_uri": sample.uri, "class_name": sample.class_name, "routed_class": UNKNOWN_CLASS if unknown else routed,
         "route_similarity": similarity,
-        "prompt_id": model.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(sample.label), "defect": sample.defect,
+        "prompt_id": model.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(sample.label),
+        "defect": sample.defect,
         "mask_uri": sample.mask_uri if sample.label else None,
         "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
         "is_anomalous": raw > cal.threshold_raw,
@@ -143,17 +145,25 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
         results[cls].update(_at_threshold(labels, scores, cal.threshold_raw))
         sweeps[cls] = _threshold_sweep(labels, scores, cal)
         results[cls]["num_images"] = int(len(labels))
-        results[cls]["unknown_fraction"] = float(np.mean([r["routed_class"] == UNKNOWN_CLASS for r in rows if r["class_name"] == cls]))
-        branch_results[cls] = {b: _branch_metrics(labels, masks, np.stack(acc[b]), model.config.score_pool) for b in BRANCHES if acc[b]}
+        routed = [r["routed_class"] for r in rows if r["class_name"] == cls]
+        results[cls]["unknown_fraction"] = float(np.mean([c == UNKNOWN_CLASS for c in routed]))
+        branch_results[cls] = {b: _branch_metrics(labels, masks, np.stack(acc[b]), model.config.score_pool)
+                               for b in BRANCHES if acc[b]}
     return {
         "per_class": results,
         "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
-        "routing_accuracy": float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan"),
+        "routing_accuracy": _routing_accuracy(rows),
         "threshold_sweep": sweeps,
         "branches": None if predictor is None else {
-            "per_class": branch_results, "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
+            "per_class": branch_results,
+            "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
             "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
     }
+
+
+def _routing_accuracy(rows: list[dict[str, Any]]) -> float:
+    """The fraction of images routed to their own class (NaN without images)."""
+    return float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan")
 
 
 def _threshold_sweep(labels: np.ndarray, scores: np.ndarray, cal: ClassCalibration) -> dict[str, dict[str, float]]:

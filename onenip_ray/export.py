@@ -79,8 +79,9 @@ class ScoreGraph(nn.Module):
         super().__init__()
         self.backbone, self.model, self.config = bundle.backbone, bundle.model, bundle.config
 
-    def forward(self, image: torch.Tensor, given_class: torch.Tensor, prompt_tokens: torch.Tensor, prompt_descriptors: torch.Tensor,
-                prompt_class: torch.Tensor, memory: torch.Tensor, memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
+    def forward(self, image: torch.Tensor, given_class: torch.Tensor, prompt_tokens: torch.Tensor,
+                prompt_descriptors: torch.Tensor, prompt_class: torch.Tensor, memory: torch.Tensor,
+                memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         feats = self.backbone(image)
@@ -93,7 +94,8 @@ class ScoreGraph(nn.Module):
         return fused, image_scores(fused, cfg.score_pool), prompt_index, similarity
 
 
-def nearest_distances(features: torch.Tensor, memory: torch.Tensor, memory_sqnorm: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+def nearest_distances(features: torch.Tensor, memory: torch.Tensor, memory_sqnorm: torch.Tensor,
+                      class_index: torch.Tensor) -> torch.Tensor:
     """``prompts.neighbor_distances`` as a graph: per patch, the L2 distance to the nearest memory
     patch of the image's class (N, h, w), one image at a time (``scan``); memory (K, Mmax, C) per
     class, squared norms +inf on padding rows (a class without memory gets zeros)."""
@@ -130,8 +132,10 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
     Dim = torch.export.Dim
     n = Dim("batch", min=1, max=4096) if batch is None else None
     prompts, classes, rows = Dim("prompts", min=1), Dim("classes", min=1), Dim("memory_rows", min=1)
-    # the graph input "class_index" is the given class (-1 = retrieve): the onenip-export/1 name, kept for existing exports
-    names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm", "fusion"]
+    # the graph input "class_index" is the given class (-1 = retrieve): its onenip-export/1 name, kept for
+    # existing exports
+    names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm",
+             "fusion"]
     shapes = {"image": {0: n} if n else None, "given_class": {0: n} if n else None, "prompt_tokens": {0: prompts},
               "prompt_descriptors": {0: prompts}, "prompt_class": {0: prompts}, "memory": {0: classes, 1: rows},
               "memory_sqnorm": {0: classes, 1: rows}, "fusion": None}
@@ -140,11 +144,13 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
         warnings.filterwarnings("ignore", message="# The axis name")
         torch.onnx.export(ScoreGraph(bundle).eval(), example, os.path.join(out_dir, f"{SCORE_GRAPH}.onnx"), dynamo=True,
                           external_data=False, opset_version=OPSET, input_names=names,
-                          output_names=["anomaly_map", "score", "prompt_index", "similarity"], dynamic_shapes=shapes, verbose=False)
-        torch.onnx.export(PromptGraph(bundle).eval(), (bundle.pool.features.float(),), os.path.join(out_dir, f"{PROMPT_GRAPH}.onnx"),
-                          dynamo=True, external_data=False, opset_version=OPSET, input_names=["prompt_features"],
-                          output_names=["prompt_tokens", "prompt_descriptors"], dynamic_shapes={"prompt_features": {0: prompts}},
+                          output_names=["anomaly_map", "score", "prompt_index", "similarity"], dynamic_shapes=shapes,
                           verbose=False)
+        torch.onnx.export(PromptGraph(bundle).eval(), (bundle.pool.features.float(),),
+                          os.path.join(out_dir, f"{PROMPT_GRAPH}.onnx"), dynamo=True, external_data=False,
+                          opset_version=OPSET, input_names=["prompt_features"],
+                          output_names=["prompt_tokens", "prompt_descriptors"],
+                          dynamic_shapes={"prompt_features": {0: prompts}}, verbose=False)
 
 
 def write_openvino(onnx_dir: str, out_dir: str) -> None:
@@ -164,7 +170,8 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
 
 
-def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_size: int, spec: ScoringSpec) -> dict[str, Any]:
+def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_size: int,
+           spec: ScoringSpec) -> dict[str, Any]:
     """Both engines on the same network inputs (class retrieved): image-score and map agreement.
 
     ``map_correlation`` (the bound) pools every pixel of every map. Per image it is also given
@@ -182,15 +189,17 @@ def parity(torch_engine: TorchEngine, engine: Any, inputs: np.ndarray, batch_siz
         raw += list(np.abs(ref.scores - got.scores))
         for j in range(len(x)):
             cal = spec.prompt_calibration(int(ref.prompt_index[j]))
-            calibrated.append(abs(float(calibrated_score(ref.scores[j], cal)) - float(calibrated_score(got.scores[j], cal))))
+            calibrated.append(abs(float(calibrated_score(ref.scores[j], cal))
+                                  - float(calibrated_score(got.scores[j], cal))))
             if ref.fused[j].std() > 1e-4 * cal.threshold_raw:
                 per_image.append(correlation(ref.fused[j], got.fused[j]))
         same_prompt += list(ref.prompt_index == got.prompt_index)
     ref_all, got_all = np.concatenate(ref_maps), np.concatenate(got_maps)
-    return {"images": len(inputs), "max_abs_score_diff": float(max(raw)), "max_abs_calibrated_score_diff": float(max(calibrated)),
-            "map_correlation": correlation(ref_all, got_all),
-            "min_image_map_correlation": float(min(per_image)) if per_image else None, "images_with_informative_maps": len(per_image),
-            "max_abs_map_diff": float(np.abs(ref_all - got_all).max()), "same_prompt_fraction": float(np.mean(same_prompt)),
+    return {"images": len(inputs), "max_abs_score_diff": float(max(raw)),
+            "max_abs_calibrated_score_diff": float(max(calibrated)), "map_correlation": correlation(ref_all, got_all),
+            "min_image_map_correlation": float(min(per_image)) if per_image else None,
+            "images_with_informative_maps": len(per_image), "max_abs_map_diff": float(np.abs(ref_all - got_all).max()),
+            "same_prompt_fraction": float(np.mean(same_prompt)),
             "bounds": {"max_abs_score_diff": MAX_SCORE_DIFF, "map_correlation": MIN_MAP_CORR}}
 
 
@@ -261,22 +270,25 @@ def _require_export_packages(fmt: str) -> None:
         try:
             __import__(module)
         except ImportError as exc:
-            raise ImportError(f"onenip export needs the {module} package: pip install 'onenip-ray[{'onnx' if fmt == 'onnx' else 'openvino'}]'") from exc
+            extra = "onnx" if fmt == "onnx" else "openvino"
+            raise ImportError(f"onenip export needs the {module} package: pip install 'onenip-ray[{extra}]'") from exc
 
 
 def _fixed_batch(bundle: Bundle, image_size: int | None, batch: str | int) -> int | None:
     """The graph's fixed batch size (None = dynamic), after checking the image size and batch asked for."""
     if image_size is not None and image_size != bundle.config.image_size:
-        raise ExportError(f"--image-size {image_size}: this bundle was trained at {bundle.config.image_size} px and its "
-                          f"position embeddings fix the {bundle.config.grid}×{bundle.config.grid} feature grid; export it at "
-                          f"{bundle.config.image_size} (resize happens before the graph, in decoding)")
+        size, grid = bundle.config.image_size, bundle.config.grid
+        raise ExportError(f"--image-size {image_size}: this bundle was trained at {size} px and its position "
+                          f"embeddings fix the {grid}×{grid} feature grid; export it at {size} (resize happens "
+                          "before the graph, in decoding)")
     fixed = None if str(batch) == "dynamic" else int(batch)
     if fixed is not None and fixed < 1:
         raise ExportError(f"--batch must be a positive integer or 'dynamic', got {batch}")
     return fixed
 
 
-def _write_graphs(bundle: Bundle, fmt: str, fixed: int | None, previous: ExportedModel | None, work: str, stage: str) -> None:
+def _write_graphs(bundle: Bundle, fmt: str, fixed: int | None, previous: ExportedModel | None, work: str,
+                  stage: str) -> None:
     """The graphs into ``stage``: copied from ``previous`` (pool only), else exported (ONNX first, in ``work``)."""
     onnx_dir = os.path.join(work, "onnx")
     os.makedirs(onnx_dir)
@@ -297,10 +309,12 @@ def _export_meta(bundle: Bundle, bundle_uri: str, fmt: str, fixed: int | None, w
                  previous: ExportedModel | None) -> dict[str, Any]:
     """``export.json`` before the parity check."""
     return {
-        "format": EXPORT_FORMAT, "graph_format": fmt, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": EXPORT_FORMAT, "graph_format": fmt,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": bundle_uri, "model_version": bundle.version, "weights_sha256": weights_sha256,
         "image_size": bundle.config.image_size, "batch": "dynamic" if fixed is None else fixed, "opset": OPSET,
-        "graphs_from": previous.export.get("graphs_from", previous.export["model_version"]) if previous else bundle.version,
+        "graphs_from": (previous.export.get("graphs_from", previous.export["model_version"]) if previous
+                        else bundle.version),
         "files": {"graphs": [f.format(s) for s in (SCORE_GRAPH, PROMPT_GRAPH) for f in GRAPH_FILES[fmt]],
                   "calibration": BUNDLE_FILE, "prompt_pool": PROMPTS_FILE},
         "score_inputs": {"image": "(N, 3, S, S) float32, (x / 255 - mean) / std (bundle.json normalization)",
@@ -308,7 +322,8 @@ def _export_meta(bundle: Bundle, bundle_uri: str, fmt: str, fixed: int | None, w
                          "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",
                          "memory": "(K, Mmax, C) float32 per-class patch memory, zero-padded",
                          "memory_sqnorm": "(K, Mmax) float32 squared norms, +inf on padding",
-                         "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] from bundle.json calibration"},
+                         "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] "
+                                   "from bundle.json calibration"},
         "score_outputs": {"anomaly_map": "(N, S, S) float32 fused map", "score": "(N,) raw image score",
                           "prompt_index": "(N,) int64", "similarity": "(N,) retrieval cosine similarity"},
     }
@@ -327,7 +342,8 @@ def _check_parity(bundle: Bundle, stage: str, runtime: str, inputs: np.ndarray, 
     figures.update(runtime=runtime, source=images or "prompt images", first_images=uris[:3])
     if not (figures["max_abs_score_diff"] < MAX_SCORE_DIFF and figures["map_correlation"] > MIN_MAP_CORR):
         raise ExportError(
-            f"export refused, nothing written to {out}: on {figures['images']} real images {runtime} differs from PyTorch "
-            f"by up to {figures['max_abs_score_diff']:.3g} in raw image score (bound < {MAX_SCORE_DIFF}) and its maps "
+            f"export refused, nothing written to {out}: on {figures['images']} real images {runtime} differs from "
+            f"PyTorch by up to {figures['max_abs_score_diff']:.3g} in raw image score (bound < {MAX_SCORE_DIFF}) "
+            "and its maps "
             f"correlate {figures['map_correlation']:.6f} with PyTorch's (bound > {MIN_MAP_CORR})")
     return figures

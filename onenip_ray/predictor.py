@@ -43,8 +43,9 @@ class Predictor:
     """Holds the frozen backbone, the trained OneNIP and the prompt pool whose encoded tokens are
     computed once here and reused for every image."""
 
-    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float, device: str | torch.device = "cpu",
-                 alpha: float | None = None, neighbor_weight: float = 0.0, neighbor_scale: float = 1.0) -> None:
+    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float,
+                 device: str | torch.device = "cpu", alpha: float | None = None, neighbor_weight: float = 0.0,
+                 neighbor_scale: float = 1.0) -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.model = model.to(self.device).eval()
@@ -88,14 +89,17 @@ class Predictor:
         return self.predict_features(self.features(images), given_class)
 
     @torch.inference_mode()
-    def predict_features(self, feats: torch.Tensor, given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
+    def predict_features(self, feats: torch.Tensor,
+                         given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
         if given_class is not None:
             given_class = given_class.to(self.device)
         with torch.autocast(self.device.type, enabled=False):  # near-equal prompts of a class: decide in float32
-            prompt_index, similarity = retrieve(descriptors(feats.float()), self.prompt_descriptors, self.pool_class, given_class)
+            prompt_index, similarity = retrieve(descriptors(feats.float()), self.prompt_descriptors, self.pool_class,
+                                                given_class)
         class_index = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        maps.neighbor = upsample(neighbor_distances(feats, self.memory, self.memory_class, class_index), self.config.image_size)
+        neighbor = neighbor_distances(feats, self.memory, self.memory_class, class_index)
+        maps.neighbor = upsample(neighbor, self.config.image_size)
         fused = self.fuse(maps)
         return Prediction(fused=fused, scores=image_scores(fused, self.config.score_pool), prompt_index=prompt_index,
                           class_index=class_index, similarity=similarity, maps=maps)

@@ -55,7 +55,8 @@ class SyntheticPairs(Dataset):
     """Item i of an epoch: (image index, synthetic image, its mask, prompt index). The random
     stream is keyed by (seed, epoch, rank, i), so results do not depend on the loader workers."""
 
-    def __init__(self, data: TrainingSet, order: np.ndarray, synthesizer: AnomalySynthesizer, by_class: dict[int, np.ndarray], key: tuple[int, ...]) -> None:
+    def __init__(self, data: TrainingSet, order: np.ndarray, synthesizer: AnomalySynthesizer,
+                 by_class: dict[int, np.ndarray], key: tuple[int, ...]) -> None:
         self.data, self.order, self.synthesizer, self.by_class, self.key = data, order, synthesizer, by_class, key
 
     def __len__(self) -> int:
@@ -183,7 +184,8 @@ def _optimization(cfg: TrainConfig, worker: Worker, channels: int, clean_feature
         torch.manual_seed(int(torch.randint(2**62, (1,))) + worker.rank)
     core = model
     if worker.world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.decoder == "v1"})
+        unused = cfg.model.decoder == "v1"  # the buggy v1 decoder leaves parameters out of the loss
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     return Optimization(model, core, optimizer, scheduler, samples, start_epoch, history)
 
 
@@ -206,13 +208,15 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     by_class = {c: data.train_index[data.class_ids[data.train_index] == c] for c in range(len(data.class_names))}
     train_start = time.perf_counter()
     for epoch in range(opt.start_epoch, cfg.epochs):
-        order = epoch_order(data, opt.samples, cfg.balance_classes, np.random.default_rng([cfg.seed, epoch]))[worker.rank::worker.world]
+        order = epoch_order(data, opt.samples, cfg.balance_classes, np.random.default_rng([cfg.seed, epoch]))
+        order = order[worker.rank :: worker.world]
         pairs = SyntheticPairs(data, order, synthesizer, by_class, (cfg.seed, epoch, worker.rank))
         metrics = _train_epoch(cfg, worker, backbone, opt, clean_features, pairs, epoch)
         opt.history.append(metrics)
         if worker.rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"{metrics['epoch_seconds']:.0f} s, {metrics['samples_per_second']:.2f} samples/s", file=sys.stderr, flush=True)
+                  f"{metrics['epoch_seconds']:.0f} s, {metrics['samples_per_second']:.2f} samples/s",
+                  file=sys.stderr, flush=True)
         if epoch < cfg.epochs - 1:
             due = worker.rank == 0 and cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
             _report_epoch(metrics, opt, epoch if due else None)
@@ -260,7 +264,8 @@ def _train_epoch(cfg: TrainConfig, worker: Worker, backbone, opt: Optimization, 
 
 
 def _save_state(folder: str, opt: Optimization, epoch: int) -> None:
-    state = {"model": opt.core.state_dict(), "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+    state = {"model": opt.core.state_dict(), "optimizer": opt.optimizer.state_dict(),
+             "scheduler": opt.scheduler.state_dict(),
              "epoch": epoch, "history": json.dumps(opt.history), "torch_rng": torch.get_rng_state()}
     torch.save(state, os.path.join(folder, STATE_FILE))
 
@@ -306,10 +311,12 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     return int(state["epoch"]) + 1, json.loads(state["history"])
 
 
-def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict) -> None:
+def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor,
+                        synthesizer, summary: dict) -> None:
     model.eval()
     train = data.train_index
-    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]), clean_features[train].cpu(),
+    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
+                      clean_features[train].cpu(),
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
@@ -371,7 +378,8 @@ def _check_run_state(storage_path: str, run_name: str, resume: bool | str, endpo
     """A run that exists is continued only with ``resume``; ``resume=True`` needs one with checkpoints."""
     exists = storage.exists(storage.join(storage_path, run_name, "checkpoint_manager_snapshot.json"), endpoint)
     if exists and resume is False:
-        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, or a new --run-name")
+        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, "
+                         "or a new --run-name")
     if resume is True and not exists:
         raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
@@ -401,7 +409,8 @@ def _trainer(cfg: TrainConfig, endpoint: str | None, storage_path: str, run_name
         train_loop_config=config_dict,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **fs_kwargs),
     )
 
@@ -422,4 +431,5 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return uri if uri is None or storage.is_s3(uri) else storage.canonical_uri(uri)
 
     data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_roots(cfg.dataset, cfg.data))
-    return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))
+    return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures),
+                   backbone_weights=fix(cfg.backbone_weights))

@@ -56,7 +56,8 @@ def _check_header(data: bytes, name: str, max_pixels: int) -> tuple[int, int, st
         with Image.open(BytesIO(data)) as header:
             (width, height), image_format, mode = header.size, header.format, header.mode
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); our limit is {max_pixels} px") from exc
+        raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); "
+                         f"our limit is {max_pixels} px") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a decodable image (unknown format; starts with {data[:12]!r})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -89,7 +90,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     return _bgr_to_rgb(_imdecode(data, name, cv2.IMREAD_COLOR))
 
 
-def decode_for_size(data: bytes, size: int, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+def decode_for_size(data: bytes, size: int, name: str = "<bytes>",
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """``decode_image`` + ``resize_image`` to a ``size``×``size`` network input, using as little
     memory as the format allows: ``(RGB image, original width, original height)``.
 

