@@ -157,8 +157,9 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_bundle, tiny_dataset):
 
     assert torch.equal(fp32.prompt_index, bf16.prompt_index)  # same retrieved prompt for every image
     torch.testing.assert_close(bf16.scores.float(), fp32.scores, rtol=SCORE_RTOL, atol=0)
-    for name in ("fused", "reconstruction", "refiner"):
-        ref, low = getattr(fp32, name), getattr(bf16, name)
+    maps = {"fused": (fp32.fused, bf16.fused), "reconstruction": (fp32.maps.reconstruction, bf16.maps.reconstruction),
+            "refiner": (fp32.maps.refiner, bf16.maps.refiner)}
+    for name, (ref, low) in maps.items():
         worst = min(_correlation(ref[i], low[i]) for i in range(len(ref)))
         assert worst > MAP_MIN_CORRELATION, (name, worst)
     assert _correlation(fp32.scores, bf16.scores) > MAP_MIN_CORRELATION  # the ranking of images is kept
