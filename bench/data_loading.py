@@ -35,6 +35,7 @@ from onenip_ray.config import ModelConfig  # noqa: E402
 from onenip_ray.data.images import decode_image, resize_image  # noqa: E402
 from onenip_ray.data.synthesis import AnomalySynthesizer, TextureSource  # noqa: E402
 from onenip_ray.model.build import build_backbone, build_onenip  # noqa: E402
+from onenip_ray.model.loss import training_losses  # noqa: E402
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = build_backbone(cfg, require_pretrained=False)
     torch.manual_seed(0)
     model = build_onenip(cfg, backbone.channels)
-    x = backbone.normalize(torch.from_numpy(images[:batch]))
+    x = backbone.to_network_input(torch.from_numpy(images[:batch]))
     backbone_ms = per_image_ms(lambda: backbone(x), batch)
 
     with torch.no_grad():
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step() -> None:
         synthetic = backbone(x.flip(-1))
-        losses = model(clean, synthetic, mask, prompt)
+        losses = training_losses(model, clean, synthetic, mask, prompt)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onenip_ray.config import ModelConfig  # noqa: E402
 from onenip_ray.model.backbone import FrozenBackbone, packaged_weights_path  # noqa: E402
+from onenip_ray.model.anomaly_map import fuse, image_scores  # noqa: E402
 from onenip_ray.model.build import build_backbone, build_onenip  # noqa: E402
-from onenip_ray.model.onenip import fuse, image_scores  # noqa: E402
+from onenip_ray.model.loss import training_losses  # noqa: E402
 from onenip_ray.prompts import descriptors, retrieve  # noqa: E402
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -93,8 +94,8 @@ class Bench:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def to_input(self, images) -> torch.Tensor:
-        x = self.backbone.normalize(images if isinstance(images, torch.Tensor) else torch.from_numpy(images))
+    def to_network_input(self, images) -> torch.Tensor:
+        x = self.backbone.to_network_input(images if isinstance(images, torch.Tensor) else torch.from_numpy(images))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
@@ -106,7 +107,7 @@ class Bench:
     def predict(self, images, prompts, prompt_class, rec_scale: float, precision: str) -> dict:
         tokens, prompt_descriptors = prompts
         with self.autocast(precision):
-            feats = self.backbone(self.to_input(images))
+            feats = self.backbone(self.to_network_input(images))
             idx = retrieve(descriptors(feats.float()), prompt_descriptors, prompt_class)[0]
             maps = self.model.maps(feats, tokens[idx])
             fused = fuse(maps, self.config, rec_scale)
@@ -118,8 +119,8 @@ class Bench:
         self.model.train()
         torch.manual_seed(1)
         with self.autocast(precision):
-            synthetic = self.backbone(self.to_input(synthetic_images))
-            out = self.model(clean, synthetic.float(), mask, prompt)
+            synthetic = self.backbone(self.to_network_input(synthetic_images))
+            out = training_losses(self.model, clean, synthetic.float(), mask, prompt)
         self.model.eval()
         return torch.stack([out.total.float().detach(), out.mse.float(), out.dice.float()])
 
@@ -144,7 +145,7 @@ def precision_check(bench: Bench, size: int, n: int, cpu_reference: Bench | None
     # two prompts of one class could swap on a near-tie, which says nothing about precision)
     prompts_np = np.concatenate([real[:1], random_images(size, 1, seed=99)])
     with torch.inference_mode():
-        prompt_feats = bench.backbone(bench.to_input(prompts_np)).float()
+        prompt_feats = bench.backbone(bench.to_network_input(prompts_np)).float()
         rec = bench.model.maps(prompt_feats, bench.model.encode(prompt_feats)).reconstruction
     prompt_class = torch.tensor([0, 1], device=bench.device)
     rec_scale = float((rec.amax() + rec.amin()) / 2)
@@ -161,7 +162,7 @@ def precision_check(bench: Bench, size: int, n: int, cpu_reference: Bench | None
     # training losses
     images = torch.from_numpy(real[:4])
     with torch.inference_mode():
-        clean = bench.backbone(bench.to_input(images)).float()
+        clean = bench.backbone(bench.to_network_input(images)).float()
     clean = clean.clone()
     mask = torch.zeros(len(images), size, size, device=bench.device)
     mask[:, size // 4 : size // 2, size // 4 : size // 2] = 1.0
@@ -194,7 +195,7 @@ def train_throughput(bench: Bench, size: int, batch: int, precision: str, warmup
     dev = bench.device
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=dev)
     with torch.inference_mode(), bench.autocast(precision):
-        clean = bench.backbone(bench.to_input(images)).float()
+        clean = bench.backbone(bench.to_network_input(images)).float()
     clean, prompt = clean.clone(), clean.roll(1, 0).clone()
     mask = (torch.rand(batch, size, size, device=dev) > 0.9).float()
     model = bench.model
@@ -203,8 +204,8 @@ def train_throughput(bench: Bench, size: int, batch: int, precision: str, warmup
 
     def step() -> None:
         with bench.autocast(precision):
-            synthetic = bench.backbone(bench.to_input(images))
-            losses = model(clean, synthetic.float(), mask, prompt)
+            synthetic = bench.backbone(bench.to_network_input(images))
+            losses = training_losses(model, clean, synthetic.float(), mask, prompt)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -221,7 +222,7 @@ def infer_throughput(bench: Bench, size: int, batch: int, precision: str, warmup
     dev = bench.device
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=dev)
     with torch.inference_mode():
-        prompts = bench.encode_prompts(bench.backbone(bench.to_input(images[:3])).float())
+        prompts = bench.encode_prompts(bench.backbone(bench.to_network_input(images[:3])).float())
     prompt_class = torch.arange(3, device=dev)
     return batch / _timed(lambda: bench.predict(images, prompts, prompt_class, 1.0, precision), dev, warmup, iters)
 

@@ -140,10 +140,10 @@ def _test_manifest(data: str, classes: str, path: Path, limit: int = 40) -> Path
     import pyarrow.parquet as pq
 
     from .data.layouts import read_datasets
-    from .training_data import parse_data_specs
+    from .training_data import parse_data_roots
 
     wanted = [c.strip() for c in classes.split(",") if c.strip()] or None
-    tests = [s.uri for s in read_datasets(parse_data_specs("mvtec", [data]), wanted) if s.split == "test"]
+    tests = [s.uri for s in read_datasets(parse_data_roots("mvtec", [data]), wanted) if s.split == "test"]
     if not tests:
         raise ValueError(f"{data}: no test images")
     picked = tests[:: max(1, len(tests) // limit)][:limit]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 
 from . import storage
+from .bundle import Bundle, commit_bundle, load_bundle, write_bundle
+from .calibration import Calibration, CalibrationMaps, class_calibration, route_floors, score_normals
 from .inputs import list_inputs
-from .bundle import commit_bundle, load_bundle, write_bundle
-from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .data.images import ImageError, decode_image, resize_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
+from .predictor import Predictor
 from .prompts import PromptPool, build_pool
 
 MIN_NORMALS = 1
@@ -43,7 +45,8 @@ def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list
         raise ValueError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
     if len(images) < MIN_NORMALS:
         raise ValueError(f"{uri}: found {len(images)} normal images; a class needs at least {MIN_NORMALS} "
-                         f"({RECOMMENDED_NORMALS} or more recommended, 20+ for a threshold near the target false-positive rate)")
+                         f"({RECOMMENDED_NORMALS} or more recommended, "
+                         "20+ for a threshold near the target false-positive rate)")
     return uris, np.stack(images)
 
 
@@ -72,7 +75,7 @@ def add_class(
     endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out_uri``: the bundle at ``bundle_uri`` plus (or with a replaced) ``class_name``."""
-    if storage.normalize_uri(out_uri).rstrip("/") == storage.normalize_uri(bundle_uri).rstrip("/"):
+    if storage.canonical_uri(out_uri).rstrip("/") == storage.canonical_uri(bundle_uri).rstrip("/"):
         raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
     if not class_name or class_name != class_name.strip():
         raise ValueError(f"invalid class name {class_name!r}")
@@ -91,50 +94,65 @@ def add_class(
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
     feats = torch.cat([predictor.features(images[i : i + 16]) for i in range(0, len(images), 16)])
-    synthesizer = AnomalySynthesizer(bundle.config.image_size, TextureSource.procedural(seed))
-    rng = np.random.default_rng(seed)
 
     def pool_of(rows: np.ndarray) -> PromptPool:
-        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows], k, memory_cap, seed)
+        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows],
+                         k, memory_cap, seed)
         return base.with_class(class_name, one.prompt_ids, one.features, one.memory)
 
-    if len(images) == 1:
-        predictor.set_pool(pool_of(np.array([0])))
-        scored = score_normals(predictor, class_name, views_of_one(images[0]), synthesizer, rng)
-    else:
-        folds = np.array_split(rng.permutation(len(images)), min(MAX_FOLDS, len(images)))
-        parts = []
-        for held in folds:
-            predictor.set_pool(pool_of(np.setdiff1d(np.arange(len(images)), held)))
-            parts.append(score_normals(predictor, class_name, images[held], synthesizer, rng))
-        scored = _normals_first(parts)
-    cal = class_calibration(predictor, scored, fpr)
+    cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
     per_class[class_name] = cal
     pool = pool_of(np.arange(len(images)))
     floors = route_floors(pool, {c: v.normal_similarity_min for c, v in per_class.items()})
     per_class = {c: replace(v, route_floor=floors[c]) for c, v in per_class.items()}
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
+    added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
+             "prompts": k,
+             "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
+             "replaced": class_name in bundle.pool.class_names}
+    meta = _write_new_version(bundle, pool, calibration, added, out_uri, endpoint)
+    return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
+            "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
+            "route_floor": floors[class_name]}
 
+
+def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray,
+                    pool_of: Callable[[np.ndarray], PromptPool], seed: int) -> CalibrationMaps:
+    """Maps of every normal (and its synthetic copy) scored by a pool of the *other* normals (k-fold);
+    a single normal is scored through ``views_of_one`` by a pool of itself."""
+    synthesizer = AnomalySynthesizer(predictor.config.image_size, TextureSource.procedural(seed))
+    rng = np.random.default_rng(seed)
+    if len(images) == 1:
+        predictor.set_pool(pool_of(np.array([0])))
+        return score_normals(predictor, class_name, views_of_one(images[0]), synthesizer, rng)
+    folds = np.array_split(rng.permutation(len(images)), min(MAX_FOLDS, len(images)))
+    parts = []
+    for held in folds:
+        predictor.set_pool(pool_of(np.setdiff1d(np.arange(len(images)), held)))
+        parts.append(score_normals(predictor, class_name, images[held], synthesizer, rng))
+    return _normals_first(parts)
+
+
+def _write_new_version(bundle: Bundle, pool: PromptPool, calibration: Calibration, added: dict[str, Any], out_uri: str,
+                       endpoint: str | None) -> dict[str, Any]:
+    """The bundle's weights with ``pool`` and ``calibration``, ``added`` appended to its training
+    record, committed to ``out_uri``; returns its ``bundle.json``."""
     training = dict(bundle.meta.get("training", {}))
-    training["added_classes"] = [*training.get("added_classes", []), {
-        "class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
-        "prompts": k, "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
-        "replaced": class_name in bundle.pool.class_names,
-    }]
+    training["added_classes"] = [*training.get("added_classes", []), added]
     local = tempfile.mkdtemp(prefix="onenip-add-class-")
     try:
         meta = write_bundle(local, bundle.config, bundle.backbone, bundle.model, pool, calibration, training)
         commit_bundle(local, out_uri, endpoint)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
-            "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw, "route_floor": floors[class_name]}
+    return meta
 
 
 def _normals_first(parts: list[CalibrationMaps]) -> CalibrationMaps:
     """Fold results joined as one class's maps: all normals, then all synthetic copies."""
     def join(key: str) -> np.ndarray:
-        return np.concatenate([getattr(p, key)[: p.num_normals] for p in parts] + [getattr(p, key)[p.num_normals :] for p in parts])
+        normals = [getattr(p, key)[: p.num_normals] for p in parts]
+        return np.concatenate(normals + [getattr(p, key)[p.num_normals :] for p in parts])
 
     return CalibrationMaps(join("reconstruction"), join("refiner"), join("neighbor"), join("masks"),
                            np.concatenate([p.similarity for p in parts]), sum(p.num_normals for p in parts))

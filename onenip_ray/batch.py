@@ -57,7 +57,7 @@ MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per ta
 def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> dict[str, np.ndarray]:
     """Read and prepare each input; failures are carried in ``error`` (``""`` = none)."""
     size = spec.image_size
-    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "class_index", "image_sha256", "width", "height", "error",
+    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "given_class", "image_sha256", "width", "height", "error",
                                             "error_kind", "prepare_ms")}
     inputs = np.zeros((batch.num_rows, 3, size, size), np.float32)
     for i, (image_uri, class_name) in enumerate(zip(batch.column("image_uri").to_pylist(), batch.column("class_name").to_pylist())):
@@ -74,7 +74,7 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
             inputs[i] = prepared.input
         out["image_uri"].append(image_uri)
         out["class_name"].append(class_name or "")
-        out["class_index"].append(prepared.class_index)
+        out["given_class"].append(prepared.given_class)
         out["image_sha256"].append(prepared.image_sha256 or "")
         out["width"].append(prepared.width or 0)
         out["height"].append(prepared.height or 0)
@@ -107,7 +107,7 @@ class InferenceActor:
         similarity = np.full(n, np.nan)
         ok = np.flatnonzero(batch["error"] == "")
         if len(ok):
-            out = self.scorer.infer(batch["input"][ok], batch["class_index"][ok])
+            out = self.scorer.infer(batch["input"][ok], batch["given_class"][ok])
             fused[ok], scores[ok], prompt_index[ok], infer_ms[ok] = out.fused, out.scores, out.prompt_index, out.seconds * 1e3
             similarity[ok] = out.similarity
         result = {k: v for k, v in batch.items() if k != "input"}
@@ -124,7 +124,7 @@ def finish_batch(
     rows = []
     for i, image_uri in enumerate(batch["image_uri"]):
         prepared = Prepared(
-            image_uri, batch["class_name"][i] or None, int(batch["class_index"][i]), batch["image_sha256"][i] or None,
+            image_uri, batch["class_name"][i] or None, int(batch["given_class"][i]), batch["image_sha256"][i] or None,
             int(batch["width"][i]) or None, int(batch["height"][i]) or None, None, batch["error"][i] or None,
             float(batch["prepare_ms"][i]), batch["error_kind"][i] or None,
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -169,7 +168,3 @@ def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None =
 def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> None:
     """Publish a written bundle; ``bundle.json`` lands last so a readable bundle is complete."""
     storage.commit_dir(local_dir, out_uri, endpoint=endpoint, marker=BUNDLE_FILE)
-
-
-def temp_bundle_dir() -> str:
-    return tempfile.mkdtemp(prefix="onenip-bundle-")

@@ -28,7 +28,7 @@ from scipy.stats import t as student_t
 
 from .data.synthesis import AnomalySynthesizer
 from .metrics import pixel_auroc
-from .model.onenip import Maps, fuse, image_scores
+from .model.anomaly_map import Maps, fuse, image_scores
 from .predictor import Predictor
 from .prompts import PromptPool, descriptors
 
@@ -62,8 +62,10 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"rec_scale": self.rec_scale, "target_fpr": self.target_fpr, "alpha": self.alpha,
-                "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale, "fusion_auroc": self.fusion_auroc,
-                "rule": f"threshold_raw = mean + t(1-{self.target_fpr}; n-1) * sd * sqrt(1+1/n) of the calibration normals' scores",
+                "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale,
+                "fusion_auroc": self.fusion_auroc,
+                "rule": f"threshold_raw = mean + t(1-{self.target_fpr}; n-1) * sd * sqrt(1+1/n) "
+                        "of the calibration normals' scores",
                 "per_class": {k: asdict(v) for k, v in self.per_class.items()}}
 
     @classmethod
@@ -103,9 +105,9 @@ def score_normals(predictor: Predictor, cls: str, images: np.ndarray, synthesize
     for start in range(0, len(batch_images), batch_size):
         batch = batch_images[start : start + batch_size]
         pred = predictor.predict(batch, torch.full((len(batch),), c))
-        rec.append(pred.reconstruction.cpu().numpy())
-        ref.append(pred.refiner.cpu().numpy())
-        nn.append(pred.neighbor.cpu().numpy())
+        rec.append(pred.maps.reconstruction.cpu().numpy())
+        ref.append(pred.maps.refiner.cpu().numpy())
+        nn.append(pred.maps.neighbor.cpu().numpy())
         sim.append(pred.similarity.cpu().numpy())
     return CalibrationMaps(np.concatenate(rec), np.concatenate(ref), np.concatenate(nn), masks,
                            np.concatenate(sim)[: len(images)], len(images))
@@ -141,7 +143,8 @@ def calibrate(
     for cls, cal in per_class.items():
         cal.route_floor = floors[cls]
     return Calibration(rec_scale=predictor.rec_scale, target_fpr=target_fpr, per_class=per_class, alpha=predictor.alpha,
-                       neighbor_weight=predictor.neighbor_weight, neighbor_scale=predictor.neighbor_scale, fusion_auroc=fusion_auroc)
+                       neighbor_weight=predictor.neighbor_weight, neighbor_scale=predictor.neighbor_scale,
+                       fusion_auroc=fusion_auroc)
 
 
 def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr: float) -> ClassCalibration:

@@ -278,9 +278,9 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from .evaluate import evaluate
-    from .training_data import parse_data_specs
+    from .training_data import parse_data_roots
 
-    report = evaluate(args.bundle, parse_data_specs(args.dataset, args.data), args.out, _classes(args.classes) or None,
+    report = evaluate(args.bundle, parse_data_roots(args.dataset, args.data), args.out, _classes(args.classes) or None,
                       oracle=args.oracle_class, batch_size=args.batch_size, endpoint=args.s3_endpoint, runtime=args.runtime)
     return {"metrics": os.path.join(args.out, METRICS_FILE), "mean": report["mean"], "routing_accuracy": report["routing_accuracy"],
             "per_class": report["per_class"]}

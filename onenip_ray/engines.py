@@ -1,8 +1,8 @@
 """Inference engines behind the ``Scorer``: PyTorch eager on a bundle, or an ``onenip export``
 directory run by ONNX Runtime or OpenVINO.
 
-Every engine maps normalised inputs (N, 3, S, S) and class indices (-1 = retrieve) to the same
-``Inference`` (fused map, raw image score, prompt index, retrieval similarity). Thresholds and
+Every engine maps network inputs (N, 3, S, S) and given classes (-1 = retrieve) to the same
+``Prediction`` (fused map, raw image score, prompt index, routed class, retrieval similarity). Thresholds and
 calibration are never inside a graph: the ``ScoringSpec`` applies them from ``bundle.json``.
 
 An export directory (``EXPORT_FILE`` lists its files) holds the scoring graph, the prompt-encoder
@@ -26,6 +26,7 @@ from .bundle import Bundle, load_bundle
 from .calibration import Calibration
 from .config import ModelConfig
 from .formats import BUNDLE_FILE, PROMPTS_FILE
+from .predictor import Prediction
 from .prompts import PromptPool
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -37,23 +38,12 @@ GRAPH_FILES = {"onnx": ("{}.onnx",), "openvino": ("{}.xml", "{}.bin")}
 RUNTIME_EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 
 
-@dataclass
-class Inference:
-    """Batched model outputs as numpy arrays."""
-
-    fused: np.ndarray  # (N, S, S) float32
-    scores: np.ndarray  # (N,) float64
-    prompt_index: np.ndarray  # (N,) int64
-    similarity: np.ndarray  # (N,) float64 retrieval similarity to the chosen prompt
-    seconds: float
-
-
 class Engine(Protocol):
     runtime: str
     device: str
 
-    def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
-        """Normalised inputs (N, 3, S, S) float32; ``class_index`` (N,), -1 = retrieve the class."""
+    def infer(self, inputs: np.ndarray, given_class: np.ndarray) -> Prediction[np.ndarray]:
+        """Network inputs (N, 3, S, S) float32; ``given_class`` (N,), -1 = retrieve the class."""
 
     def check(self) -> None:
         """Raises when the engine's device is broken (a health check)."""
@@ -121,10 +111,11 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
     try:
         export = json.loads(storage.read_bytes(storage.join(uri, EXPORT_FILE), endpoint))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found (make one with `onenip export`)") from e
+        raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found "
+                                "(make one with `onenip export`)") from e
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
-    local_dir = storage.normalize_uri(uri)
+    local_dir = storage.canonical_uri(uri)
     if storage.is_s3(uri):
         local_dir = tempfile.mkdtemp(prefix="onenip-export-")
         storage.download_dir(uri, local_dir, endpoint)
@@ -137,15 +128,16 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
                          Calibration.from_dict(meta["calibration"]))
 
 
-def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None, pool: PromptPool | None = None) -> Bundle | ExportedModel:
+def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None,
+               pool: PromptPool | None = None) -> Bundle | ExportedModel:
     """The bundle (``torch``) or export directory (``onnxruntime``/``openvino``) at ``uri``, with a
     clear error when the two are mixed up or the runtime's package is missing."""
     require_runtime(runtime)
     exported = is_export(uri, endpoint)
     if runtime == "torch":
         if exported:
-            raise ValueError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported from "
-                             f"(bundle version in {EXPORT_FILE})")
+            raise ValueError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported "
+                             f"from (bundle version in {EXPORT_FILE})")
         return load_bundle(uri, endpoint, pool=pool)
     if not exported:
         raise ValueError(f"--runtime {runtime} scores an export directory, and {uri} has no {EXPORT_FILE}: "
@@ -153,7 +145,8 @@ def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None, po
     return load_export(uri, endpoint, pool=pool)
 
 
-def make_engine(model: Bundle | ExportedModel, runtime: str = "torch", device: str = "cpu", threads: int | None = None) -> Engine:
+def make_engine(model: Bundle | ExportedModel, runtime: str = "torch", device: str = "cpu",
+                threads: int | None = None) -> Engine:
     """The engine for ``runtime`` on ``device`` (``cpu``/``cuda``; ``threads`` = intra-op threads,
     None = the runtime's default)."""
     if runtime == "torch":
@@ -186,16 +179,15 @@ class TorchEngine:
         if self.predictor.device.type == "cuda":
             torch.cuda.synchronize(self.predictor.device)
 
-    def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
+    def infer(self, inputs: np.ndarray, given_class: np.ndarray) -> Prediction[np.ndarray]:
         import torch
 
         start = time.perf_counter()
         p = self.predictor
         with torch.inference_mode():
             feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
-            pred = p.predict_features(feats, torch.from_numpy(np.asarray(class_index, np.int64)))
-        return Inference(pred.fused.cpu().numpy(), pred.scores.double().cpu().numpy(), pred.prompt_index.cpu().numpy(),
-                         pred.similarity.double().cpu().numpy(), time.perf_counter() - start)
+            pred = p.predict_features(feats, torch.from_numpy(np.asarray(given_class, np.int64)))
+        return pred.numpy(time.perf_counter() - start)
 
 
 def memory_inputs(pool: PromptPool) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +207,7 @@ def memory_inputs(pool: PromptPool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fusion_input(config: ModelConfig, calibration: Calibration) -> np.ndarray:
-    """[α, refiner scale s, neighbour weight β, neighbour scale n] (see ``model.onenip.fuse``)."""
+    """[α, refiner scale s, neighbour weight β, neighbour scale n] (see ``model.anomaly_map.fuse``)."""
     alpha = config.alpha if calibration.alpha is None else calibration.alpha
     scale = 1.0 if config.fusion == "paper" else calibration.rec_scale
     return np.array([alpha, scale, calibration.neighbor_weight, calibration.neighbor_scale], np.float32)
@@ -233,7 +225,8 @@ class GraphEngine:
         tokens, descriptors = self._run(PROMPT_GRAPH, {"prompt_features": pool.features.float().numpy()})
         memory, sqnorm = memory_inputs(pool)
         self.pool_inputs = {
-            "prompt_tokens": tokens, "prompt_descriptors": descriptors, "prompt_class": pool.class_index.numpy().astype(np.int64),
+            "prompt_tokens": tokens, "prompt_descriptors": descriptors,
+            "prompt_class": pool.class_index.numpy().astype(np.int64),
             "memory": memory, "memory_sqnorm": sqnorm, "fusion": fusion_input(model.config, model.calibration),
         }
 
@@ -243,26 +236,32 @@ class GraphEngine:
     def check(self) -> None:
         """Nothing to check: the session holds no device context that breaks on its own."""
 
-    def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
+    def infer(self, inputs: np.ndarray, given_class: np.ndarray) -> Prediction[np.ndarray]:
         start = time.perf_counter()
         inputs = np.ascontiguousarray(inputs, np.float32)
-        class_index = np.asarray(class_index, np.int64)
+        given_class = np.asarray(given_class, np.int64)
         n = len(inputs)
-        if n == 0:
-            size = self.model.config.image_size
-            return Inference(np.zeros((0, size, size), np.float32), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), 0.0)
         step = self.batch or max(1, n)
-        parts = []
-        for i in range(0, n, step):
-            x, c = inputs[i : i + step], class_index[i : i + step]
-            if self.batch and len(x) < self.batch:  # a fixed-batch graph: pad with copies of the first image
-                pad = self.batch - len(x)
-                x, c = np.concatenate([x, np.repeat(x[:1], pad, 0)]), np.concatenate([c, np.repeat(c[:1], pad)])
-            out = self._run(SCORE_GRAPH, {"image": x, "class_index": c, **self.pool_inputs})
-            parts.append([o[: min(step, n - i)] for o in out])
+        parts = [self._score(inputs[i : i + step], given_class[i : i + step]) for i in range(0, n, step)]
+        if not parts:
+            size = self.model.config.image_size
+            parts = [[np.zeros((0, size, size), np.float32), np.zeros(0), np.zeros(0, np.int64), np.zeros(0)]]
         fused, scores, prompt_index, similarity = (np.concatenate([p[k] for p in parts]) for k in range(4))
-        return Inference(fused.astype(np.float32, copy=False), scores.astype(np.float64), prompt_index.astype(np.int64),
-                         similarity.astype(np.float64), time.perf_counter() - start)
+        prompt_index = prompt_index.astype(np.int64)
+        return Prediction(fused.astype(np.float32, copy=False), scores.astype(np.float64), prompt_index,
+                          self.pool_inputs["prompt_class"][prompt_index], similarity.astype(np.float64),
+                          time.perf_counter() - start)
+
+    def _score(self, x: np.ndarray, given_class: np.ndarray) -> list[np.ndarray]:
+        """One run of the score graph; a fixed-batch graph gets copies of the first image as padding."""
+        n = len(x)
+        if self.batch and n < self.batch:
+            pad = self.batch - n
+            x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+            given_class = np.concatenate([given_class, np.repeat(given_class[:1], pad)])
+        # "class_index" is the graph's input name for the given class (the onenip-export/1 format)
+        out = self._run(SCORE_GRAPH, {"image": x, "class_index": given_class, **self.pool_inputs})
+        return [o[:n] for o in out]
 
 
 class OnnxRuntimeEngine(GraphEngine):
@@ -273,7 +272,8 @@ class OnnxRuntimeEngine(GraphEngine):
     def __init__(self, model: ExportedModel, device: str = "cpu", threads: int | None = None) -> None:
         ort = require_runtime("onnxruntime")
         if model.export["graph_format"] != "onnx":
-            raise ValueError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs `onnx export --format onnx`")
+            raise ValueError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs "
+                             "`onenip export --format onnx`")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -281,11 +281,13 @@ class OnnxRuntimeEngine(GraphEngine):
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if str(device).startswith("cuda") else []
         providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
         if wanted and providers == ["CPUExecutionProvider"]:
-            raise ValueError(f"device {device} asked for, but onnxruntime has no GPU provider here (available: {available}); "
+            raise ValueError(f"device {device} asked for, but onnxruntime has no GPU provider here "
+                             f"(available: {available}); "
                              "install onnxruntime-gpu")
         self.providers = providers
         self.device = "cuda" if len(providers) > 1 else "cpu"
-        self.sessions = {g: ort.InferenceSession(model.graph_path(g), options, providers=providers) for g in (PROMPT_GRAPH, SCORE_GRAPH)}
+        self.sessions = {g: ort.InferenceSession(model.graph_path(g), options, providers=providers)
+                         for g in (PROMPT_GRAPH, SCORE_GRAPH)}
         super().__init__(model)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -309,7 +311,8 @@ class OpenVinoEngine(GraphEngine):
         if threads and target == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.device = target.lower()
-        self.compiled = {g: core.compile_model(core.read_model(model.graph_path(g)), target, config) for g in (PROMPT_GRAPH, SCORE_GRAPH)}
+        self.compiled = {g: core.compile_model(core.read_model(model.graph_path(g)), target, config)
+                         for g in (PROMPT_GRAPH, SCORE_GRAPH)}
         self.requests = {g: c.create_infer_request() for g, c in self.compiled.items()}
         super().__init__(model)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,23 +12,16 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .calibration import bound, calibrated_score
-from .data.images import decode_mask, normalize, resize_mask
-from .data.layouts import read_datasets
-from .engines import load_model, make_engine
-from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
-from .model.onenip import Maps, fuse, image_scores
+from .bundle import Bundle
+from .calibration import ClassCalibration, bound, calibrated_score
+from .data.images import decode_mask, resize_mask, to_network_input
+from .data.layouts import Sample, read_datasets
+from .engines import ExportedModel, load_model, make_engine
 from .formats import METRICS_FILE, PREDICTIONS_FILE, UNKNOWN_CLASS
+from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
+from .model.anomaly_map import fuse, image_scores
+from .predictor import Prediction, Predictor
 from .training_data import load_images
-
-
-class EngineOutput(NamedTuple):
-    """What evaluation reads of a ``Prediction``, from an exported engine's ``Inference``."""
-
-    scores: torch.Tensor
-    class_index: torch.Tensor
-    prompt_index: torch.Tensor
-    similarity: torch.Tensor
 
 
 # Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
@@ -39,7 +32,7 @@ SWEEP_FPR = (0.01, 0.05, 0.1, 0.2)
 
 def evaluate(
     bundle_uri: str,
-    specs: list[tuple[str, str]],
+    roots: list[tuple[str, str]],
     out_dir: str,
     classes: list[str] | None = None,
     oracle: bool = False,
@@ -56,96 +49,130 @@ def evaluate(
     scores, without the per-branch metrics (the graph outputs only the fused map).
     """
     t_start = time.perf_counter()
-    bundle = load_model(bundle_uri, runtime, endpoint)
-    engine = None if runtime == "torch" else make_engine(bundle, runtime)
-    predictor = bundle.predictor() if engine is None else None
-    names = bundle.classes
-    samples = [s for s in read_datasets(specs, classes or None, endpoint) if s.split == "test"]
-    unknown = sorted({s.class_name for s in samples} - set(names))
-    if unknown:
-        raise ValueError(f"test classes {unknown} are not in the bundle (classes: {names})")
-    size = bundle.config.image_size
+    model = load_model(bundle_uri, runtime, endpoint)
+    predictor = model.predictor() if runtime == "torch" else None
+    engine = None if predictor is not None else make_engine(model, runtime)
+    samples = _test_samples(model, roots, classes, endpoint)
     per_class: dict[str, dict[str, list]] = {}
     rows: list[dict[str, Any]] = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        images = load_images(batch, size, endpoint)
-        truth = torch.tensor([names.index(s.class_name) for s in batch])
-        if engine is None:
-            pred = predictor.predict(images, truth if oracle else None)
-            fused = pred.fused.cpu().numpy()
-            branches = {name: fuse(Maps(pred.reconstruction, pred.refiner, pred.neighbor), predictor.config, predictor.rec_scale,
-                                   predictor.alpha, beta, predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
+        images = load_images(batch, model.config.image_size, endpoint)
+        truth = np.array([model.classes.index(s.class_name) for s in batch], np.int64)
+        if predictor is not None:
+            pred, branches = _predict_with_branches(predictor, images, truth if oracle else None)
         else:
-            norm = bundle.meta["normalization"]
-            out = engine.infer(normalize(images, tuple(norm["mean"]), tuple(norm["std"])), truth.numpy() if oracle else np.full(len(batch), -1))
-            pred = EngineOutput(torch.from_numpy(out.scores), bundle.pool.class_index[torch.from_numpy(out.prompt_index)],
-                                torch.from_numpy(out.prompt_index), torch.from_numpy(out.similarity))
-            fused, branches = out.fused, {}
-        for i, s in enumerate(batch):
-            if s.label and s.mask_uri:
-                mask = resize_mask(decode_mask(storage.read_bytes(s.mask_uri, endpoint), s.mask_uri), size)
-            else:
-                mask = np.zeros((size, size), dtype=bool)
-            acc = per_class.setdefault(s.class_name, {"labels": [], "scores": [], "masks": [], "maps": [], **{b: [] for b in BRANCHES}})
-            raw = float(pred.scores[i])
-            acc["labels"].append(int(mask.any()) if s.label else 0)
-            acc["scores"].append(raw)
-            acc["masks"].append(mask)
-            acc["maps"].append(fused[i].astype(np.float32))
-            for b in branches:
-                acc[b].append(branches[b][i].astype(np.float32))
-            cal = bundle.calibration.per_class[s.class_name]
-            routed = names[int(pred.class_index[i])]
-            similarity = float(pred.similarity[i])
-            unknown = not oracle and similarity < bundle.calibration.per_class[routed].route_floor
-            rows.append({
-                "image_uri": s.uri, "class_name": s.class_name, "routed_class": UNKNOWN_CLASS if unknown else routed,
-                "route_similarity": similarity,
-                "prompt_id": bundle.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(s.label), "defect": s.defect,
-                "mask_uri": s.mask_uri if s.label else None,
-                "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
-                "is_anomalous": raw > cal.threshold_raw,
-            })
-    results: dict[str, dict[str, float]] = {}
-    branch_results: dict[str, dict[str, dict[str, float]]] = {}
-    sweeps: dict[str, dict[str, dict[str, float]]] = {}
-    for cls in sorted(per_class):
-        acc = per_class[cls]
-        labels, scores = np.array(acc["labels"]), np.array(acc["scores"])
-        m = class_metrics(labels, scores, np.stack(acc["masks"]), np.stack(acc["maps"]))
-        cal = bundle.calibration.per_class[cls]
-        m.update(_at_threshold(labels, scores, cal.threshold_raw))
-        sweeps[cls] = {}
-        for fpr in SWEEP_FPR:
-            t = bound(cal.normal_mean, cal.normal_std, cal.num_images, fpr)
-            sweeps[cls][str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores, t)}
-        m["num_images"] = int(len(labels))
-        m["unknown_fraction"] = float(np.mean([r["routed_class"] == UNKNOWN_CLASS for r in rows if r["class_name"] == cls]))
-        results[cls] = m
-        branch_results[cls] = {b: _branch_metrics(labels, np.stack(acc["masks"]), np.stack(acc[b]), bundle.config.score_pool)
-                               for b in BRANCHES if acc[b]}
-    routing = float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan")
-    report = {
-        "per_class": results,
-        "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
-        "routing_accuracy": routing,
-        "threshold_sweep": sweeps,
-        "branches": None if engine is not None else {
-            "per_class": branch_results, "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
-            "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
-        "runtime": runtime,
-        "prompt_mode": "oracle" if oracle else "retrieval",
-        "model_version": bundle.version,
-        "bundle": bundle_uri,
-        "num_images": len(rows),
-        "seconds": time.perf_counter() - t_start,
-    }
+            norm = model.meta["normalization"]
+            inputs = to_network_input(images, tuple(norm["mean"]), tuple(norm["std"]))
+            pred, branches = engine.infer(inputs, truth if oracle else np.full(len(batch), -1)), {}
+        for i, sample in enumerate(batch):
+            _collect(per_class, sample, pred, branches, i, model.config.image_size, endpoint)
+            rows.append(_row(model, sample, pred, i, oracle))
+    report = _report(model, per_class, rows, predictor)
+    report.update(runtime=runtime, prompt_mode="oracle" if oracle else "retrieval", model_version=model.version,
+                  bundle=bundle_uri, num_images=len(rows), seconds=time.perf_counter() - t_start)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
         json.dump(report, f, indent=2)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, PREDICTIONS_FILE))
     return report
+
+
+def _test_samples(model: Bundle | ExportedModel, roots: list[tuple[str, str]], classes: list[str] | None,
+                  endpoint: str | None) -> list[Sample]:
+    """The test split of ``roots``; every class in it must be one of the model's."""
+    samples = [s for s in read_datasets(roots, classes or None, endpoint) if s.split == "test"]
+    unknown = sorted({s.class_name for s in samples} - set(model.classes))
+    if unknown:
+        raise ValueError(f"test classes {unknown} are not in the bundle (classes: {model.classes})")
+    return samples
+
+
+def _predict_with_branches(predictor: Predictor, images: np.ndarray, given_class: np.ndarray | None
+                           ) -> tuple[Prediction[np.ndarray], dict[str, np.ndarray]]:
+    """The PyTorch prediction, and each branch's map fused alone (``BRANCHES``)."""
+    pred = predictor.predict(images, None if given_class is None else torch.from_numpy(given_class))
+    branches = {name: fuse(pred.maps, predictor.config, predictor.rec_scale, predictor.alpha, beta,
+                           predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
+    return pred.numpy(), branches
+
+
+def _collect(per_class: dict[str, dict[str, list]], sample: Sample, pred: Prediction[np.ndarray],
+             branches: dict[str, np.ndarray], i: int, size: int, endpoint: str | None) -> None:
+    """Image ``i``'s label, score, mask and maps into its class's accumulators."""
+    if sample.label and sample.mask_uri:
+        mask = resize_mask(decode_mask(storage.read_bytes(sample.mask_uri, endpoint), sample.mask_uri), size)
+    else:
+        mask = np.zeros((size, size), dtype=bool)
+    acc = per_class.setdefault(sample.class_name, {"labels": [], "scores": [], "masks": [], "maps": [],
+                                                   **{b: [] for b in BRANCHES}})
+    acc["labels"].append(int(mask.any()) if sample.label else 0)
+    acc["scores"].append(float(pred.scores[i]))
+    acc["masks"].append(mask)
+    acc["maps"].append(pred.fused[i].astype(np.float32))
+    for b in branches:
+        acc[b].append(branches[b][i].astype(np.float32))
+
+
+def _row(model: Bundle | ExportedModel, sample: Sample, pred: Prediction[np.ndarray], i: int,
+         oracle: bool) -> dict[str, Any]:
+    """Image ``i``'s ``predictions.parquet`` row."""
+    raw = float(pred.scores[i])
+    cal = model.calibration.per_class[sample.class_name]
+    routed = model.classes[int(pred.class_index[i])]
+    similarity = float(pred.similarity[i])
+    unknown = not oracle and similarity < model.calibration.per_class[routed].route_floor
+    return {
+        "image_uri": sample.uri, "class_name": sample.class_name, "routed_class": UNKNOWN_CLASS if unknown else routed,
+        "route_similarity": similarity,
+        "prompt_id": model.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(sample.label),
+        "defect": sample.defect,
+        "mask_uri": sample.mask_uri if sample.label else None,
+        "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
+        "is_anomalous": raw > cal.threshold_raw,
+    }
+
+
+def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]], rows: list[dict[str, Any]],
+            predictor: Predictor | None) -> dict[str, Any]:
+    """Per-class metrics, their means, routing accuracy, the threshold sweep and (PyTorch) the branches."""
+    results, branch_results, sweeps = {}, {}, {}
+    for cls in sorted(per_class):
+        acc = per_class[cls]
+        labels, scores, masks = np.array(acc["labels"]), np.array(acc["scores"]), np.stack(acc["masks"])
+        cal = model.calibration.per_class[cls]
+        results[cls] = class_metrics(labels, scores, masks, np.stack(acc["maps"]))
+        results[cls].update(_at_threshold(labels, scores, cal.threshold_raw))
+        sweeps[cls] = _threshold_sweep(labels, scores, cal)
+        results[cls]["num_images"] = int(len(labels))
+        routed = [r["routed_class"] for r in rows if r["class_name"] == cls]
+        results[cls]["unknown_fraction"] = float(np.mean([c == UNKNOWN_CLASS for c in routed]))
+        branch_results[cls] = {b: _branch_metrics(labels, masks, np.stack(acc[b]), model.config.score_pool)
+                               for b in BRANCHES if acc[b]}
+    return {
+        "per_class": results,
+        "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
+        "routing_accuracy": _routing_accuracy(rows),
+        "threshold_sweep": sweeps,
+        "branches": None if predictor is None else {
+            "per_class": branch_results,
+            "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
+            "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
+    }
+
+
+def _routing_accuracy(rows: list[dict[str, Any]]) -> float:
+    """The fraction of images routed to their own class (NaN without images)."""
+    return float(np.mean([r["routed_class"] == r["class_name"] for r in rows])) if rows else float("nan")
+
+
+def _threshold_sweep(labels: np.ndarray, scores: np.ndarray, cal: ClassCalibration) -> dict[str, dict[str, float]]:
+    """The operating point of the same threshold rule at each of ``SWEEP_FPR``."""
+    sweep = {}
+    for fpr in SWEEP_FPR:
+        t = bound(cal.normal_mean, cal.normal_std, cal.num_images, fpr)
+        sweep[str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores, t)}
+    return sweep
 
 
 def _branch_metrics(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, pool: int) -> dict[str, float]:

@@ -93,7 +93,7 @@ class _Digests:
 def _read_manifest(uri: str, endpoint: str | None, chunk_size: int) -> Iterator[pa.Table]:
     """Chunks of the manifest's inputs, resolved and deduplicated (first row wins) across the whole
     file by 128-bit digests of the URIs (16 bytes per input, not the keys themselves)."""
-    base = posixpath.dirname(storage.normalize_uri(uri))
+    base = posixpath.dirname(storage.canonical_uri(uri))
     seen = _Digests()
     offset, pending, pending_rows = 0, [], 0
     for batch in _manifest_batches(uri, endpoint, chunk_size):

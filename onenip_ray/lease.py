@@ -54,7 +54,7 @@ class Lease:
 
     def __init__(self, uri: str, run_id: str, endpoint: str | None, ttl: float) -> None:
         self.is_s3 = storage.is_s3(uri)
-        self.uri = uri if self.is_s3 else storage.normalize_uri(uri)
+        self.uri = uri if self.is_s3 else storage.canonical_uri(uri)
         self.run_id, self.endpoint, self.ttl = run_id, endpoint, ttl
         self._token: str | None = None
         self._lost: str | None = None

@@ -1,37 +1,51 @@
-"""Inference: backbone → retrieval → cached prompt tokens → maps → fused map and image score."""
+"""The PyTorch predictor: backbone → retrieval → cached prompt tokens → maps → fused map and image score."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
+from .model.anomaly_map import Maps, fuse, image_scores, upsample
 from .model.backbone import FrozenBackbone
-from .model.onenip import Maps, OneNIP, fuse, image_scores, upsample
+from .model.onenip import OneNIP
 from .prompts import PromptPool, descriptors, neighbor_distances, retrieve
 
 
-@dataclass
-class Prediction:
-    """Batch outputs; maps are at the network input resolution."""
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
-    fused: torch.Tensor  # (N, H, W)
-    reconstruction: torch.Tensor  # (N, H, W)
-    refiner: torch.Tensor  # (N, H, W)
-    neighbor: torch.Tensor  # (N, H, W); zeros where the class has no memory
-    scores: torch.Tensor  # (N,)
-    prompt_index: torch.Tensor  # (N,)
-    class_index: torch.Tensor  # (N,)
-    similarity: torch.Tensor  # (N,) cosine similarity of the retrieval descriptor to the chosen prompt's
+
+@dataclass
+class Prediction(Generic[Array]):
+    """One batch's results: torch tensors from the ``Predictor``, numpy arrays from every engine
+    (``engines.py``; see ``numpy``). Maps are at the network input resolution."""
+
+    fused: Array  # (N, H, W) the fused anomaly map
+    scores: Array  # (N,) raw image scores
+    prompt_index: Array  # (N,) the prompt each image was scored against
+    class_index: Array  # (N,) the routed class: the prompt's class
+    similarity: Array  # (N,) cosine similarity of the retrieval descriptor to the chosen prompt's
+    seconds: float = 0.0  # the forward pass (engines)
+    maps: Maps | None = None  # the maps before fusion (the Predictor only)
+
+    def numpy(self, seconds: float = 0.0) -> Prediction[np.ndarray]:
+        """The engines' form: float32 maps, float64 scores and similarities, int64 indices; no maps."""
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.cpu().numpy()
+
+        return Prediction(host(self.fused), host(self.scores.double()), host(self.prompt_index), host(self.class_index),
+                          host(self.similarity.double()), seconds)
 
 
 class Predictor:
     """Holds the frozen backbone, the trained OneNIP and the prompt pool whose encoded tokens are
     computed once here and reused for every image."""
 
-    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float, device: str | torch.device = "cpu",
-                 alpha: float | None = None, neighbor_weight: float = 0.0, neighbor_scale: float = 1.0) -> None:
+    def __init__(self, backbone: FrozenBackbone, model: OneNIP, pool: PromptPool, rec_scale: float,
+                 device: str | torch.device = "cpu", alpha: float | None = None, neighbor_weight: float = 0.0,
+                 neighbor_scale: float = 1.0) -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.model = model.to(self.device).eval()
@@ -60,37 +74,32 @@ class Predictor:
     def class_names(self) -> list[str]:
         return self.pool.class_names
 
-    def to_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 RGB (N, S, S, 3) at the model's image size → normalised (N, 3, S, S)."""
-        return self.backbone.normalize(torch.from_numpy(np.ascontiguousarray(images)))
+    def to_network_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 RGB (N, S, S, 3) at the model's image size → the network input (N, 3, S, S)."""
+        return self.backbone.to_network_input(torch.from_numpy(np.ascontiguousarray(images)))
 
     @torch.inference_mode()
     def features(self, images: np.ndarray) -> torch.Tensor:
-        return self.backbone(self.to_input(images))
+        return self.backbone(self.to_network_input(images))
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray, class_index: torch.Tensor | None = None) -> Prediction:
-        """Score uint8 RGB images (N, S, S, 3). ``class_index`` (N,) fixes the class (oracle or
-        caller-given); otherwise the class is retrieved from the prompt pool."""
-        return self.predict_features(self.features(images), class_index)
+    def predict(self, images: np.ndarray, given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
+        """Score uint8 RGB images (N, S, S, 3). ``given_class`` (N,) fixes each image's class (oracle
+        or caller-given; -1 = retrieve it); None retrieves every image's class from the prompt pool."""
+        return self.predict_features(self.features(images), given_class)
 
     @torch.inference_mode()
-    def predict_features(self, feats: torch.Tensor, class_index: torch.Tensor | None = None) -> Prediction:
-        if class_index is not None:
-            class_index = class_index.to(self.device)
+    def predict_features(self, feats: torch.Tensor,
+                         given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
+        if given_class is not None:
+            given_class = given_class.to(self.device)
         with torch.autocast(self.device.type, enabled=False):  # near-equal prompts of a class: decide in float32
-            prompt_index, similarity = retrieve(descriptors(feats.float()), self.prompt_descriptors, self.pool_class, class_index)
-        routed = self.pool_class[prompt_index]
+            prompt_index, similarity = retrieve(descriptors(feats.float()), self.prompt_descriptors, self.pool_class,
+                                                given_class)
+        class_index = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        maps.neighbor = upsample(neighbor_distances(feats, self.memory, self.memory_class, routed), self.config.image_size)
+        neighbor = neighbor_distances(feats, self.memory, self.memory_class, class_index)
+        maps.neighbor = upsample(neighbor, self.config.image_size)
         fused = self.fuse(maps)
-        return Prediction(
-            fused=fused,
-            reconstruction=maps.reconstruction,
-            refiner=maps.refiner,
-            neighbor=maps.neighbor,
-            scores=image_scores(fused, self.config.score_pool),
-            prompt_index=prompt_index,
-            class_index=routed,
-            similarity=similarity,
-        )
+        return Prediction(fused=fused, scores=image_scores(fused, self.config.score_pool), prompt_index=prompt_index,
+                          class_index=class_index, similarity=similarity, maps=maps)

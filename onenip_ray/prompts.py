@@ -65,15 +65,18 @@ class PromptPool:
         c = self.class_names.index(name)
         keep, keep_mem = self.class_index != c, self.memory_class != c
         shift = lambda idx: idx - (idx > c).long()  # noqa: E731
-        return PromptPool([n for n in self.class_names if n != name], [i for i, k in zip(self.prompt_ids, keep.tolist()) if k],
-                          shift(self.class_index[keep]), self.features[keep], self.memory[keep_mem], shift(self.memory_class[keep_mem]))
+        return PromptPool([n for n in self.class_names if n != name],
+                          [i for i, k in zip(self.prompt_ids, keep.tolist()) if k], shift(self.class_index[keep]),
+                          self.features[keep], self.memory[keep_mem], shift(self.memory_class[keep_mem]))
 
-    def with_class(self, name: str, prompt_ids: list[str], features: torch.Tensor, memory: torch.Tensor) -> "PromptPool":
+    def with_class(self, name: str, prompt_ids: list[str], features: torch.Tensor,
+                   memory: torch.Tensor) -> "PromptPool":
         """This pool plus one class (appended last)."""
         c = len(self.class_names)
         return PromptPool(self.class_names + [name], self.prompt_ids + list(prompt_ids),
-                          torch.cat([self.class_index, torch.full((len(features),), c)]), torch.cat([self.features, features]),
-                          torch.cat([self.memory, memory]), torch.cat([self.memory_class, torch.full((len(memory),), c)]))
+                          torch.cat([self.class_index, torch.full((len(features),), c)]),
+                          torch.cat([self.features, features]), torch.cat([self.memory, memory]),
+                          torch.cat([self.memory_class, torch.full((len(memory),), c)]))
 
 
 def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.Tensor, features: torch.Tensor,
@@ -100,12 +103,12 @@ def descriptors(features: torch.Tensor) -> torch.Tensor:
 
 
 def retrieve(query: torch.Tensor, pool: torch.Tensor, pool_class: torch.Tensor,
-             class_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             given_class: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, cosine similarity) of the most similar prompt per query (paper §3.5). With
-    ``class_index`` (oracle / given class) only that class's prompts compete; -1 retrieves freely."""
+    ``given_class`` (oracle / caller-given) only that class's prompts compete; -1 retrieves freely."""
     sims = query @ pool.T
-    if class_index is not None:
-        allowed = (pool_class[None, :] == class_index[:, None]) | (class_index[:, None] < 0)
+    if given_class is not None:
+        allowed = (pool_class[None, :] == given_class[:, None]) | (given_class[:, None] < 0)
         sims = sims.masked_fill(~allowed, float("-inf"))
     best = sims.max(dim=1)
     return best.indices, best.values
@@ -150,14 +153,14 @@ def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_clas
     features = features.float()
     out = torch.zeros(n, h, w, device=features.device)
     for cls in class_index.unique().tolist():
-        bank = memory[memory_class == cls]
+        bank = memory[memory_class == cls].float()
         if not len(bank):
             continue
         rows = torch.nonzero(class_index == cls).flatten()
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
             query = patches(features[r])
-            out[r] = nearest_distance(query, bank.float(), torch.cdist(query, bank.float()).argmin(dim=1)).view(len(r), h, w)
+            out[r] = nearest_distance(query, bank, torch.cdist(query, bank).argmin(dim=1)).view(len(r), h, w)
     return out
 
 

@@ -133,7 +133,7 @@ def _partition_files(uri: str, endpoint: str | None) -> tuple[str, list[str]]:
     """(the partition, its Parquet files) of a partition directory or of one of its files."""
     if not storage.is_dir(uri, endpoint):
         if storage.exists(uri, endpoint) and uri.lower().endswith(".parquet"):
-            return posixpath.dirname(storage.normalize_uri(uri)), [uri]
+            return posixpath.dirname(storage.canonical_uri(uri)), [uri]
         raise FileNotFoundError(f"{uri}: not a scored partition directory or Parquet file (written by `onenip score`)")
     names = [n for n in storage.list_files(uri, (".parquet",), endpoint, relative=True)
              if not any(part.startswith(("_", ".")) for part in n.split("/"))]

@@ -26,9 +26,10 @@ import torch
 
 from .bundle import Bundle
 from .calibration import Calibration, ClassCalibration, calibrated_score
-from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, normalize
-from .engines import Engine, ExportedModel, Inference, load_model, make_engine
+from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_size, to_network_input
+from .engines import Engine, ExportedModel, load_model, make_engine
 from .formats import UNKNOWN_CLASS
+from .predictor import Prediction
 from .schema import (
     CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, error_row,
     utc_now,
@@ -44,7 +45,7 @@ class Prepared:
 
     image_uri: str
     class_name: str | None  # as given by the caller
-    class_index: int  # index of the given class, -1 = retrieve
+    given_class: int  # index of the class given by the caller, -1 = retrieve it
     image_sha256: str | None
     width: int | None
     height: int | None
@@ -92,10 +93,10 @@ class ScoringSpec:
             prepared.error_kind = ERROR_UNKNOWN_CLASS
         else:
             if class_name is not None:
-                prepared.class_index = self.class_names.index(class_name)
+                prepared.given_class = self.class_names.index(class_name)
             try:
                 image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri, self.max_pixels)
-                prepared.input = normalize(image, self.mean, self.std)
+                prepared.input = to_network_input(image, self.mean, self.std)
             except ImageError as exc:
                 prepared.error = str(exc)
             except cv2.error as exc:
@@ -247,9 +248,9 @@ class Scorer:
     def from_uri(cls, uri: str, endpoint: str | None = None, runtime: str = "torch", **kwargs: Any) -> "Scorer":
         return cls(load_model(uri, runtime, endpoint), runtime=runtime, **kwargs)
 
-    def infer(self, inputs: np.ndarray, class_index: np.ndarray) -> Inference:
-        """Normalised inputs (N, 3, S, S) float32; ``class_index`` (N,), -1 = retrieve the class."""
-        return self.engine.infer(inputs, class_index)
+    def infer(self, inputs: np.ndarray, given_class: np.ndarray) -> Prediction[np.ndarray]:
+        """Network inputs (N, 3, S, S) float32; ``given_class`` (N,), -1 = retrieve the class."""
+        return self.engine.infer(inputs, given_class)
 
     def score_bytes(
         self, items: list[Item], threshold_override: float | None = None, with_maps: bool = False
@@ -262,7 +263,7 @@ class Scorer:
         good = [i for i, p in enumerate(prepared) if p.error is None]
         for start in range(0, len(good), self.batch_size):
             chunk = good[start : start + self.batch_size]
-            out = self.infer(np.stack([prepared[i].input for i in chunk]), np.array([prepared[i].class_index for i in chunk]))
+            out = self.infer(np.stack([prepared[i].input for i in chunk]), np.array([prepared[i].given_class for i in chunk]))
             for j, i in enumerate(chunk):
                 row = self.spec.result_row(
                     prepared[i], out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), float(out.similarity[j]),

@@ -112,7 +112,7 @@ class LoadedModel:
         return self.scorer.spec.model_version
 
 
-ScoreItem = tuple[LoadedModel, np.ndarray, int]  # (model, normalised input, class index or -1)
+ScoreItem = tuple[LoadedModel, np.ndarray, int]  # (model, network input, given class or -1)
 
 
 def _python_type(arrow_type: pa.DataType, name: str) -> Any:
@@ -419,7 +419,7 @@ class OneNIPService:
         return 2 * self.max_batch_size + self.args.max_queued_requests
 
     def _forward(self, items: list[ScoreItem]) -> list[ModelOutput]:
-        """Forward passes for a batch of ``(model, normalised input, class index or -1)`` items (a thread)."""
+        """Forward passes for a batch of ``(model, network input, given class or -1)`` items (a thread)."""
         outputs, sizes = infer_grouped(items)
         self.forward_passes.update(sizes)
         return outputs
@@ -430,7 +430,7 @@ class OneNIPService:
         prepared = await loop.run_in_executor(self.decode_pool, model.spec.prepare, image_uri, data, options.class_name)
         if prepared.error is not None:
             raise ClientError(413 if exceeds_pixel_limit(data, model.spec.max_pixels) else 400, prepared.error)
-        out = await self.passes.submit((model, prepared.input, prepared.class_index))
+        out = await self.passes.submit((model, prepared.input, prepared.given_class))
         # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
         return await asyncio.to_thread(self._result_row, model, prepared, out, options), out.batch_size
 

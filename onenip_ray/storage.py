@@ -45,7 +45,7 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-def normalize_uri(uri: str) -> str:
+def canonical_uri(uri: str) -> str:
     """``s3://bucket/key`` without a trailing slash, or an absolute local path (``file://`` stripped)."""
     if is_s3(uri):
         return S3_SCHEME + uri[len(S3_SCHEME):].rstrip("/")
@@ -90,7 +90,7 @@ def _s3_client(endpoint: str | None):
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/key`` → ``(bucket, key)``."""
-    bucket, _, key = normalize_uri(uri)[len(S3_SCHEME):].partition("/")
+    bucket, _, key = canonical_uri(uri)[len(S3_SCHEME):].partition("/")
     return bucket, key
 
 
@@ -122,8 +122,8 @@ def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
     if is_s3(uri):
         endpoint = default_endpoint(endpoint)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3_filesystem(endpoint, region), normalize_uri(uri)[len(S3_SCHEME):]
-    return _local_filesystem(), normalize_uri(uri)
+        return _s3_filesystem(endpoint, region), canonical_uri(uri)[len(S3_SCHEME):]
+    return _local_filesystem(), canonical_uri(uri)
 
 
 def _file_type(uri: str, endpoint: str | None) -> pafs.FileType:
@@ -218,7 +218,7 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
                 raise PreconditionFailed(f"{uri} changed since it was read ({code})") from e
             raise
         return
-    path = normalize_uri(uri)
+    path = canonical_uri(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = f"{path}.lock"
     try:
@@ -290,7 +290,7 @@ def iter_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint: st
                 if not item["Key"].endswith("/") and wanted(item["Key"]):
                     yield f"{S3_SCHEME}{bucket}/{item['Key']}"
         return
-    for folder, dirs, names in os.walk(normalize_uri(uri)):
+    for folder, dirs, names in os.walk(canonical_uri(uri)):
         dirs.sort()
         for name in sorted(names):
             if wanted(name):

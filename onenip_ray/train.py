@@ -12,14 +12,15 @@ the driver commits it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,15 +32,17 @@ from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
 from .data.layouts import read_datasets
-from .formats import BUNDLE_FILE
 from .data.synthesis import AnomalySynthesizer, TextureSource
+from .formats import BUNDLE_FILE
 from .model.build import build_backbone, build_onenip
+from .model.loss import training_losses
 from .predictor import Predictor
 from .prompts import build_pool
-from .training_data import TrainingSet, build_training_set, parse_data_specs
+from .training_data import TrainingSet, build_training_set, parse_data_roots
 
 STATE_FILE = "state.pt"
 BUNDLE_SUBDIR = "bundle"
+CHECKPOINT_PREFIX = "onenip-ckpt-"  # the workers' local checkpoint folders (in the temp dir)
 
 
 def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -52,7 +55,8 @@ class SyntheticPairs(Dataset):
     """Item i of an epoch: (image index, synthetic image, its mask, prompt index). The random
     stream is keyed by (seed, epoch, rank, i), so results do not depend on the loader workers."""
 
-    def __init__(self, data: TrainingSet, order: np.ndarray, synthesizer: AnomalySynthesizer, by_class: dict[int, np.ndarray], key: tuple[int, ...]) -> None:
+    def __init__(self, data: TrainingSet, order: np.ndarray, synthesizer: AnomalySynthesizer,
+                 by_class: dict[int, np.ndarray], key: tuple[int, ...]) -> None:
         self.data, self.order, self.synthesizer, self.by_class, self.key = data, order, synthesizer, by_class, key
 
     def __len__(self) -> int:
@@ -62,7 +66,7 @@ class SyntheticPairs(Dataset):
         idx = int(self.order[i])
         rng = np.random.default_rng([*self.key, i])
         image, mask = self.synthesizer(self.data.images[idx], rng)
-        prompt = int(rng.choice(self.by_class[int(self.data.labels[idx])]))
+        prompt = int(rng.choice(self.by_class[int(self.data.class_ids[idx])]))
         return idx, torch.from_numpy(image), torch.from_numpy(mask), prompt
 
 
@@ -71,7 +75,7 @@ def epoch_order(data: TrainingSet, samples: int, balance: bool, rng: np.random.G
     same share (its images cycled in fresh permutations), so a 40-image class is not drowned by a
     200-image one; otherwise the training images in permuted passes."""
     train = data.train_index
-    groups = [train[data.labels[train] == c] for c in range(len(data.class_names))] if balance else [train]
+    groups = [train[data.class_ids[train] == c] for c in range(len(data.class_names))] if balance else [train]
     groups = [g for g in groups if len(g)]
     counts = np.full(len(groups), samples // len(groups))
     counts[rng.permutation(len(groups))[: samples - counts.sum()]] += 1
@@ -98,130 +102,200 @@ def lr_factor(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def _backbone_input(backbone, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = backbone.normalize(images)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+@dataclass
+class Worker:
+    """Where this training worker runs: its rank among ``world`` workers, device and precision."""
+
+    rank: int
+    world: int
+    device: torch.device
+    use_bf16: bool
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+
+    def network_input(self, backbone, images: torch.Tensor) -> torch.Tensor:
+        x = backbone.to_network_input(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.on_gpu else x
 
 
-def _feature_cache(backbone, images: np.ndarray, channels_last: bool, autocast, batch: int = 32) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images), batch):
-        with autocast():
-            out.append(backbone(_backbone_input(backbone, torch.from_numpy(images[i : i + batch]), channels_last)).float())
-    return torch.cat(out)
+@dataclass
+class Optimization:
+    """The model being trained (``model``: DDP-wrapped with several workers, ``core``: the OneNIP
+    itself), its optimiser and schedule, and where training (re)starts."""
+
+    model: Any
+    core: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    samples: int  # training samples per epoch over all workers
+    start_epoch: int
+    history: list[dict]
 
 
-def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
-    """Ray Train entry point (also runs in-process with ``num_workers=0``)."""
+def _worker(cfg: TrainConfig, config_dict: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
 
-    cfg = _config_from_dict(config_dict["train"])
-    endpoint = config_dict.get("endpoint")
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    world = ctx.get_world_size()
     if config_dict.get("threads_per_worker"):
         torch.set_num_threads(int(config_dict["threads_per_worker"]))
     device = ray.train.torch.get_device() if world > 1 or cfg.use_gpu else torch.device("cpu")
-    on_gpu = device.type == "cuda"
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return Worker(ctx.get_world_rank(), world, device, use_bf16)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+def _frozen_backbone(cfg: TrainConfig, worker: Worker, endpoint: str | None):
     weights = storage.read_bytes(cfg.backbone_weights, endpoint) if cfg.backbone_weights else None
-    backbone = build_backbone(cfg.model, weights).to(device)
-    if on_gpu:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = build_backbone(cfg.model, weights).to(worker.device)
+    return backbone.to(memory_format=torch.channels_last) if worker.on_gpu else backbone
 
-    t0 = time.perf_counter()
-    data = build_training_set(
-        parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes), cfg.model.image_size,
-        cfg.calibration_fraction, cfg.seed, endpoint,
-    )
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    clean_features = _feature_cache(backbone, data.images, on_gpu, autocast)
-    cache_s = time.perf_counter() - t0
 
-    textures = TextureSource.from_folder(cfg.textures, endpoint) if cfg.textures else TextureSource.procedural(cfg.seed)
-    synthesizer = AnomalySynthesizer(cfg.model.image_size, textures)
+def _feature_cache(backbone, images: np.ndarray, worker: Worker, batch: int = 32) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        with worker.autocast():
+            out.append(backbone(worker.network_input(backbone, torch.from_numpy(images[i : i + batch]))).float())
+    return torch.cat(out)
+
+
+def _optimization(cfg: TrainConfig, worker: Worker, channels: int, clean_features: torch.Tensor,
+                  data: TrainingSet) -> Optimization:
+    """The model, optimiser and schedule, restored from the latest checkpoint if there is one."""
+    import ray.train
+    import ray.train.torch
+
     torch.manual_seed(cfg.seed)
-    model = build_onenip(cfg.model, backbone.channels).to(device)
+    model = build_onenip(cfg.model, channels).to(worker.device)
     model.set_feature_statistics(clean_features[data.train_index])
-    samples = (cfg.steps_per_epoch * cfg.batch_size * world) if cfg.steps_per_epoch else len(data.train_index)
-    steps_per_epoch = -(-len(range(rank, samples, world)) // cfg.batch_size)
+    samples = (cfg.steps_per_epoch * cfg.batch_size * worker.world) if cfg.steps_per_epoch else len(data.train_index)
+    steps_per_epoch = -(-len(range(worker.rank, samples, worker.world)) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps_per_epoch))
     start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     if start_epoch == 0:
-        torch.manual_seed(cfg.seed * 1000 + rank)
-    elif rank:  # the checkpoint holds rank 0's stream; other ranks fork from it deterministically
-        torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.decoder == "v1"})
-    core = model.module if hasattr(model, "module") else model
+        torch.manual_seed(cfg.seed * 1000 + worker.rank)
+    elif worker.rank:  # the checkpoint holds rank 0's stream; other ranks fork from it deterministically
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + worker.rank)
+    core = model
+    if worker.world > 1:
+        unused = cfg.model.decoder == "v1"  # the buggy v1 decoder leaves parameters out of the loss
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    return Optimization(model, core, optimizer, scheduler, samples, start_epoch, history)
 
-    by_class = {c: data.train_index[data.labels[data.train_index] == c] for c in range(len(data.class_names))}
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """Ray Train entry point (also runs in-process with ``num_workers=0``)."""
+    cfg = _config_from_dict(config_dict["train"])
+    endpoint = config_dict.get("endpoint")
+    worker = _worker(cfg, config_dict)
+    backbone = _frozen_backbone(cfg, worker, endpoint)
+    t0 = time.perf_counter()
+    data = build_training_set(parse_data_roots(cfg.dataset, cfg.data), list(cfg.classes), cfg.model.image_size,
+                              cfg.calibration_fraction, cfg.seed, endpoint)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    clean_features = _feature_cache(backbone, data.images, worker)
+    cache_s = time.perf_counter() - t0
+    textures = TextureSource.from_folder(cfg.textures, endpoint) if cfg.textures else TextureSource.procedural(cfg.seed)
+    synthesizer = AnomalySynthesizer(cfg.model.image_size, textures)
+    opt = _optimization(cfg, worker, backbone.channels, clean_features, data)
+    by_class = {c: data.train_index[data.class_ids[data.train_index] == c] for c in range(len(data.class_names))}
     train_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = epoch_order(data, samples, cfg.balance_classes, np.random.default_rng([cfg.seed, epoch]))[rank::world]
-        loader = DataLoader(SyntheticPairs(data, order, synthesizer, by_class, (cfg.seed, epoch, rank)),
-                            batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=on_gpu)
-        sums = {"loss": 0.0, "mse": 0.0, "dice": 0.0}
-        steps, t_epoch, wait_s = 0, time.perf_counter(), 0.0
-        t_wait = time.perf_counter()
-        for idx, synthetic_images, masks, prompt_idx in loader:
-            wait_s += time.perf_counter() - t_wait
-            with autocast():
-                synthetic = backbone(_backbone_input(backbone, synthetic_images, on_gpu))
-                losses = model(clean_features[idx.to(device)], synthetic.float(), masks.to(device), clean_features[prompt_idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            sums["loss"] += float(losses.total.detach())
-            sums["mse"] += float(losses.mse)
-            sums["dice"] += float(losses.dice)
-            steps += 1
-            t_wait = time.perf_counter()
-        seconds = time.perf_counter() - t_epoch
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
-                       samples_per_second=len(order) / max(seconds, 1e-9), loader_wait_seconds=wait_s)
-        history.append(metrics)
-        if rank == 0:
+    for epoch in range(opt.start_epoch, cfg.epochs):
+        order = epoch_order(data, opt.samples, cfg.balance_classes, np.random.default_rng([cfg.seed, epoch]))
+        order = order[worker.rank :: worker.world]
+        pairs = SyntheticPairs(data, order, synthesizer, by_class, (cfg.seed, epoch, worker.rank))
+        metrics = _train_epoch(cfg, worker, backbone, opt, clean_features, pairs, epoch)
+        opt.history.append(metrics)
+        if worker.rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"{seconds:.0f} s, {metrics['samples_per_second']:.2f} samples/s", file=sys.stderr, flush=True)
-        last = epoch == cfg.epochs - 1
-        if not last:
-            due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
-            ray.train.report(metrics, checkpoint=_checkpoint(core, optimizer, scheduler, epoch, history) if due and rank == 0 else None)
-
-    final = None
-    if rank == 0:
-        summary = {
-            "epochs": cfg.epochs, "history": history, "workers": world, "resumed_from_epoch": start_epoch,
-            "train_seconds": time.perf_counter() - train_start, "image_load_seconds": load_s,
-            "feature_cache_seconds": cache_s, "train_images": int(len(data.train_index)),
-            "calibration_images": int(len(data.calibration_index)), "precision": "bf16" if use_bf16 else "fp32",
-            "config": cfg.to_dict(),
-        }
-        final = _checkpoint(core, optimizer, scheduler, cfg.epochs - 1, history)
-        with final.as_directory() as d:
-            _write_final_bundle(os.path.join(d, BUNDLE_SUBDIR), cfg, backbone, core, data, clean_features, synthesizer, summary)
-    ray.train.report(history[-1] if history else {"epoch": cfg.epochs}, checkpoint=final)
+                  f"{metrics['epoch_seconds']:.0f} s, {metrics['samples_per_second']:.2f} samples/s",
+                  file=sys.stderr, flush=True)
+        if epoch < cfg.epochs - 1:
+            due = worker.rank == 0 and cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+            _report_epoch(metrics, opt, epoch if due else None)
+    summary = {
+        "epochs": cfg.epochs, "history": opt.history, "workers": worker.world, "resumed_from_epoch": opt.start_epoch,
+        "train_seconds": time.perf_counter() - train_start, "image_load_seconds": load_s,
+        "feature_cache_seconds": cache_s, "train_images": int(len(data.train_index)),
+        "calibration_images": int(len(data.calibration_index)), "precision": "bf16" if worker.use_bf16 else "fp32",
+        "config": cfg.to_dict(),
+    }
+    _report_final(cfg, worker, opt, lambda out: _write_final_bundle(out, cfg, backbone, opt.core, data, clean_features,
+                                                                     synthesizer, summary))
 
 
-def _checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict]):
+def _train_epoch(cfg: TrainConfig, worker: Worker, backbone, opt: Optimization, clean_features: torch.Tensor,
+                 pairs: SyntheticPairs, epoch: int) -> dict[str, float]:
+    """One pass over ``pairs``; the epoch's mean losses, learning rate and throughput."""
+    opt.model.train()
+    loader = DataLoader(pairs, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=worker.on_gpu)
+    device = worker.device
+    sums = {"loss": 0.0, "mse": 0.0, "dice": 0.0}
+    steps, t_epoch, wait_s = 0, time.perf_counter(), 0.0
+    t_wait = time.perf_counter()
+    for idx, synthetic_images, masks, prompt_idx in loader:
+        wait_s += time.perf_counter() - t_wait
+        with worker.autocast():
+            synthetic = backbone(worker.network_input(backbone, synthetic_images))
+            losses = training_losses(opt.model, clean_features[idx.to(device)], synthetic.float(), masks.to(device),
+                                     clean_features[prompt_idx.to(device)])
+        opt.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(opt.model.parameters(), cfg.grad_clip)
+        opt.optimizer.step()
+        opt.scheduler.step()
+        sums["loss"] += float(losses.total.detach())
+        sums["mse"] += float(losses.mse)
+        sums["dice"] += float(losses.dice)
+        steps += 1
+        t_wait = time.perf_counter()
+    seconds = time.perf_counter() - t_epoch
+    metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+    metrics.update(epoch=epoch + 1, lr=opt.optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
+                   samples_per_second=len(pairs) / max(seconds, 1e-9), loader_wait_seconds=wait_s)
+    return metrics
+
+
+def _save_state(folder: str, opt: Optimization, epoch: int) -> None:
+    state = {"model": opt.core.state_dict(), "optimizer": opt.optimizer.state_dict(),
+             "scheduler": opt.scheduler.state_dict(),
+             "epoch": epoch, "history": json.dumps(opt.history), "torch_rng": torch.get_rng_state()}
+    torch.save(state, os.path.join(folder, STATE_FILE))
+
+
+def _report_epoch(metrics: dict[str, float], opt: Optimization, checkpoint_epoch: int | None) -> None:
+    """Every rank reports (a collective); rank 0 with a checkpoint when one is due (``checkpoint_epoch``).
+    The report uploads synchronously, so the checkpoint's temporary folder goes right after it."""
     import ray.train
 
-    tmp = tempfile.mkdtemp(prefix="onenip-ckpt-")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": json.dumps(history), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, STATE_FILE))
-    return ray.train.Checkpoint.from_directory(tmp)
+    if checkpoint_epoch is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix=CHECKPOINT_PREFIX) as folder:
+        _save_state(folder, opt, checkpoint_epoch)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _report_final(cfg: TrainConfig, worker: Worker, opt: Optimization, write_bundle_to) -> None:
+    """The last report: rank 0's checkpoint holds the state and the finished bundle (``BUNDLE_SUBDIR``).
+    Ray deletes its folder once uploaded; in-process runs (no upload) leave it to ``run_training``."""
+    import ray.train
+
+    checkpoint = None
+    if worker.rank == 0:
+        folder = tempfile.mkdtemp(prefix=CHECKPOINT_PREFIX)
+        _save_state(folder, opt, cfg.epochs - 1)
+        write_bundle_to(os.path.join(folder, BUNDLE_SUBDIR))
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+    metrics = opt.history[-1] if opt.history else {"epoch": cfg.epochs}
+    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=checkpoint is not None)
 
 
 def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
@@ -237,17 +311,19 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     return int(state["epoch"]) + 1, json.loads(state["history"])
 
 
-def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor, synthesizer, summary: dict) -> None:
+def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor,
+                        synthesizer, summary: dict) -> None:
     model.eval()
     train = data.train_index
-    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.labels[train]), clean_features[train].cpu(),
+    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
+                      clean_features[train].cpu(),
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
     for c, name in enumerate(data.class_names):
-        idx = data.calibration_index[data.labels[data.calibration_index] == c]
-        calib[name] = data.images[idx] if len(idx) else data.images[data.labels == c][:1]
+        idx = data.calibration_index[data.class_ids[data.calibration_index] == c]
+        calib[name] = data.images[idx] if len(idx) else data.images[data.class_ids == c][:1]
     t0 = time.perf_counter()
     calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
@@ -255,7 +331,7 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
 
 
 def default_run_name(out: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.normalize_uri(out).rstrip("/").rsplit("/", 1)[-1]) or "bundle"
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.canonical_uri(out).rstrip("/").rsplit("/", 1)[-1]) or "bundle"
     return f"onenip-{base}"
 
 
@@ -270,24 +346,50 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     """
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    storage_path = storage.normalize_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
+    storage_path = storage.canonical_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
     run_name = run_name or default_run_name(cfg.out)
-    run_uri = storage.join(storage_path, run_name)
-    exists = storage.exists(storage.join(run_uri, "checkpoint_manager_snapshot.json"), endpoint)
-    if exists and resume is False:
-        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, or a new --run-name")
-    if resume is True and not exists:
-        raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
-
+    _check_run_state(storage_path, run_name, resume, endpoint)
     cfg = _absolute_paths(cfg)
     if cfg.num_workers > 0:
         # Dataset layout errors are deterministic: raise them here, before Ray starts, instead of in
         # a worker that FailureConfig would restart max_failures times (in-process runs raise at once).
-        read_datasets(parse_data_specs(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
+        read_datasets(parse_data_roots(cfg.dataset, cfg.data), list(cfg.classes) or None, endpoint)
+    try:
+        result = _trainer(cfg, endpoint, storage_path, run_name).fit()
+    except Exception as error:  # Ray wraps worker exceptions in WorkerGroupError
+        cause = _worker_input_error(error)
+        if cause is not None:
+            raise cause from error
+        raise
+    if result.error:
+        raise result.error
+    try:
+        with result.checkpoint.as_directory() as local:
+            bundle_dir = os.path.join(local, BUNDLE_SUBDIR)
+            commit_bundle(bundle_dir, cfg.out, endpoint)
+            with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
+                return json.load(f)
+    finally:
+        if cfg.num_workers == 0:  # in-process: the checkpoint is the worker's own temporary folder, never uploaded
+            shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+
+
+def _check_run_state(storage_path: str, run_name: str, resume: bool | str, endpoint: str | None) -> None:
+    """A run that exists is continued only with ``resume``; ``resume=True`` needs one with checkpoints."""
+    exists = storage.exists(storage.join(storage_path, run_name, "checkpoint_manager_snapshot.json"), endpoint)
+    if exists and resume is False:
+        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, "
+                         "or a new --run-name")
+    if resume is True and not exists:
+        raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
+
+
+def _trainer(cfg: TrainConfig, endpoint: str | None, storage_path: str, run_name: str):
+    """The ``TorchTrainer``: workers, their resources and threads, and the run's storage."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     config_dict: dict[str, Any] = {"train": cfg.to_dict(), "endpoint": endpoint}
     if cfg.num_workers > 0 and not ray.is_initialized():
         ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
@@ -300,31 +402,17 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
         config_dict["threads_per_worker"] = None if cfg.use_gpu else torch.get_num_threads()
     fs_kwargs = {}
     if storage.is_s3(storage_path):
-        fs, path = storage.filesystem_for(storage_path, endpoint)
+        fs, storage_path = storage.filesystem_for(storage_path, endpoint)
         fs_kwargs = {"storage_filesystem": fs}
-        storage_path = path
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config_dict,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **fs_kwargs),
     )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # Ray wraps worker exceptions in WorkerGroupError
-        cause = _worker_input_error(error)
-        if cause is not None:
-            raise cause from error
-        raise
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as local:
-        bundle_dir = os.path.join(local, BUNDLE_SUBDIR)
-        commit_bundle(bundle_dir, cfg.out, endpoint)
-        with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
-            return json.load(f)
 
 
 def _worker_input_error(error: Exception) -> Exception | None:
@@ -340,7 +428,8 @@ def _worker_input_error(error: Exception) -> Exception | None:
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative local paths resolved in the driver: Ray Train workers run in another directory."""
     def fix(uri: str | None) -> str | None:
-        return uri if uri is None or storage.is_s3(uri) else storage.normalize_uri(uri)
+        return uri if uri is None or storage.is_s3(uri) else storage.canonical_uri(uri)
 
-    data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_specs(cfg.dataset, cfg.data))
-    return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures), backbone_weights=fix(cfg.backbone_weights))
+    data = tuple(f"{kind}={fix(root)}" for kind, root in parse_data_roots(cfg.dataset, cfg.data))
+    return replace(cfg, data=data, out=fix(cfg.out), textures=fix(cfg.textures),
+                   backbone_weights=fix(cfg.backbone_weights))

@@ -14,21 +14,21 @@ DATASET_KINDS = ("mvtec", "visa", "btad", "folder")
 MIN_CALIBRATION_IMAGES = 5  # below this a threshold is a guess (see calibration.py)
 
 
-def parse_data_specs(default_kind: str, data: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """``ROOT`` uses ``default_kind``; ``KIND=ROOT`` overrides it per root."""
-    specs = []
+def parse_data_roots(default_kind: str, data: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """Dataset roots as ``(kind, root)``: ``ROOT`` uses ``default_kind``; ``KIND=ROOT`` overrides it per root."""
+    roots = []
     for item in data:
         kind, sep, root = item.partition("=")
         if sep and kind in DATASET_KINDS:
-            specs.append((kind, root))
+            roots.append((kind, root))
         else:
-            specs.append((default_kind, item))
-    for kind, _ in specs:
+            roots.append((default_kind, item))
+    for kind, _ in roots:
         if kind not in DATASET_KINDS:
             raise ValueError(f"unknown dataset kind {kind!r}; choose from {DATASET_KINDS}")
-    if not specs:
+    if not roots:
         raise ValueError("no dataset root given (--data ROOT)")
-    return specs
+    return roots
 
 
 def load_images(samples: list[Sample], size: int, endpoint: str | None = None, threads: int = 4) -> np.ndarray:
@@ -48,7 +48,7 @@ class TrainingSet:
     class_names: list[str]
     samples: list[Sample]
     images: np.ndarray
-    labels: np.ndarray  # class index per image
+    class_ids: np.ndarray  # class index (into ``class_names``) per image
     train_index: np.ndarray  # queries (and training prompts)
     calibration_index: np.ndarray  # held out for thresholds
 
@@ -57,7 +57,7 @@ class TrainingSet:
 
 
 def build_training_set(
-    specs: list[tuple[str, str]],
+    roots: list[tuple[str, str]],
     classes: list[str] | None,
     image_size: int,
     calibration_fraction: float,
@@ -66,13 +66,13 @@ def build_training_set(
 ) -> TrainingSet:
     """Read the training split and hold out ``calibration_fraction`` of each class for
     calibration: at least ``MIN_CALIBRATION_IMAGES``, at most half of the class."""
-    samples = [s for s in read_datasets(specs, classes or None, endpoint) if s.split == "train"]
+    samples = [s for s in read_datasets(roots, classes or None, endpoint) if s.split == "train"]
     names = sorted({s.class_name for s in samples})
-    labels = np.array([names.index(s.class_name) for s in samples], dtype=np.int64)
+    class_ids = np.array([names.index(s.class_name) for s in samples], dtype=np.int64)
     rng = np.random.default_rng(seed)
     train, calib = [], []
     for c in range(len(names)):
-        idx = rng.permutation(np.flatnonzero(labels == c))
+        idx = rng.permutation(np.flatnonzero(class_ids == c))
         wanted = max(MIN_CALIBRATION_IMAGES, int(round(calibration_fraction * len(idx))))
         n_cal = min(len(idx) // 2, wanted) if calibration_fraction > 0 else 0
         calib.extend(idx[:n_cal])
@@ -81,7 +81,7 @@ def build_training_set(
         class_names=names,
         samples=samples,
         images=load_images(samples, image_size, endpoint),
-        labels=labels,
+        class_ids=class_ids,
         train_index=np.sort(np.array(train, dtype=np.int64)),
         calibration_index=np.sort(np.array(calib, dtype=np.int64)),
     )

@@ -18,7 +18,7 @@ from onenip_ray.bundle import (
 )
 from onenip_ray.calibration import calibrate
 from onenip_ray.config import ModelConfig
-from onenip_ray.data.images import normalize
+from onenip_ray.data.images import to_network_input
 from onenip_ray.data.layouts import read_dataset
 from onenip_ray.data.synthesis import AnomalySynthesizer, TextureSource
 from onenip_ray.model.backbone import FrozenBackbone
@@ -50,7 +50,7 @@ def parts(images):
     model = build_onenip(CONFIG, backbone.channels).eval()
     prompts = np.concatenate([train["disc"][:1], train["stripes"][:1]])
     with torch.no_grad():
-        feats = backbone(torch.from_numpy(normalize(prompts, backbone.mean, backbone.std)))
+        feats = backbone(torch.from_numpy(to_network_input(prompts, backbone.mean, backbone.std)))
     pool = PromptPool(["disc", "stripes"], ["disc/000.png", "stripes/000.png"], torch.tensor([0, 1]), feats)
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     synth = AnomalySynthesizer(64, TextureSource.procedural(0, pool_size=4))

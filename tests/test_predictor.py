@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from onenip_ray.config import ModelConfig
-from onenip_ray.data.images import normalize
+from onenip_ray.data.images import to_network_input
 from onenip_ray.data.layouts import read_dataset
 from onenip_ray.model.build import build_backbone
-from onenip_ray.model.onenip import OneNIP, fuse, image_scores
+from onenip_ray.model.anomaly_map import fuse, image_scores
+from onenip_ray.model.onenip import OneNIP
 from onenip_ray.predictor import Predictor
 from onenip_ray.prompts import PromptPool, descriptors
 from onenip_ray.training_data import load_images
@@ -42,7 +43,7 @@ def parts(backbone, images):
     model = OneNIP(CONFIG, backbone.channels).eval()
     prompt_images = np.concatenate([images["disc"], images["stripes"]])
     with torch.no_grad():
-        feats = backbone(torch.from_numpy(normalize(prompt_images, backbone.mean, backbone.std)))
+        feats = backbone(torch.from_numpy(to_network_input(prompt_images, backbone.mean, backbone.std)))
     pool = PromptPool(["disc", "stripes"], ["d0", "d1", "s0", "s1"], torch.tensor([0, 0, 1, 1]), feats)
     return model, pool
 
@@ -76,12 +77,12 @@ def test_prediction_equals_the_model_maps_with_the_retrieved_prompt(backbone, pa
     batch = np.concatenate([images["disc/test"][:2], images["stripes/test"][:2]])
     pred = predictor.predict(batch)
     with torch.no_grad():
-        feats = backbone(torch.from_numpy(normalize(batch, backbone.mean, backbone.std)))
+        feats = backbone(torch.from_numpy(to_network_input(batch, backbone.mean, backbone.std)))
         maps = model.maps(feats, model.encode(pool.features)[pred.prompt_index])
     fused = fuse(maps, CONFIG, 1.7)
     assert pred.fused.shape == (4, 64, 64)
-    assert torch.allclose(pred.reconstruction, maps.reconstruction, atol=1e-5)
-    assert torch.allclose(pred.refiner, maps.refiner, atol=1e-5)
+    assert torch.allclose(pred.maps.reconstruction, maps.reconstruction, atol=1e-5)
+    assert torch.allclose(pred.maps.refiner, maps.refiner, atol=1e-5)
     assert torch.allclose(pred.fused, fused, atol=1e-5)
     assert torch.allclose(pred.scores, image_scores(fused, CONFIG.score_pool), atol=1e-5)
     # the retrieved prompt is the most similar pool descriptor
@@ -114,10 +115,10 @@ def test_oracle_class_overrides_retrieval(backbone, parts, images):
     assert predictor.class_names == ["disc", "stripes"]
 
 
-def test_to_input_normalises_like_the_data_module(backbone, parts, images):
+def test_to_network_input_matches_the_data_module(backbone, parts, images):
     model, pool = parts
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     batch = images["stripes/test"][:2]
-    expected = torch.from_numpy(normalize(batch, backbone.mean, backbone.std))
-    assert torch.allclose(predictor.to_input(batch), expected, atol=1e-6)
+    expected = torch.from_numpy(to_network_input(batch, backbone.mean, backbone.std))
+    assert torch.allclose(predictor.to_network_input(batch), expected, atol=1e-6)
     assert not predictor.model.training and not predictor.backbone.training

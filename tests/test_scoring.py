@@ -11,7 +11,7 @@ import torch
 
 from onenip_ray.bundle import load_bundle
 from onenip_ray.calibration import calibrated_score
-from onenip_ray.model.onenip import image_scores
+from onenip_ray.model.anomaly_map import image_scores
 from onenip_ray.schema import OUTPUT_COLUMNS, RESULT_SCHEMA, to_table
 from onenip_ray.scoring import MAP_KEY, Scorer, find_regions, smoothed_map
 from tests.inputs import bad_inputs, good_inputs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ from onenip_ray.bundle import load_bundle
 from onenip_ray.config import ModelConfig, TrainConfig
 from onenip_ray.data.layouts import read_dataset
 from onenip_ray.evaluate import evaluate
-from onenip_ray.train import run_training
+from onenip_ray.train import CHECKPOINT_PREFIX, run_training
 from onenip_ray.training_data import load_images
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro")
@@ -115,6 +116,15 @@ def test_evaluate_with_oracle_classes(trained, tiny_dataset, tmp_path):
     assert report["routing_accuracy"] == 1.0
 
 
+def test_in_process_training_leaves_no_checkpoint_folders(tiny_dataset, tmp_path, monkeypatch):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    run_training(_config(tiny_dataset, tmp_path / "bundle", epochs=2, checkpoint_every=1), storage_path=str(tmp_path / "ray"))
+    assert (tmp_path / "bundle" / "bundle.json").is_file()
+    assert list(temp.glob(f"{CHECKPOINT_PREFIX}*")) == []
+
+
 @pytest.mark.slow
 def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path, monkeypatch):
     # relative paths, as a user types them: workers run elsewhere, so the driver must resolve them
@@ -170,11 +180,11 @@ def test_epoch_order_balances_classes_whatever_their_size():
     from onenip_ray.train import epoch_order
     from onenip_ray.training_data import TrainingSet
 
-    labels = np.array([0] * 40 + [1] * 200)
-    data = TrainingSet(["small", "large"], [], np.zeros((240, 1, 1, 3), np.uint8), labels, np.arange(240), np.zeros(0, np.int64))
+    class_ids = np.array([0] * 40 + [1] * 200)
+    data = TrainingSet(["small", "large"], [], np.zeros((240, 1, 1, 3), np.uint8), class_ids, np.arange(240), np.zeros(0, np.int64))
     order = epoch_order(data, 200, True, np.random.default_rng(0))
-    assert len(order) == 200 and np.bincount(labels[order]).tolist() == [100, 100]
-    assert len(set(order[labels[order] == 0].tolist())) == 40  # every small-class image, cycled
+    assert len(order) == 200 and np.bincount(class_ids[order]).tolist() == [100, 100]
+    assert len(set(order[class_ids[order] == 0].tolist())) == 40  # every small-class image, cycled
     plain = epoch_order(data, 240, False, np.random.default_rng(0))
     assert sorted(plain.tolist()) == list(range(240))
 

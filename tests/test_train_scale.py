@@ -20,6 +20,7 @@ import torch
 from onenip_ray.bundle import load_bundle
 from onenip_ray.config import ModelConfig, TrainConfig
 from onenip_ray.data.layouts import read_dataset
+from onenip_ray.model.loss import training_losses
 from onenip_ray.train import run_training
 from onenip_ray.training_data import load_images
 
@@ -156,25 +157,26 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_bundle, tiny_dataset):
 
     assert torch.equal(fp32.prompt_index, bf16.prompt_index)  # same retrieved prompt for every image
     torch.testing.assert_close(bf16.scores.float(), fp32.scores, rtol=SCORE_RTOL, atol=0)
-    for name in ("fused", "reconstruction", "refiner"):
-        ref, low = getattr(fp32, name), getattr(bf16, name)
+    maps = {"fused": (fp32.fused, bf16.fused), "reconstruction": (fp32.maps.reconstruction, bf16.maps.reconstruction),
+            "refiner": (fp32.maps.refiner, bf16.maps.refiner)}
+    for name, (ref, low) in maps.items():
         worst = min(_correlation(ref[i], low[i]) for i in range(len(ref)))
         assert worst > MAP_MIN_CORRELATION, (name, worst)
     assert _correlation(fp32.scores, bf16.scores) > MAP_MIN_CORRELATION  # the ranking of images is kept
 
     # training losses (backbone + OneNIP under autocast, as in train_loop_per_worker)
     model, backbone = bundle.model, bundle.backbone
-    x = predictor.to_input(images[:4])
+    x = predictor.to_network_input(images[:4])
     clean = backbone(x)
     mask = torch.zeros(4, 64, 64)
     mask[:, 20:40, 20:40] = 1.0
     model.train()
     try:
         torch.manual_seed(0)
-        ref = model(clean, backbone(x.flip(-1)), mask, clean.roll(1, 0))
+        ref = training_losses(model, clean, backbone(x.flip(-1)), mask, clean.roll(1, 0))
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(clean, backbone(x.flip(-1)).float(), mask, clean.roll(1, 0))
+            low = training_losses(model, clean, backbone(x.flip(-1)).float(), mask, clean.roll(1, 0))
     finally:
         model.eval()
     for name in ("total", "mse", "dice"):

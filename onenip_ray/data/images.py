@@ -56,7 +56,8 @@ def _check_header(data: bytes, name: str, max_pixels: int) -> tuple[int, int, st
         with Image.open(BytesIO(data)) as header:
             (width, height), image_format, mode = header.size, header.format, header.mode
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); our limit is {max_pixels} px") from exc
+        raise ImageError(f"{name}: over Pillow's hard decompression-bomb limit ({exc}); "
+                         f"our limit is {max_pixels} px") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a decodable image (unknown format; starts with {data[:12]!r})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -89,7 +90,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     return _bgr_to_rgb(_imdecode(data, name, cv2.IMREAD_COLOR))
 
 
-def decode_for_size(data: bytes, size: int, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+def decode_for_size(data: bytes, size: int, name: str = "<bytes>",
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """``decode_image`` + ``resize_image`` to a ``size``×``size`` network input, using as little
     memory as the format allows: ``(RGB image, original width, original height)``.
 
@@ -145,10 +147,10 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def normalize(img: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+def to_network_input(img: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
     """uint8 (H, W, 3) or (N, H, W, 3) RGB -> float32 (..., 3, H, W) as ``(x / 255 - mean) / std``."""
     if img.ndim not in (3, 4) or img.shape[-1] != 3:
         raise ValueError(f"expected (H, W, 3) or (N, H, W, 3) RGB images, got shape {img.shape}")
     scaled = img.astype(np.float32) / 255.0
-    normalized = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(np.moveaxis(normalized, -1, -3))
+    standardized = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(standardized, -1, -3))

@@ -212,7 +212,7 @@ def read_datasets(specs: list[tuple[str, str]], classes: list[str] | None = None
     for kind, root in specs:
         if kind not in KINDS:
             raise DatasetError(f"unknown dataset kind {kind!r} for {root} (expected one of {', '.join(KINDS)})")
-        root = storage.normalize_uri(root)
+        root = storage.canonical_uri(root)
         names = _available_classes(kind, root, endpoint)
         for name in names:
             if name in owners:

@@ -30,7 +30,8 @@ class FrozenBackbone(nn.Module):
         self.stage_channels = list(info.channels())
         self.stage_strides = list(info.reduction())
         if max(self.stage_strides) > 16:
-            raise ValueError(f"{name}: stages {self.out_indices} reach stride {max(self.stage_strides)}; OneNIP fuses at stride 16")
+            raise ValueError(f"{name}: stages {self.out_indices} reach stride {max(self.stage_strides)}; "
+                             "OneNIP fuses at stride 16")
         _truncate_after_last_stage(body, [d["module"] for d in info.get_dicts()])
         self.body = body
         cfg = body.pretrained_cfg
@@ -49,8 +50,9 @@ class FrozenBackbone(nn.Module):
         """Frozen: BatchNorm keeps running statistics whatever the caller asks."""
         return super().train(False)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB (N, H, W, 3) on any device → normalised float input (N, 3, H, W) on the backbone's."""
+    def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, H, W, 3) on any device → the network input (N, 3, H, W) on the backbone's:
+        ``(x / 255 − mean) / std`` with the backbone's ImageNet mean and std."""
         x = images.to(self._mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._mean) / self._std
 
@@ -59,7 +61,8 @@ class FrozenBackbone(nn.Module):
         """Normalised images (N,3,H,W) → fused features (N, channels, H/16, W/16)."""
         grid = (images.shape[-2] // 16, images.shape[-1] // 16)
         maps = self.body(images)
-        fused = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=True) for m in maps]
+        fused = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=True)
+                 for m in maps]
         return torch.cat(fused, dim=1)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -87,7 +90,8 @@ def _truncate_after_last_stage(body: nn.Module, modules: list[str]) -> None:
         body.blocks = body.blocks[: last + 1]
 
 
-_STEM_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_STEM_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                 "_fc": "classifier"}
 _FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LATER_STAGES = {
     "_expand_conv": "conv_pw",
@@ -114,7 +118,8 @@ def rename_efficientnet_pytorch(state: dict[str, torch.Tensor], body: nn.Module)
         m = re.match(r"_blocks\.(\d+)\.(.+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", key)
         if m:
             stage, j = flat_to_stage[int(m.group(1))]
-            table = _FIRST_STAGE if stage == 0 and "_expand_conv" not in _block_keys(state, m.group(1)) else _LATER_STAGES
+            first_with_no_expansion = stage == 0 and "_expand_conv" not in _block_keys(state, m.group(1))
+            table = _FIRST_STAGE if first_with_no_expansion else _LATER_STAGES
             part = table.get(m.group(2))
             if part is None:
                 raise ValueError(f"unexpected efficientnet_pytorch tensor {key}")

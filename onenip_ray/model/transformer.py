@@ -53,7 +53,8 @@ class Attention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.zeros_(proj.bias)  # as nn.MultiheadAttention (the official layer) initialises them
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, nq, d = q.shape
         h = self.num_heads
 
@@ -106,7 +107,8 @@ class TwoWayDecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.buggy_v1 = buggy_v1
 
-    def forward(self, prompt: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, prompt: torch.Tensor, image: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         prompt = self.norm1(prompt + self.drop(self.cross_attn_prompt_to_image(prompt + pos, image + pos, image, mask)))
         mlp_out = self.mlp(prompt)
         prompt = self.norm2(prompt + self.drop(mlp_out))
@@ -139,7 +141,8 @@ class ReconstructionTransformer(nn.Module):
         self.use_neighbor_mask = use_neighbor_mask
         self.pos_embed = LearnedPositionEmbedding(grid, dim)
         self.encoder = nn.ModuleList(EncoderLayer(dim, num_heads, ffn, dropout) for _ in range(num_encoder_layers))
-        self.decoder = nn.ModuleList(TwoWayDecoderLayer(dim, num_heads, ffn, dropout, buggy_v1) for _ in range(num_decoder_layers))
+        self.decoder = nn.ModuleList(TwoWayDecoderLayer(dim, num_heads, ffn, dropout, buggy_v1)
+                                     for _ in range(num_decoder_layers))
         self.final_attn = Attention(dim, num_heads, dropout)
         self.final_drop = nn.Dropout(dropout)
         self.final_norm = nn.LayerNorm(dim)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onenip_ray.data import images
-from onenip_ray.data.images import ImageError, decode_for_size, decode_image, decode_mask, normalize, resize_image, resize_mask
+from onenip_ray.data.images import ImageError, decode_for_size, decode_image, decode_mask, resize_image, resize_mask, to_network_input
 
 
 def _encode(array: np.ndarray, ext: str = ".png") -> bytes:
@@ -157,18 +157,18 @@ def test_resize_mask_stays_bool():
     assert resized[0].all() and not resized[-1].any()
 
 
-def test_normalize_single_and_batch():
+def test_to_network_input_single_and_batch():
     img = np.full((4, 5, 3), 255, np.uint8)
     img[..., 1] = 0
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.25, 0.5)
-    out = normalize(img, mean, std)
+    out = to_network_input(img, mean, std)
     assert out.dtype == np.float32 and out.shape == (3, 4, 5) and out.flags.c_contiguous
     np.testing.assert_allclose(out[:, 0, 0], [1.0, -2.0, 1.0])
-    batch = normalize(np.stack([img, img]), mean, std)
+    batch = to_network_input(np.stack([img, img]), mean, std)
     assert batch.shape == (2, 3, 4, 5)
     np.testing.assert_allclose(batch[1], out)
     with pytest.raises(ValueError, match="shape"):
-        normalize(np.zeros((4, 5), np.uint8), mean, std)
+        to_network_input(np.zeros((4, 5), np.uint8), mean, std)
 
 
 def _smooth_image(height: int, width: int) -> np.ndarray:

@@ -7,11 +7,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from onenip_ray.config import ModelConfig
-from onenip_ray.model import onenip as onenip_module
-from onenip_ray.model.onenip import gaussian_blur, Maps, OneNIP, dice_loss, fuse, image_scores
+from onenip_ray.model import loss as loss_module
+from onenip_ray.model.anomaly_map import Maps, fuse, gaussian_blur, image_scores
+from onenip_ray.model.loss import dice_loss, training_losses
+from onenip_ray.model.onenip import OneNIP
 
 C = 24
 TINY = ModelConfig(image_size=64, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
@@ -37,7 +38,7 @@ def _batch(n: int = 3, seed: int = 1):
 
 def test_training_losses_are_finite_and_backward_reaches_every_parameter(model):
     model.train()
-    losses = model.training_losses(*_batch())
+    losses = training_losses(model, *_batch())
     assert all(torch.isfinite(t) for t in losses)
     assert losses.mse > 0 and 0 < losses.dice < 1
     assert torch.allclose(losses.total, losses.mse + 0.5 * losses.dice)
@@ -46,76 +47,65 @@ def test_training_losses_are_finite_and_backward_reaches_every_parameter(model):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    assert model.forward == model.training_losses
 
 
 def test_a_training_step_lowers_the_loss(model):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = _batch()
     model.eval()  # no jitter, no dropout: the loss is a deterministic function of the weights
-    first = model.training_losses(*batch).total
+    first = training_losses(model, *batch).total
     for _ in range(5):
         opt.zero_grad()
-        model.training_losses(*batch).total.backward()
+        training_losses(model, *batch).total.backward()
         opt.step()
-    assert model.training_losses(*batch).total < first
+    assert training_losses(model, *batch).total < first
 
 
-def test_loss_forms_use_the_documented_dice(model, monkeypatch):
+def test_the_loss_uses_the_official_dice_on_both_streams(model, monkeypatch):
     calls = []
 
-    def spy(logits, masks, smooth, factor):
-        calls.append((logits.shape, masks.clone(), smooth, factor))
-        return dice_loss(logits, masks, smooth, factor)
+    def spy(logits, masks):
+        calls.append((logits.shape, masks.clone()))
+        return dice_loss(logits, masks)
 
-    monkeypatch.setattr(onenip_module, "dice_loss", spy)
+    monkeypatch.setattr(loss_module, "dice_loss", spy)
     clean, synthetic, masks, prompt = _batch(n=2)
     model.train()
-    torch.manual_seed(5)
-    official = model.training_losses(clean, synthetic, masks, prompt, loss_form="official")
-    torch.manual_seed(5)
-    paper = model.training_losses(clean, synthetic, masks, prompt, loss_form="paper")
-    (shape_o, masks_o, smooth_o, factor_o), (_, _, smooth_p, factor_p) = calls
-    assert (smooth_o, factor_o) == (1.0, 1.0)
-    assert (smooth_p, factor_p) == (1e-6, 2.0)
+    losses = training_losses(model, clean, synthetic, masks, prompt)
     # refiner targets: zeros for the reconstruction stream, the synthetic masks for restoration
-    assert shape_o == (4, 64, 64)
-    assert torch.equal(masks_o, torch.cat([torch.zeros_like(masks), masks]))
-    # same RNG → same reconstruction: the paper sums L_rec + L_res (twice the mean MSE)
-    assert torch.allclose(paper.mse, 2 * official.mse)
-    assert torch.allclose(paper.total, paper.mse + 0.5 * paper.dice)
-    with pytest.raises(ValueError, match="loss_form"):
-        model.training_losses(clean, synthetic, masks, prompt, loss_form="other")
+    ((shape, targets),) = calls
+    assert shape == (4, 64, 64)
+    assert torch.equal(targets, torch.cat([torch.zeros_like(masks), masks]))
+    assert torch.allclose(losses.total, losses.mse + 0.5 * losses.dice)
 
 
-def _hand_dice(logits: list[list[float]], masks: list[list[float]], smooth: float, factor: float) -> float:
+def _hand_dice(logits: list[list[float]], masks: list[list[float]], smooth: float) -> float:
     losses = []
     for row_l, row_t in zip(logits, masks):
         p = [1 / (1 + math.exp(-v)) for v in row_l]
         inter = sum(a * b for a, b in zip(p, row_t))
-        num = factor * inter + smooth
+        num = inter + smooth
         den = sum(a * a for a in p) + sum(b * b for b in row_t) + smooth
         losses.append(1 - num / den)
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("smooth, factor", [(1.0, 1.0), (1e-6, 2.0)], ids=["official", "paper"])
-def test_dice_loss_matches_a_hand_computation(smooth, factor):
+@pytest.mark.parametrize("smooth", [1.0, 1e-6])
+def test_dice_loss_matches_a_hand_computation(smooth):
     logits = [[0.0, 2.0, -1.0, 3.0], [-2.0, -2.0, 0.5, 1.0]]
     masks = [[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
-    got = dice_loss(torch.tensor(logits).view(2, 2, 2), torch.tensor(masks).view(2, 2, 2), smooth, factor)
-    assert float(got) == pytest.approx(_hand_dice(logits, masks, smooth, factor), rel=1e-6)
+    got = dice_loss(torch.tensor(logits).view(2, 2, 2), torch.tensor(masks).view(2, 2, 2), smooth)
+    assert float(got) == pytest.approx(_hand_dice(logits, masks, smooth), rel=1e-6)
 
 
-def test_dice_forms_on_a_perfect_prediction():
-    """With factor 2 a perfect mask costs ~0; the official form (factor 1) bottoms out near 0.5."""
+def test_dice_on_a_perfect_prediction():
+    """Without the factor 2 of the paper's Dice, a perfect mask bottoms out near 0.5, not 0."""
     masks = torch.zeros(1, 8, 8)
     masks[0, 2:6, 2:6] = 1.0
     logits = (masks * 2 - 1) * 50.0
-    assert float(dice_loss(logits, masks, smooth=1e-6, factor=2.0)) == pytest.approx(0.0, abs=1e-6)
-    assert float(dice_loss(logits, masks, smooth=1.0, factor=1.0)) == pytest.approx(1 - 17 / 33, abs=1e-6)
-    # an empty target with an empty prediction: official smoothing gives 0, not NaN
-    assert float(dice_loss(torch.full((1, 8, 8), -50.0), torch.zeros(1, 8, 8), 1.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(logits, masks)) == pytest.approx(1 - 17 / 33, abs=1e-6)
+    # an empty target with an empty prediction: smoothing 1 gives 0, not NaN
+    assert float(dice_loss(torch.full((1, 8, 8), -50.0), torch.zeros(1, 8, 8))) == pytest.approx(0.0, abs=1e-6)
 
 
 @torch.no_grad()
