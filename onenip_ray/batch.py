@@ -67,7 +67,7 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
         except Exception as exc:  # one unreadable object is one error row, never a failed task
             kind = (ERROR_MISSING if isinstance(exc, FileNotFoundError)
                     else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE)
-            prepared = Prepared(image_uri, class_name, -1, None, None, None, None, f"{image_uri}: cannot read: {exc}", 0.0, kind)
+            prepared = Prepared(image_uri, class_name, error=f"{image_uri}: cannot read: {exc}", error_kind=kind)
         else:
             prepared = spec.prepare(image_uri, data, class_name)
         if prepared.input is not None:
@@ -124,9 +124,10 @@ def finish_batch(
     rows = []
     for i, image_uri in enumerate(batch["image_uri"]):
         prepared = Prepared(
-            image_uri, batch["class_name"][i] or None, int(batch["given_class"][i]), batch["image_sha256"][i] or None,
-            int(batch["width"][i]) or None, int(batch["height"][i]) or None, None, batch["error"][i] or None,
-            float(batch["prepare_ms"][i]), batch["error_kind"][i] or None,
+            image_uri, batch["class_name"][i] or None, given_class=int(batch["given_class"][i]),
+            image_sha256=batch["image_sha256"][i] or None, width=int(batch["width"][i]) or None,
+            height=int(batch["height"][i]) or None, error=batch["error"][i] or None,
+            prepare_ms=float(batch["prepare_ms"][i]), error_kind=batch["error_kind"][i] or None,
         )
         if prepared.error is not None:
             rows.append(spec.error_row(prepared, run_id=run_id, run_date=run_date))

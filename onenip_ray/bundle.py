@@ -27,14 +27,11 @@ from .prompts import PromptPool
 FORMAT = "onenip-bundle/2"  # /2: memory in the prompt pool, fusion weights and routing floors in the calibration
 
 
-@dataclass
-class Bundle:
-    config: ModelConfig
-    backbone: FrozenBackbone
-    model: OneNIP
-    pool: PromptPool
-    calibration: Calibration
+class ModelIdentity:
+    """What every loaded model (a bundle, or an export of one) says about itself."""
+
     meta: dict[str, Any]
+    pool: PromptPool
 
     @property
     def version(self) -> str:
@@ -43,6 +40,16 @@ class Bundle:
     @property
     def classes(self) -> list[str]:
         return self.pool.class_names
+
+
+@dataclass
+class Bundle(ModelIdentity):
+    config: ModelConfig
+    backbone: FrozenBackbone
+    model: OneNIP
+    pool: PromptPool
+    calibration: Calibration
+    meta: dict[str, Any]
 
     def predictor(self, device: str | torch.device = "cpu") -> Predictor:
         c = self.calibration

@@ -6,10 +6,12 @@ import datetime as dt
 import json
 import os
 import sys
+import types
+import typing
 from dataclasses import fields
 
 from .config import (
-    DECODERS, EVALUATE_BATCH_SIZE, FUSIONS, GALLERY_SIZE, GRAPH_FORMATS, LR_SCHEDULES, PARITY_IMAGES, PRECISIONS, RUNTIMES,
+    EVALUATE_BATCH_SIZE, GALLERY_SIZE, GRAPH_FORMATS, PARITY_IMAGES, RUNTIME_HELP, RUNTIMES,
     BatchConfig, ModelConfig, TrainConfig,
 )
 from .formats import METRICS_FILE
@@ -32,16 +34,32 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _option(p: argparse.ArgumentParser, config: object, name: str, help: str, **kwargs) -> None:
-    """A flag ``--name-with-dashes`` whose default is ``config``'s field ``name`` (one source of defaults)."""
-    default = getattr(config, name)
-    flag = "--" + name.replace("_", "-")
-    if isinstance(default, bool):
-        flag = f"--no-{flag[2:]}" if default else flag
-        p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=help)
-        return
-    kwargs.setdefault("type", type(default) if default is not None else str)
-    p.add_argument(flag, dest=name, default=default, help=help, **kwargs)
+def _field(config: object, name: str) -> tuple[str, tuple[str, ...] | None, type]:
+    """The help, legal values and value type of a config field (a typed dataclass or pydantic model)."""
+    model_fields = getattr(type(config), "model_fields", None)
+    if model_fields is not None:  # pydantic: ServeArgs
+        info = model_fields[name]
+        kind = info.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        return info.description or "", choices, str if choices else kind
+    (f,) = [f for f in fields(config) if f.name == name]
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type.split("|")[0].strip()]
+    return f.metadata["help"], f.metadata.get("choices"), kind
+
+
+def _options(p: argparse.ArgumentParser, config: object, *names: str) -> None:
+    """Flags ``--name-with-dashes`` for ``config``'s fields: default, help and choices all come from
+    the config (a switch for a boolean: ``--name`` when it defaults off, ``--no-name`` when on)."""
+    for name in names:
+        help, choices, kind = _field(config, name)
+        default, flag = getattr(config, name), "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(f"--no-{flag[2:]}" if default else flag, dest=name, action="store_false" if default else "store_true",
+                           help=help)
+        else:
+            p.add_argument(flag, dest=name, default=default, type=kind, choices=choices, help=help)
 
 
 def _from_args(cls: type, args: argparse.Namespace, **given):
@@ -52,17 +70,14 @@ def _from_args(cls: type, args: argparse.Namespace, **given):
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    from .data.layouts import KINDS
-
-    _option(p, T, "dataset", "layout of --data roots", choices=KINDS)
+    _options(p, T, "dataset")
     p.add_argument("--data", action="append", required=True, help="dataset root (local or s3://); repeat to merge, KIND=ROOT to mix layouts")
     p.add_argument("--classes", default="", help="comma-separated class subset (default: all)")
     p.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    _option(p, M, "backbone", "timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
-    _option(p, M, "image_size", "square network input size in pixels (multiple of 16)")
+    _options(p, M, "backbone", "image_size")
 
 
 def _add_info(sub) -> None:
@@ -75,39 +90,17 @@ def _add_train(sub) -> None:
     _add_data_flags(train)
     _add_model_flags(train)
     train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
-    _option(train, T, "epochs", "passes over the training images (official recipe: 1000)")
-    _option(train, T, "steps_per_epoch", "optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
-    _option(train, T, "batch_size", "per-worker batch size")
-    _option(train, T, "lr", "AdamW peak learning rate (official 1e-4 over 1000 epochs)")
-    _option(train, T, "lr_schedule", "cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs",
-            choices=LR_SCHEDULES)
-    _option(train, T, "warmup_fraction", "share of the steps spent warming up (cosine)")
-    _option(train, T, "balance_classes", "draw training images uniformly instead of every class equally often")
-    _option(train, T, "backbone_weights", "backbone weights file or URI (safetensors or torch state dict)")
-    _option(train, T, "textures", "DTD-style texture folder (default: built-in procedural textures)")
-    _option(train, T, "num_workers", "Ray Train workers (0 = in-process, no cluster)")
-    _option(train, T, "use_gpu", "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
-    _option(train, T, "seed", "random seed (split, prompts, anomaly synthesis, initialisation)")
-    _option(train, M, "decoder", "v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)", choices=DECODERS)
-    _option(train, M, "fusion", "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", choices=FUSIONS)
-    _option(train, M, "alpha", "refiner weight α for --fusion official/paper")
-    _option(train, M, "map_sigma", "Gaussian smoothing of the fused map in px (0 = official: none)")
-    _option(train, M, "jitter_scale", "feature jitter scale in training (official 20)")
-    _option(train, M, "residual_init", "gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
-    _option(train, T, "prompts_per_class", "prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
-    _option(train, T, "memory_per_class", "normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
-    _option(train, T, "calibration_fraction", "training normals held out for thresholds (at least 5, at most half a class)")
-    _option(train, T, "target_fpr", "false-positive rate the per-class thresholds aim at")
+    _options(train, T, "epochs", "steps_per_epoch", "batch_size", "lr", "lr_schedule", "warmup_fraction", "balance_classes",
+             "backbone_weights", "textures", "num_workers", "use_gpu", "seed")
+    _options(train, M, *MODEL_FLAGS[2:])
+    _options(train, T, "prompts_per_class", "memory_per_class", "calibration_fraction", "target_fpr")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
     train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     resume.add_argument("--auto-resume", action="store_true",
                         help="continue the named run if it has checkpoints, else start it (for jobs retried as a whole)")
-    _option(train, T, "checkpoint_every", "checkpoint every N epochs (0 = only at the end)")
-    _option(train, T, "max_failures", "worker-group restarts from the latest checkpoint")
-    _option(train, T, "loader_workers", "DataLoader processes for anomaly synthesis per trainer")
-    _option(train, T, "precision", "auto = bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
+    _options(train, T, "checkpoint_every", "max_failures", "loader_workers", "precision")
 
 
 def _add_add_class(sub) -> None:
@@ -121,7 +114,7 @@ def _add_add_class(sub) -> None:
     ac.add_argument("--prompts-per-class", type=int, default=None, help="prompt images for the class (default: as the bundle was trained)")
     ac.add_argument("--memory-per-class", type=int, default=None, help="normal patches kept for the class (default: as the bundle was trained)")
     ac.add_argument("--target-fpr", type=float, default=None, help="false-positive rate of the class's threshold (default: the bundle's)")
-    _option(ac, T, "seed", "random seed (folds, synthetic anomalies)")
+    _options(ac, T, "seed")
     ac.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
@@ -143,8 +136,7 @@ def _add_export(sub) -> None:
 
 
 def _add_runtime_flag(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--runtime", default=default, choices=RUNTIMES,
-                   help="engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle")
+    p.add_argument("--runtime", default=default, choices=RUNTIMES, help=RUNTIME_HELP)
 
 
 def _add_evaluate(sub) -> None:
@@ -168,18 +160,8 @@ def _add_score(sub) -> None:
     sc.add_argument("--repair", metavar="OUTPUT", default=None,
                     help="only finish interrupted commits under OUTPUT (each date under its lease), then exit")
     sc.add_argument("--run-date", type=_date, default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
-    _option(sc, B, "heatmaps", "write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/_heatmaps/")
-    _option(sc, B, "max_error_fraction", "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
-    _option(sc, B, "allow_empty", "commit an empty night instead of rejecting a run without inputs")
-    _option(sc, B, "batch_size", "images per model batch")
-    _option(sc, B, "concurrency", "inference actors (one per GPU with --use-gpu)")
-    _option(sc, B, "use_gpu", "run the inference actors on GPUs (one each)")
-    _option(sc, B, "actor_cpus", "CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)", type=float)
-    _option(sc, B, "task_cpus", "CPUs per decode / post-processing task")
-    _option(sc, B, "actor_threads", "intra-op threads per inference actor (default: its --actor-cpus, at least 1)", type=int)
-    _add_runtime_flag(sc, B.runtime)
-    _option(sc, B, "chunk_size", "inputs per pipeline pass (bounds the driver's memory)")
-    _option(sc, B, "lease_seconds", "a run that stops renewing its lease for this long loses the date to the next run")
+    _options(sc, B, "heatmaps", "max_error_fraction", "allow_empty", "batch_size", "concurrency", "use_gpu", "actor_cpus",
+             "task_cpus", "actor_threads", "runtime", "chunk_size", "lease_seconds")
     sc.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
@@ -192,17 +174,12 @@ def _add_serve(sub) -> None:
     sv.add_argument("--bundle", required=True, help="model bundle, or a release root of `onenip publish` (followed as it moves); local or s3://")
     sv.add_argument("--host", default="0.0.0.0", help="HTTP bind address (not loopback without ONENIP_API_TOKEN: a loud warning)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port")
-    _option(sv, S, "max_batch_size", "images per model forward pass (1 = no batching)")
+    _options(sv, S, "max_batch_size")
     sv.add_argument("--batch-wait-ms", type=float, default=S.batch_wait_timeout_s * 1e3,
                     help="how long an idle replica waits for more images before a forward pass (under load a pass takes all queued)")
-    _option(sv, S, "max_queued_requests", "requests the replica holds beyond the 2 × max-batch-size it works on; more get 503 + Retry-After at once")
-    _option(sv, S, "request_timeout_s", "deadline per request: 408 if the body is still arriving, else 504")
-    _option(sv, S, "max_concurrent_decodes", "images decoded at once (bounds decode memory)")
-    _option(sv, S, "bundle_poll_s", "how often a release root's pointer is read (0 = never)")
+    _options(sv, S, "max_queued_requests", "request_timeout_s", "max_concurrent_decodes", "bundle_poll_s")
     sv.add_argument("--require-token", action="store_true", help="refuse to start without ONENIP_API_TOKEN")
-    _option(sv, S, "api_docs", "serve interactive API docs at /docs and the schema at /openapi.json")
-    _add_runtime_flag(sv, S.runtime)
-    _option(sv, S, "threads", "intra-op threads of the engine (default: the runtime's)", type=int)
+    _options(sv, S, "api_docs", "runtime", "threads")
     sv.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 

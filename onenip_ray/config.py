@@ -5,6 +5,8 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .formats import DATASET_KINDS
+
 LEASE_SECONDS = 300.0  # default lifetime of an unrenewed nightly-run lease (renewed every third of it)
 DECODERS = ("v2", "v1")  # post-fix official decoder; the pre-fix bug (paper numbers)
 FUSIONS = ("calibrated", "official", "paper")
@@ -12,24 +14,34 @@ FEATURE_NORMS = ("none", "channel")
 LR_SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "fp32", "bf16")
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # engines: a bundle in PyTorch, or an ``onenip export`` directory
+RUNTIME_HELP = "engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle"
 GRAPH_FORMATS = ("onnx", "openvino")  # ``onenip export --format``
 PARITY_IMAGES = 32  # real images an export is checked on against PyTorch
-EVALUATE_BATCH_SIZE = 16  # images per model batch in ``onenip evaluate``
+EVALUATE_BATCH_SIZE = 16  # images per model batch in ``onenip evaluate`` and the report's gallery
 GALLERY_SIZE = 24  # images per gallery section of ``onenip report``
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+def flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field that is also a command-line flag: its default, its meaning (the flag's help), and
+    for text fields the legal values (checked when the config is built)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_choices(config: Any) -> None:
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {getattr(config, f.name)!r}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a OneNIP model (stored in ``bundle.json``)."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = flag("tf_efficientnet_lite0", "timm backbone (lite0 ships offline; tf_efficientnet_b4 = paper)")
     out_indices: tuple[int, ...] = (0, 1, 2, 3)
-    image_size: int = 320  # 20×20 feature grid: small defects (VisA) need it; 224 = the paper's main table
+    # 20×20 feature grid: small defects (VisA) need it; 224 = the paper's main table
+    image_size: int = flag(320, "square network input size in pixels (multiple of 16)")
     hidden_dim: int = 256
     num_heads: int = 8
     num_encoder_layers: int = 4
@@ -37,30 +49,28 @@ class ModelConfig:
     dim_feedforward: int = 1024
     dropout: float = 0.1
     neighbor_mask: bool = True
-    jitter_scale: float = 20.0
+    jitter_scale: float = flag(20.0, "feature jitter scale in training (official 20)")
     jitter_prob: float = 1.0
-    decoder: str = "v2"  # "v2" = post-fix official decoder; "v1" = the pre-fix bug (paper numbers)
+    decoder: str = flag("v2", "v2 = post-fix decoder; v1 = pre-fix bug (paper numbers)", DECODERS)
     refiner_dim: int = 128
     # Residual-branch output layers (attention out_proj, FFN/MLP last linear) start at this gain × the
     # official xavier init (1.0 = official). With 1.0 the post-norm stack collapses to an
     # input-independent output for thousands of steps; 0.1 trains in ~100 (docs/training.md).
-    residual_init: float = 0.1
-    feature_norm: str = "none"  # "none" (official) or "channel": standardise each backbone channel
+    residual_init: float = flag(0.1, "gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
+    feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS})  # "channel": standardise each backbone channel
     # "calibrated": α chosen on the calibration set (held-out normals + synthetic anomalies);
     # "official": α fixed, refiner rescaled to the S_rec range; "paper": Eq. 10 as written.
-    fusion: str = "calibrated"
-    alpha: float = 0.5
-    map_sigma: float = 4.0  # Gaussian smoothing of the fused map in pixels (0 = none, as the official code)
+    fusion: str = flag("calibrated", "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", FUSIONS)
+    alpha: float = flag(0.5, "refiner weight α for --fusion official/paper")
+    map_sigma: float = flag(4.0, "Gaussian smoothing of the fused map in px (0 = official: none)")
     score_pool: int = 16  # image score = max of the k×k mean-pooled map
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
-        _check_choice("decoder", self.decoder, DECODERS)
-        _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choices(self)
         if self.map_sigma < 0:
             raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
-        _check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
         if not 0.0 < self.residual_init <= 1.0:
             raise ValueError(f"residual_init must be in (0, 1], got {self.residual_init}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -90,39 +100,39 @@ class ModelConfig:
 class TrainConfig:
     """A training run: data, optimisation (official recipe by default) and Ray scaling."""
 
-    dataset: str = "mvtec"
+    dataset: str = flag("mvtec", "layout of --data roots", DATASET_KINDS)
     data: tuple[str, ...] = ()
     out: str = "runs/bundle"
     classes: tuple[str, ...] = ()
-    epochs: int = 3
-    batch_size: int = 4
-    lr: float = 1e-3  # official 1e-4 over 1000 epochs; 1e-3 trains in the few epochs a CPU affords
+    epochs: int = flag(3, "passes over the training images (official recipe: 1000)")
+    batch_size: int = flag(4, "per-worker batch size")
+    # official 1e-4 over 1000 epochs; 1e-3 trains in the few epochs a CPU affords
+    lr: float = flag(1e-3, "AdamW peak learning rate (official 1e-4 over 1000 epochs)")
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
     # "cosine": linear warm-up over warmup_fraction of the steps, then cosine to lr/100 at the last
     # step; "step": the official ×0.1 at 80 % of the epochs (800 of 1000). Both scale with --epochs.
-    lr_schedule: str = "cosine"
-    warmup_fraction: float = 0.05
-    steps_per_epoch: int = 80  # 0 = training images / (batch × workers); fixed > 0 keeps a run's cost fixed
-    balance_classes: bool = True  # every class drawn equally often per epoch, whatever its image count
-    seed: int = 133
-    textures: str | None = None
-    backbone_weights: str | None = None
-    num_workers: int = 1
-    use_gpu: bool = False
-    calibration_fraction: float = 0.1
-    target_fpr: float = 0.05
-    prompts_per_class: int = 4
-    memory_per_class: int = 100_000  # normal patches kept per class for the nearest-neighbour map (0 = all)
-    checkpoint_every: int = 1
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    loader_workers: int = 0
-    precision: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
+    lr_schedule: str = flag("cosine", "cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs", LR_SCHEDULES)
+    warmup_fraction: float = flag(0.05, "share of the steps spent warming up (cosine)")
+    steps_per_epoch: int = flag(80, "optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
+    balance_classes: bool = flag(True, "draw training images uniformly instead of every class equally often")
+    seed: int = flag(133, "random seed (split, prompts, anomaly synthesis, initialisation)")
+    textures: str | None = flag(None, "DTD-style texture folder (default: built-in procedural textures)")
+    backbone_weights: str | None = flag(None, "backbone weights file or URI (safetensors or torch state dict)")
+    num_workers: int = flag(1, "Ray Train workers (0 = in-process, no cluster)")
+    use_gpu: bool = flag(False, "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
+    calibration_fraction: float = flag(0.1, "training normals held out for thresholds (at least 5, at most half a class)")
+    target_fpr: float = flag(0.05, "false-positive rate the per-class thresholds aim at")
+    prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
+    memory_per_class: int = flag(100_000, "normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
+    checkpoint_every: int = flag(1, "checkpoint every N epochs (0 = only at the end)")
+    max_failures: int = flag(2, "worker-group restarts from the latest checkpoint")
+    loader_workers: int = flag(0, "DataLoader processes for anomaly synthesis per trainer")
+    precision: str = flag("auto", "auto = bf16 autocast on GPU, fp32 on CPU", PRECISIONS)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choices(self)
         if self.steps_per_epoch < 0 or self.prompts_per_class < 1:
             raise ValueError("steps_per_epoch must be >= 0 and prompts_per_class >= 1")
 
@@ -147,18 +157,19 @@ class BatchConfig:
     output: str
     run_date: dt.date
     endpoint: str | None = None
-    heatmaps: bool = False
-    batch_size: int = 32
-    concurrency: int = 1
-    use_gpu: bool = False
-    actor_cpus: float | None = None
-    actor_threads: int | None = None
-    task_cpus: float = 1.0
-    runtime: str = "torch"
+    heatmaps: bool = flag(False, "write heat-map PNGs (and overlay JPEGs of anomalous images) under OUTPUT/_heatmaps/")
+    batch_size: int = flag(32, "images per model batch")
+    concurrency: int = flag(1, "inference actors (one per GPU with --use-gpu)")
+    use_gpu: bool = flag(False, "run the inference actors on GPUs (one each)")
+    actor_cpus: float | None = flag(None, "CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
+    actor_threads: int | None = flag(None, "intra-op threads per inference actor (default: its --actor-cpus, at least 1)")
+    task_cpus: float = flag(1.0, "CPUs per decode / post-processing task")
+    runtime: str = flag("torch", RUNTIME_HELP, RUNTIMES)
     max_pixels: int | None = None  # decoder's pixel limit (None = data.images.DEFAULT_MAX_PIXELS)
     rows_per_file: int = 100_000
     run_id: str | None = None
-    max_error_fraction: float = 0.2  # above it the run is rejected (the committed night stays)
-    allow_empty: bool = False  # commit an empty night instead of rejecting it
-    chunk_size: int = 100_000  # inputs per pipeline pass: bounds the driver's memory
-    lease_seconds: float = LEASE_SECONDS  # a lease not renewed for this long expires
+    max_error_fraction: float = flag(
+        0.2, "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
+    allow_empty: bool = flag(False, "commit an empty night instead of rejecting a run without inputs")
+    chunk_size: int = flag(100_000, "inputs per pipeline pass (bounds the driver's memory)")
+    lease_seconds: float = flag(LEASE_SECONDS, "a run that stops renewing its lease for this long loses the date to the next run")

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import storage
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, ModelIdentity, load_bundle
 from .calibration import Calibration
 from .config import ModelConfig
 from .formats import BUNDLE_FILE, PROMPTS_FILE
@@ -78,7 +78,7 @@ def gpu_available(runtime: str) -> bool:
 
 # -- the export directory -------------------------------------------------------------------------
 @dataclass
-class ExportedModel:
+class ExportedModel(ModelIdentity):
     """An export directory loaded for scoring; offers what ``ScoringSpec.from_bundle`` reads of a
     bundle (``meta``, ``config``, ``classes``, ``pool``, ``calibration``, ``version``)."""
 
@@ -89,14 +89,6 @@ class ExportedModel:
     pool: PromptPool
     config: ModelConfig
     calibration: Calibration
-
-    @property
-    def version(self) -> str:
-        return self.meta["version"]
-
-    @property
-    def classes(self) -> list[str]:
-        return self.pool.class_names
 
     def graph_path(self, stem: str) -> str:
         return os.path.join(self.local_dir, GRAPH_FILES[self.export["graph_format"]][0].format(stem))

@@ -13,6 +13,7 @@ import torch
 
 from . import storage
 from .bundle import Bundle
+from .config import EVALUATE_BATCH_SIZE
 from .calibration import ClassCalibration, bound, calibrated_score
 from .data.images import decode_mask, resize_mask, to_network_input
 from .data.layouts import Sample, read_datasets
@@ -36,7 +37,7 @@ def evaluate(
     out_dir: str,
     classes: list[str] | None = None,
     oracle: bool = False,
-    batch_size: int = 16,
+    batch_size: int = EVALUATE_BATCH_SIZE,
     endpoint: str | None = None,
     runtime: str = "torch",
 ) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import storage
 from .bundle import Bundle, load_bundle
+from .config import PARITY_IMAGES
 from .calibration import calibrated_score
 from .engines import (
     EXPORT_FILE,
@@ -225,7 +226,7 @@ def parity_inputs(bundle: Bundle, images: str | None, limit: int, endpoint: str 
 
 
 def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = None, batch: str | int = "dynamic",
-                  images: str | None = None, parity_images: int = 32, endpoint: str | None = None,
+                  images: str | None = None, parity_images: int = PARITY_IMAGES, endpoint: str | None = None,
                   pool_only: bool = False) -> dict[str, Any]:
     """Export, check parity against the PyTorch bundle, and only then write ``out``. Returns
     ``export.json``'s content (with the parity figures); raises ``ExportError`` on a miss.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+# Dataset layouts the readers understand (``data/layouts.py``; ``--data KIND=ROOT``).
+DATASET_KINDS = ("btad", "folder", "mvtec", "visa")
 # Images the tool reads (decoded by OpenCV); matched case-insensitively on the file name.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 S3_SCHEME = "s3://"

@@ -39,6 +39,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import storage
 from .bundle import Bundle, load_bundle
+from .config import EVALUATE_BATCH_SIZE, GALLERY_SIZE
 from .data.images import decode_image, decode_mask
 from .formats import METRICS_FILE, PREDICTIONS_FILE, SUCCESS_FILE, UNKNOWN_CLASS, uri_stem
 from .metrics import clf_curve, confusion
@@ -263,7 +264,7 @@ def _render_item(row: Row, data: bytes, result: dict[str, Any], spec: ScoringSpe
 
 def render_gallery(
     items: list[Row], bundle: Bundle, out_dir: str, given_class: bool, endpoint: str | None,
-    batch_size: int = 16,
+    batch_size: int = EVALUATE_BATCH_SIZE,
 ) -> dict[str, GalleryItem]:
     """Re-score ``items`` (rows with ``image_uri``, ``class_name``, optional ``mask_uri``) and write
     their image, overlay, heat map and mask files into ``out_dir/gallery``; keyed by image URI."""
@@ -539,7 +540,7 @@ def build_report(
     evaluation: str | None = None,
     scores: str | None = None,
     endpoint: str | None = None,
-    gallery_size: int = 24,
+    gallery_size: int = GALLERY_SIZE,
 ) -> dict[str, Any]:
     """Write the report to ``out`` (local folder or ``s3://`` prefix; ``index.html`` lands last) and
     return a summary (``index``, figure and gallery counts, sections)."""

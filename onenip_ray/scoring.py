@@ -44,14 +44,14 @@ class Prepared:
     """One input after decoding: the normalised network input, or why there is none."""
 
     image_uri: str
-    class_name: str | None  # as given by the caller
-    given_class: int  # index of the class given by the caller, -1 = retrieve it
-    image_sha256: str | None
-    width: int | None
-    height: int | None
-    input: np.ndarray | None  # (3, S, S) float32
-    error: str | None
-    prepare_ms: float
+    class_name: str | None = None  # as given by the caller
+    given_class: int = -1  # index of the class given by the caller, -1 = retrieve it
+    image_sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    input: np.ndarray | None = None  # (3, S, S) float32
+    error: str | None = None
+    prepare_ms: float = 0.0
     error_kind: str | None = None  # one of schema.ERROR_* when ``error`` is set
 
 
@@ -87,7 +87,7 @@ class ScoringSpec:
         normalise; failures land in ``error``."""
         start = time.perf_counter()
         sha = hashlib.sha256(data).hexdigest()
-        prepared = Prepared(image_uri, class_name, -1, sha, None, None, None, None, 0.0)
+        prepared = Prepared(image_uri, class_name, image_sha256=sha)
         if class_name is not None and class_name not in self.class_names:
             prepared.error = f"{image_uri}: unknown class {class_name!r}; this model knows {', '.join(self.class_names)}"
             prepared.error_kind = ERROR_UNKNOWN_CLASS

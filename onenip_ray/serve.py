@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from io import BytesIO
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .engines import gpu_available
 from .engines import load_model as load_engine_model
 from .forward_passes import ForwardPasses
+from .predictor import Prediction
 from .publish import read_pointer, resolve_bundle
 from .schema import RESULT_SCHEMA, SCHEMA_VERSION, utc_now
 from .scoring import Prepared, Scorer, ScoringSpec
@@ -85,15 +86,8 @@ class ScoreOptions:
     threshold: float | None
 
 
-class ModelOutput(NamedTuple):
-    """One image's share of a batched forward pass."""
-
-    fused: np.ndarray
-    score_raw: float
-    prompt_index: int
-    route_similarity: float
-    batch_seconds: float
-    batch_size: int  # images in that forward pass
+# One image's share of a batched forward pass: the pass's Prediction and the image's index in it.
+Share = tuple[Prediction, int]
 
 
 @dataclass(frozen=True)
@@ -247,17 +241,16 @@ def load_model(bundle_uri: str, args: ServeArgs, run_id: str, release_root: str 
     return LoadedModel(scorer, info)
 
 
-def infer_grouped(items: list[ScoreItem]) -> tuple[list[ModelOutput], list[int]]:
+def infer_grouped(items: list[ScoreItem]) -> tuple[list[Share], list[int]]:
     """Forward passes for a batch of queued items, one per model version among them (two only
     while a new version takes over); returns the outputs in order and the forward-pass sizes."""
-    outputs: list[ModelOutput | None] = [None] * len(items)
+    outputs: list[Share | None] = [None] * len(items)
     sizes = []
     for model in {id(m): m for m, _, _ in items}.values():
         chosen = [i for i, (m, _, _) in enumerate(items) if m is model]
         out = model.scorer.infer(np.stack([items[i][1] for i in chosen]), np.array([items[i][2] for i in chosen], np.int64))
         for j, i in enumerate(chosen):
-            outputs[i] = ModelOutput(out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), float(out.similarity[j]),
-                                     out.seconds, len(chosen))
+            outputs[i] = (out, j)
         sizes.append(len(chosen))
     return outputs, sizes  # type: ignore[return-value]
 
@@ -418,7 +411,7 @@ class OneNIPService:
         """Requests a replica admits: the 2 × max_batch_size it works on plus max_queued_requests."""
         return 2 * self.max_batch_size + self.args.max_queued_requests
 
-    def _forward(self, items: list[ScoreItem]) -> list[ModelOutput]:
+    def _forward(self, items: list[ScoreItem]) -> list[Share]:
         """Forward passes for a batch of ``(model, network input, given class or -1)`` items (a thread)."""
         outputs, sizes = infer_grouped(items)
         self.forward_passes.update(sizes)
@@ -430,19 +423,21 @@ class OneNIPService:
         prepared = await loop.run_in_executor(self.decode_pool, model.spec.prepare, image_uri, data, options.class_name)
         if prepared.error is not None:
             raise ClientError(413 if exceeds_pixel_limit(data, model.spec.max_pixels) else 400, prepared.error)
-        out = await self.passes.submit((model, prepared.input, prepared.given_class))
+        share = await self.passes.submit((model, prepared.input, prepared.given_class))
         # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
-        return await asyncio.to_thread(self._result_row, model, prepared, out, options), out.batch_size
+        return await asyncio.to_thread(self._result_row, model, prepared, share, options), len(share[0].scores)
 
-    def _result_row(self, model: LoadedModel, prepared: Prepared, out: ModelOutput, options: ScoreOptions) -> dict[str, Any]:
+    def _result_row(self, model: LoadedModel, prepared: Prepared, share: Share, options: ScoreOptions) -> dict[str, Any]:
         spec = model.spec
+        out, j = share
+        prompt_index = int(out.prompt_index[j])
         row = spec.result_row(
-            prepared, out.fused, out.score_raw, out.prompt_index, out.route_similarity, run_id=self.run_id,
+            prepared, out.fused[j], float(out.scores[j]), prompt_index, float(out.similarity[j]), run_id=self.run_id,
             run_date=utc_now().date(),
-            upstream_ms=prepared.prepare_ms + out.batch_seconds * 1e3, threshold_override=options.threshold,
+            upstream_ms=prepared.prepare_ms + out.seconds * 1e3, threshold_override=options.threshold,
         )
         if options.return_heatmap:
-            png = render_heatmap(out.fused, spec.prompt_calibration(out.prompt_index), options.threshold)
+            png = render_heatmap(out.fused[j], spec.prompt_calibration(prompt_index), options.threshold)
             row["heatmap_uri"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         return row
 

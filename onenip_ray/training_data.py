@@ -9,8 +9,8 @@ import numpy as np
 from . import storage
 from .data.images import decode_image, resize_image
 from .data.layouts import Sample, read_datasets
+from .formats import DATASET_KINDS
 
-DATASET_KINDS = ("mvtec", "visa", "btad", "folder")
 MIN_CALIBRATION_IMAGES = 5  # below this a threshold is a guess (see calibration.py)
 
 

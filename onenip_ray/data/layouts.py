@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 
 from onenip_ray import storage
-from onenip_ray.formats import IMAGE_EXTENSIONS, is_image_name
+from onenip_ray.formats import DATASET_KINDS, IMAGE_EXTENSIONS, is_image_name
 
 NORMAL_DEFECT = "good"
 VISA_SPLIT_CSV = "split_csv/1cls.csv"
@@ -70,7 +70,6 @@ _LAYOUTS = {
         description="<class>/train/ok/*, <class>/test/{ok,ko}/*, <class>/ground_truth/ko/<stem>.png|.bmp",
     ),
 }
-KINDS = tuple(sorted([*_LAYOUTS, "visa"]))
 
 
 def _images_by_folder(split_uri: str, endpoint: str | None) -> dict[str, list[str]]:
@@ -201,7 +200,7 @@ def _read_classes(kind: str, root: str, classes: list[str], endpoint: str | None
     return samples
 
 
-def read_datasets(specs: list[tuple[str, str]], classes: list[str] | None = None, endpoint: str | None = None) -> list[Sample]:
+def read_datasets(roots: list[tuple[str, str]], classes: list[str] | None = None, endpoint: str | None = None) -> list[Sample]:
     """Samples of several ``(kind, root)`` datasets merged into one class list.
 
     ``kind`` is one of "btad", "folder", "mvtec", "visa". ``classes`` selects classes across all
@@ -209,9 +208,9 @@ def read_datasets(specs: list[tuple[str, str]], classes: list[str] | None = None
     """
     owners: dict[str, str] = {}
     per_root = []
-    for kind, root in specs:
-        if kind not in KINDS:
-            raise DatasetError(f"unknown dataset kind {kind!r} for {root} (expected one of {', '.join(KINDS)})")
+    for kind, root in roots:
+        if kind not in DATASET_KINDS:
+            raise DatasetError(f"unknown dataset kind {kind!r} for {root} (expected one of {', '.join(DATASET_KINDS)})")
         root = storage.canonical_uri(root)
         names = _available_classes(kind, root, endpoint)
         for name in names:

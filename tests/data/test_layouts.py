@@ -268,3 +268,10 @@ def test_folder_layout_missing_mask_lists_accepted_names(tmp_path):
     truth = root / "gear/ground_truth/dent"
     with pytest.raises(DatasetError, match=rf"b\.jpg: defective test image without a mask \(expected {truth}/b_mask\.<image ext> or {truth}/b\.<image ext>\)"):
         read_dataset("folder", str(root))
+
+
+def test_every_dataset_kind_has_a_reader():
+    from onenip_ray.data.layouts import _LAYOUTS
+    from onenip_ray.formats import DATASET_KINDS
+
+    assert set(DATASET_KINDS) == {*_LAYOUTS, "visa"}
