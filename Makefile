@@ -22,7 +22,6 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 demo: install
 	$(PY) -m demo

@@ -26,7 +26,8 @@ VISA = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="a bundle without the class (e.g. trained on bottle + capsules)")
+    parser.add_argument("--bundle", required=True,
+                        help="a bundle without the class (e.g. trained on bottle + capsules)")
     parser.add_argument("--class", dest="class_name", default="macaroni1", help="VisA class to add")
     parser.add_argument("--visa", default=str(VISA), help="VisA root with split_csv/1cls.csv")
     parser.add_argument("--counts", default="1,8,0", help="numbers of normals to add with (0 = all)")
@@ -43,14 +44,17 @@ def main() -> None:
         manifest = work / f"normals-{len(picked)}.csv"
         manifest.write_text("image_uri\n" + "\n".join(picked) + "\n")
         start = time.perf_counter()
-        added = add_class(args.bundle, args.class_name, str(manifest), str(work / f"bundle-{len(picked)}"), replace_class=True)
+        added = add_class(args.bundle, args.class_name, str(manifest), str(work / f"bundle-{len(picked)}"),
+                          replace_class=True)
         add_seconds = time.perf_counter() - start
-        report = evaluate(added["bundle"], [("visa", args.visa)], str(work / f"eval-{len(picked)}"), classes=[args.class_name])
+        report = evaluate(added["bundle"], [("visa", args.visa)], str(work / f"eval-{len(picked)}"),
+                          classes=[args.class_name])
         m, nn = report["per_class"][args.class_name], report["branches"]["per_class"][args.class_name]["neighbor"]
         rows.append({"normals": len(picked), "add_seconds": round(add_seconds, 1), **{k: m[k] for k in (
-            "image_auroc", "pixel_auroc", "pixel_ap", "image_f1_max", "threshold_f1", "threshold_recall", "threshold_fpr",
-            "unknown_fraction")}, "nn_image_auroc": nn["image_auroc"], "nn_pixel_auroc": nn["pixel_auroc"], "nn_pixel_ap": nn["pixel_ap"],
-            "routing_accuracy": report["routing_accuracy"]})
+            "image_auroc", "pixel_auroc", "pixel_ap", "image_f1_max", "threshold_f1", "threshold_recall",
+            "threshold_fpr",
+            "unknown_fraction")}, "nn_image_auroc": nn["image_auroc"], "nn_pixel_auroc": nn["pixel_auroc"],
+            "nn_pixel_ap": nn["pixel_ap"], "routing_accuracy": report["routing_accuracy"]})
         print(json.dumps(rows[-1]), flush=True)
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))

@@ -45,7 +45,8 @@ def source_files(n: int) -> tuple[str, list[Path]]:
         return "MVTec AD bottle train/good (900×900 PNG)", sorted((BOTTLE / "train" / "good").glob("*.png"))[:n]
     from demo.data import write_demo_dataset
 
-    root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=512, train_per_class=max(1, n // 3 + 1), test_good=0, test_per_defect=0)
+    root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=512, train_per_class=max(1, n // 3 + 1),
+                              test_good=0, test_per_defect=0)
     return "synthetic demo set (512×512 PNG; ../shared absent)", sorted(Path(root).rglob("train/good/*.png"))[:n]
 
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24, help="images per measurement")
     p.add_argument("--batch", type=int, default=8, help="per-worker batch size of the model measurements")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--gpu-train-rate", type=float, default=None, help="images/s of one GPU's training step (gpu_check.py)")
+    p.add_argument("--gpu-train-rate", type=float, default=None,
+                   help="images/s of one GPU's training step (gpu_check.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     size, batch = args.image_size, args.batch
@@ -141,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'anomaly synthesis, DTD-style folder (local JPEGs)':<52} {folder_synth_ms:>8.2f}")
     print(f"{'backbone forward':<52} {backbone_ms:>8.2f}")
     print(f"{'training step (backbone + losses + backward + AdamW)':<52} {step_ms:>8.2f}")
-    print(f"\nsynthesis = {100 * synth_ms / step_ms:.2f} % (built-in textures) / {100 * folder_synth_ms / step_ms:.2f} % "
-          f"(texture folder) of a CPU training step; one core synthesises {1000 / synth_ms:.0f} / {1000 / folder_synth_ms:.0f} images/s.")
+    print(f"\nsynthesis = {100 * synth_ms / step_ms:.2f} % (built-in textures) / "
+          f"{100 * folder_synth_ms / step_ms:.2f} % "
+          f"(texture folder) of a CPU training step; one core synthesises {1000 / synth_ms:.0f} / "
+          f"{1000 / folder_synth_ms:.0f} images/s.")
     print("conclusion:")
     verdict = ("a DataLoader process would take a core away from the step for that: keep it inline" if share < 0.1 else
                "worth a DataLoader process (--loader-workers 1) if a core is free for it")
@@ -150,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_train_rate:
         cores = args.gpu_train_rate * worst / 1000.0
         print(f"  GPU at {args.gpu_train_rate:.0f} images/s: synthesis needs {cores:.1f} cores (worst case above) "
-              f"→ --loader-workers {max(1, math.ceil(cores * 1.5))} per GPU worker (1.5× headroom; as many CPUs per worker).")
+              f"→ --loader-workers {max(1, math.ceil(cores * 1.5))} per GPU worker (1.5× headroom; as many CPUs "
+              "per worker).")
     else:
-        print(f"  GPU workers: a GPU step at R images/s needs R × {worst / 1000:.4f} cores of synthesis (worst case above); "
+        print(f"  GPU workers: a GPU step at R images/s needs R × {worst / 1000:.4f} cores of synthesis (worst case "
+              "above); "
               f"inline synthesis caps R at {1000 / worst:.0f} images/s and serialises with the GPU step, so use "
-              "--loader-workers ⌈1.5 × R × that⌉ (R from bench/gpu_check.py); texture folders on S3 add one GET per Perlin sample.")
+              "--loader-workers ⌈1.5 × R × that⌉ (R from bench/gpu_check.py); texture folders on S3 add one GET "
+              "per Perlin sample.")
     return 0
 
 

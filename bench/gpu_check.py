@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onenip_ray.config import ModelConfig  # noqa: E402
-from onenip_ray.model.backbone import FrozenBackbone, packaged_weights_path  # noqa: E402
 from onenip_ray.model.anomaly_map import fuse, image_scores  # noqa: E402
+from onenip_ray.model.backbone import FrozenBackbone, packaged_weights_path  # noqa: E402
 from onenip_ray.model.build import build_backbone, build_onenip  # noqa: E402
 from onenip_ray.model.loss import training_losses  # noqa: E402
 from onenip_ray.prompts import descriptors, retrieve  # noqa: E402
@@ -61,7 +61,8 @@ def real_images(size: int, n: int) -> tuple[str, np.ndarray]:
     else:
         from demo.data import write_demo_dataset
 
-        root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=max(128, size), train_per_class=2, test_good=2, test_per_defect=1)
+        root = write_demo_dataset(tempfile.mkdtemp(prefix="demo-"), size=max(128, size), train_per_class=2, test_good=2,
+                                  test_per_defect=1)
         paths = sorted(Path(root).rglob("test/*/*.png"))[:n]
         source = f"synthetic demo set ({len(paths)} test images; ../shared absent)"
     imgs = [resize_image(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), size) for p in paths]
@@ -132,8 +133,11 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(ref: dict, other: dict) -> dict:
-    scores_rel = float(((other["scores"].cpu() - ref["scores"].cpu()).abs() / ref["scores"].cpu().abs().clamp_min(1e-12)).max())
-    corr = {k: min(_corr(ref[k][i], other[k][i]) for i in range(len(ref[k]))) for k in ("fused", "reconstruction", "refiner")}
+    scores_rel = float(
+        ((other["scores"].cpu() - ref["scores"].cpu()).abs() / ref["scores"].cpu().abs().clamp_min(1e-12)).max()
+    )
+    corr = {k: min(_corr(ref[k][i], other[k][i]) for i in range(len(ref[k]))) for k in ("fused", "reconstruction",
+                                                                                        "refiner")}
     same = bool(torch.equal(ref["prompt_index"].cpu(), other["prompt_index"].cpu()))
     ok = scores_rel <= SCORE_RTOL and min(corr.values()) > MAP_MIN_CORRELATION and same
     return {"score_max_rel": scores_rel, "map_min_corr": corr, "same_prompts": same, "ok": ok}
@@ -244,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batches", default=None, help="default 8,32,64 (2,4 with --quick)")
     p.add_argument("--infer-batches", default=None, help="default 1,16,64,128 (1,4 with --quick)")
     p.add_argument("--weights", action="append", default=[], metavar="BACKBONE=FILE",
-                   help="ImageNet weights for a backbone (safetensors / torch state dict); lite0's ship with the package")
-    p.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining measurements after this many seconds")
+                   help="ImageNet weights for a backbone (safetensors / torch state dict); lite0's ship with "
+                        "the package")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="skip the remaining measurements after this many seconds")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = p.parse_args(argv)
 
@@ -253,14 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     quick = args.quick
     size = args.image_size or (64 if quick else 224)
-    backbones = (args.backbones or ("tf_efficientnet_lite0" if quick else "tf_efficientnet_lite0,tf_efficientnet_b4")).split(",")
+    backbones = (
+        args.backbones or ("tf_efficientnet_lite0" if quick else "tf_efficientnet_lite0,tf_efficientnet_b4")
+    ).split(",")
     train_batches = [int(b) for b in (args.train_batches or ("2,4" if quick else "8,32,64")).split(",")]
     infer_batches = [int(b) for b in (args.infer_batches or ("1,4" if quick else "1,16,64,128")).split(",")]
     warmup, iters = (1, 2) if quick else (3, 10)
     weights = dict(w.split("=", 1) for w in args.weights)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
+                                                                                "threads)",
            "torch": torch.__version__, "cuda": torch.version.cuda, "image_size": size,
-           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
            "bf16_supported": torch.cuda.is_bf16_supported() if device.type == "cuda" else True}
     print("== environment ==\n" + json.dumps(env, indent=1), flush=True)
     results: dict = {"environment": env, "precision": {}, "train": [], "infer": [], "skipped": []}
@@ -283,14 +293,16 @@ def main(argv: list[str] | None = None) -> int:
             rows = precision_check(bench, size, 4 if quick else 16, cpu_ref)
             results["precision"][name] = rows
             for r in rows:
-                detail = r.get("loss_rel") or {"score_max_rel": round(r["score_max_rel"], 5), "same_prompts": r["same_prompts"],
+                detail = r.get("loss_rel") or {"score_max_rel": round(r["score_max_rel"], 5),
+                                               "same_prompts": r["same_prompts"],
                                                "min_corr": {k: round(v, 5) for k, v in r["map_min_corr"].items()}}
                 print(f"  {'PASS' if r['ok'] else 'FAIL'}  {r['compare']:<22} {r['inputs']:<52} {detail}", flush=True)
             del cpu_ref
 
         for title, kind, batches, measure in (("(ii) training samples/s", "train", train_batches, train_throughput),
                                               ("(iii) inference images/s", "infer", infer_batches, infer_throughput)):
-            print(f"\n== {title}: {name} @ {size}px ==\n  {'batch':>6} {'fp32':>10} {'bf16':>10} {'bf16/fp32':>9}", flush=True)
+            print(f"\n== {title}: {name} @ {size}px ==\n  {'batch':>6} {'fp32':>10} {'bf16':>10} {'bf16/fp32':>9}",
+                  flush=True)
             for batch in batches:
                 if time.perf_counter() - start > args.budget_s:
                     results["skipped"].append(f"{kind} {name} bs{batch}")
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - start
     checks = [r["ok"] for rows in results["precision"].values() for r in rows]
     ok = bool(checks) and all(checks)
-    print(f"\nprecision checks: {'all PASS' if ok else 'FAILURES (see above)' if checks else 'NONE RAN'}; skipped: {results['skipped'] or 'none'}; "
+    print(f"\nprecision checks: {'all PASS' if ok else 'FAILURES (see above)' if checks else 'NONE RAN'}; skipped: "
+          f"{results['skipped'] or 'none'}; "
           f"{results['seconds']:.0f} s", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

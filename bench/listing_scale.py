@@ -97,8 +97,10 @@ def run(label: str, cfg: BatchConfig) -> dict:
     keys = summary["counts"]["total"]
     assert keys == listed
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    result = {"input": label, "keys": keys, "listing_keys_per_s": round(keys / listing_s), "accounting_keys_per_s": round(keys / sum(accounted)),
-              "driver_rss_before_mb": round(BASELINE_RSS_MB), "wall_s": round(wall, 1), "keys_per_s": round(keys / wall),
+    result = {"input": label, "keys": keys, "listing_keys_per_s": round(keys / listing_s),
+              "accounting_keys_per_s": round(keys / sum(accounted)),
+              "driver_rss_before_mb": round(BASELINE_RSS_MB), "wall_s": round(wall, 1),
+              "keys_per_s": round(keys / wall),
               "driver_peak_rss_mb": round(rss_mb), "first_committed_row_s": round(wall, 1)}
     print(json.dumps(result), flush=True)
     return result
@@ -130,7 +132,9 @@ def main() -> None:
             with pq.ParquetWriter(manifest, pa.schema([("image_uri", pa.string())])) as writer:  # 100k keys at a time
                 for start in range(0, args.manifest_keys, 100_000):
                     keys = range(start, min(start + 100_000, args.manifest_keys))
-                    writer.write_table(pa.table({"image_uri": [f"s3://archive/line-{i % 7}/2026-11-27/img-{i:09d}.png" for i in keys]}))
+                    writer.write_table(
+                        pa.table({"image_uri": [f"s3://archive/line-{i % 7}/2026-11-27/img-{i:09d}.png" for i in keys]})
+                    )
             results.append(run(f"manifest of {args.manifest_keys} URIs",
                                BatchConfig(input=str(manifest), output=str(Path(tmp, "out-manifest")), **common)))
         if args.folder_files:
@@ -142,10 +146,12 @@ def main() -> None:
                 (sub / f"{i:07d}.png").touch()
             results.append(run(f"folder of {args.folder_files} .png files",
                                BatchConfig(input=str(folder), output=str(Path(tmp, "out-folder")), **common)))
-    print("\n| input | listing keys/s | accounting keys/s | whole run: wall s | keys/s | driver peak RSS MB (before: imports + Ray) "
+    print("\n| input | listing keys/s | accounting keys/s | whole run: wall s | keys/s | driver peak RSS MB (before: "
+          "imports + Ray) "
           "| first committed row s |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['input']} | {r['listing_keys_per_s']} | {r['accounting_keys_per_s']} | {r['wall_s']} | {r['keys_per_s']} "
+        print(f"| {r['input']} | {r['listing_keys_per_s']} | {r['accounting_keys_per_s']} | {r['wall_s']} | "
+              f"{r['keys_per_s']} "
               f"| {r['driver_peak_rss_mb']} ({r['driver_rss_before_mb']}) | {r['first_committed_row_s']} |")
 
 

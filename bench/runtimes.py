@@ -6,10 +6,11 @@ The same MVTec AD bottle test images (``../shared/data/mvtec_ad/bottle/test``), 
 normalised once, go through each engine at each batch size (model time only: ``Scorer.infer``,
 the class retrieved); each engine's first pass over all images at the largest batch is its
 warm-up and gives the parity figures; timing rounds interleave the engines and the best round
-counts (a shared machine's load changes by the minute). The bundle is exported to ONNX (dynamic batch) unless ``--export-dir``
-names an existing export; OpenVINO runs that ONNX export. Prints img/s and ms/img per engine and
-batch, the ratio to torch eager at the same batch, and the parity figures against torch eager
-(max abs raw image-score diff, pooled map correlation). Engines use all the machine's cores.
+counts (a shared machine's load changes by the minute). The bundle is exported to ONNX (dynamic
+batch) unless ``--export-dir`` names an existing export; OpenVINO runs that ONNX export. Prints
+img/s and ms/img per engine and batch, the ratio to torch eager at the same batch, and the parity
+figures against torch eager (max abs raw image-score diff, pooled map correlation). Engines use all
+the machine's cores.
 """
 from __future__ import annotations
 
@@ -61,14 +62,19 @@ def timed(engine, inputs: np.ndarray, batch: int, images: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="model bundle (the torch eager baseline)")
-    parser.add_argument("--export-dir", default=None, help="existing ONNX export of the bundle (default: export to a temp dir)")
-    parser.add_argument("--images", default=str(BOTTLE_TEST), help="folder of real PNGs (default: MVTec AD bottle test)")
-    parser.add_argument("--limit", type=int, default=32, help="distinct images (spread over the folder; at least the largest batch)")
+    parser.add_argument("--export-dir", default=None,
+                        help="existing ONNX export of the bundle (default: export to a temp dir)")
+    parser.add_argument("--images", default=str(BOTTLE_TEST),
+                        help="folder of real PNGs (default: MVTec AD bottle test)")
+    parser.add_argument("--limit", type=int, default=32,
+                        help="distinct images (spread over the folder; at least the largest batch)")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated engines to time")
-    parser.add_argument("--min-images", type=int, default=16, help="images timed per engine, batch and round (at least one batch)")
+    parser.add_argument("--min-images", type=int, default=16,
+                        help="images timed per engine, batch and round (at least one batch)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best counts")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda: torch on the GPU, onnxruntime with TensorRT/CUDA providers, "
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: torch on the GPU, onnxruntime with TensorRT/CUDA providers, "
                         "openvino on an Intel GPU if it sees one")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -87,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         export_dir = export_dir or os.path.join(tmp.name, "onnx")
         t0 = time.perf_counter()
         meta = export_bundle(args.bundle, "onnx", export_dir, images=str(folder), parity_images=16)
-        print(f"exported to {export_dir} in {time.perf_counter() - t0:.0f} s; parity {json.dumps(meta['parity'])}", flush=True)
+        print(f"exported to {export_dir} in {time.perf_counter() - t0:.0f} s; parity {json.dumps(meta['parity'])}",
+              flush=True)
     exported = load_export(export_dir)
     engines = {}
     for runtime in runtimes:
         try:
-            engines[runtime] = TorchEngine(bundle, args.device) if runtime == "torch" else make_engine(exported, runtime, args.device)
+            engines[runtime] = (
+                TorchEngine(bundle, args.device) if runtime == "torch" else make_engine(exported, runtime, args.device)
+            )
         except (ImportError, ValueError) as exc:  # e.g. no GPU provider / device for this runtime here
             print(f"{runtime}: skipped ({exc})", flush=True)
             continue
@@ -117,18 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             for runtime, engine in engines.items():
                 seconds = timed(engine, inputs, batch, max(batch, args.min_images))
                 best[runtime, batch] = min(seconds, best.get((runtime, batch), float("inf")))
-                print(f"round {round_ + 1} {runtime:12s} batch {batch:3d}: {1 / seconds:7.2f} img/s  {seconds * 1e3:8.1f} ms/img",
+                print(f"round {round_ + 1} {runtime:12s} batch {batch:3d}: {1 / seconds:7.2f} img/s  "
+                      f"{seconds * 1e3:8.1f} ms/img",
                       flush=True)
     rows = [{"runtime": r, "batch": b, "img_per_s": 1.0 / s, "ms_per_img": s * 1e3, "parity": parity.get(r)}
             for (r, b), s in best.items()]
     base = {r["batch"]: r["img_per_s"] for r in rows if r["runtime"] == "torch"}
-    print("\n| runtime | batch | img/s | ms/img | × torch eager | max abs score diff | map correlation |\n|---|---|---|---|---|---|---|")
+    print("\n| runtime | batch | img/s | ms/img | × torch eager | max abs score diff | map correlation "
+          "|\n|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         p = r["parity"] or {}
         print(f"| {r['runtime']} | {r['batch']} | {r['img_per_s']:.2f} | {r['ms_per_img']:.1f} | {ratio:.2f} | "
               f"{p.get('max_abs_score_diff', 0.0):.2g} | {p.get('map_correlation', 1.0):.6f} |")
-    result = {"rounds": args.rounds, "device": args.device, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "images": len(inputs),
+    result = {"rounds": args.rounds, "device": args.device, "cores": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "images": len(inputs),
               "image_size": bundle.config.image_size, "memory_patches": int(bundle.pool.memory.shape[0]), "rows": rows}
     print(json.dumps(result))
     if args.json:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from onenip_ray.batch import BatchConfig, run_batch_scoring
-from onenip_ray.inputs import list_inputs
 from onenip_ray.engines import RUNTIMES, load_model
+from onenip_ray.inputs import list_inputs
 from onenip_ray.scoring import Scorer
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -73,16 +73,21 @@ def single_thread_rate(scorer: Scorer, paths: list[Path], batch_size: int) -> fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="model bundle, or an `onenip export` dir for --runtime onnxruntime/openvino")
-    parser.add_argument("--runtime", default="torch", choices=RUNTIMES, help="inference engine (loop and pipeline alike)")
+    parser.add_argument("--bundle", required=True,
+                        help="model bundle, or an `onenip export` dir for --runtime onnxruntime/openvino")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                        help="inference engine (loop and pipeline alike)")
     parser.add_argument("--source", default=str(BOTTLE), help="folder of PNGs to repeat (default: MVTec AD bottle)")
     parser.add_argument("--limit", type=int, default=3000, help="number of inputs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=None, help="inference actors (default: cores // 2)")
     parser.add_argument("--single-thread-images", type=int, default=64, help="images timed for the per-core rate")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads of the plain loop (default: the runtime's, all cores)")
-    parser.add_argument("--actor-cpus", type=float, default=None, help="CPUs per inference actor (default: onenip score's)")
-    parser.add_argument("--actor-threads", type=int, default=None, help="intra-op threads per inference actor (default: onenip score's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads of the plain loop (default: the runtime's, all cores)")
+    parser.add_argument("--actor-cpus", type=float, default=None,
+                        help="CPUs per inference actor (default: onenip score's)")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="intra-op threads per inference actor (default: onenip score's)")
     args = parser.parse_args(argv)
     source = Path(args.source)
     if not source.is_dir():
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         scorer.score_bytes([(str(paths[0]), paths[0].read_bytes(), None)])  # warm-up
         plain = loop_rate(scorer, paths, args.batch_size)
 
-        ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False)  # never another agent's cluster
+        # never another agent's cluster
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False)
         summary = run_batch_scoring(BatchConfig(
             bundle=args.bundle, input=str(inputs), output=str(Path(tmp, "out")), run_date=dt.date.today(),
             batch_size=args.batch_size, concurrency=concurrency, runtime=args.runtime, actor_cpus=args.actor_cpus,
@@ -120,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = summary["images_per_second"]
     ideal = cores * per_core
     result = {
-        "runtime": args.runtime, "images": len(paths), "cores": cores, "concurrency": concurrency, "batch_size": args.batch_size,
-        "image_size": scorer.spec.image_size, "plain_loop_threads": args.threads or ("all" if args.runtime != "torch" else torch.get_num_threads()), "a_plain_loop_ips": round(plain, 2), "b_ray_pipeline_ips": round(pipeline, 2),
+        "runtime": args.runtime, "images": len(paths), "cores": cores, "concurrency": concurrency,
+        "batch_size": args.batch_size, "image_size": scorer.spec.image_size,
+        "plain_loop_threads": args.threads or ("all" if args.runtime != "torch" else torch.get_num_threads()),
+        "a_plain_loop_ips": round(plain, 2), "b_ray_pipeline_ips": round(pipeline, 2),
         "c_ideal_ips": round(ideal, 2), "single_thread_ips": round(per_core, 2),
         "b_over_a": round(pipeline / plain, 3), "b_over_c": round(pipeline / ideal, 3),
         "pipeline_wall_seconds": summary["wall_seconds"],
     }
-    print(f"(a) plain loop     {plain:8.1f} img/s\n(b) Ray pipeline   {pipeline:8.1f} img/s   b/a = {result['b_over_a']:.2f}\n"
+    print(f"(a) plain loop     {plain:8.1f} img/s\n(b) Ray pipeline   {pipeline:8.1f} img/s   b/a = "
+          f"{result['b_over_a']:.2f}\n"
           f"(c) ideal {cores:2d}×1thr {ideal:8.1f} img/s   b/c = {result['b_over_c']:.2f}")
     print(json.dumps(result))
     return 0

@@ -51,7 +51,8 @@ def load_images(folder: Path, limit: int) -> list[bytes]:
     if files:
         return [p.read_bytes() for p in files]
     rng = np.random.default_rng(0)
-    return [cv2.imencode(".png", rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))[1].tobytes() for _ in range(limit)]
+    return [cv2.imencode(".png", rng.integers(0, 256, (256, 256, 3),
+                                              dtype=np.uint8))[1].tobytes() for _ in range(limit)]
 
 
 def closed_loop(url: str, images: list[bytes], clients: int, duration: float, mode: str) -> LoadResult:
@@ -66,7 +67,8 @@ def closed_loop(url: str, images: list[bytes], clients: int, duration: float, mo
             i = index
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                response = session.post(url, data=images[i % len(images)], headers={"Content-Type": "image/png"}, timeout=120)
+                response = session.post(url, data=images[i % len(images)], headers={"Content-Type": "image/png"},
+                                        timeout=120)
                 elapsed = (time.perf_counter() - start) * 1e3
                 with lock:
                     if response.status_code == 200:
@@ -93,11 +95,13 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    parser.add_argument("--images", default=str(BOTTLE_TEST), help="folder of PNGs to send (default: MVTec AD bottle/test)")
+    parser.add_argument("--images", default=str(BOTTLE_TEST),
+                        help="folder of PNGs to send (default: MVTec AD bottle/test)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per (mode, clients) run")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched mode")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="batch_wait_timeout_s of the batched mode, in ms")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="batch_wait_timeout_s of the batched mode, in ms")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved by the replica")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'mode':<12} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
         for batch_size in (args.batch_size, 1):
             mode = f"batch={batch_size}"
-            settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
+            settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size,
+                                 batch_wait_timeout_s=args.batch_wait_ms / 1e3)
             options = {"max_ongoing_requests": 2 * args.batch_size,
                        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": gpus}}
             serve.run(build_app(settings, **options), name="onenip", route_prefix="/")

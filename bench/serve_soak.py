@@ -66,11 +66,13 @@ def sample_stats(base: str, every_s: float, stop: threading.Event, samples: list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    parser.add_argument("--images", default=str(BOTTLE_TEST), help="folder of PNGs to send (default: MVTec AD bottle/test)")
+    parser.add_argument("--images", default=str(BOTTLE_TEST),
+                        help="folder of PNGs to send (default: MVTec AD bottle/test)")
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration")
     parser.add_argument("--clients", type=int, default=16, help="closed-loop client threads")
     parser.add_argument("--max-batch-size", type=int, default=ServeArgs.model_fields["max_batch_size"].default)
-    parser.add_argument("--batch-wait-ms", type=float, default=ServeArgs.model_fields["batch_wait_timeout_s"].default * 1e3)
+    parser.add_argument("--batch-wait-ms", type=float,
+                        default=ServeArgs.model_fields["batch_wait_timeout_s"].default * 1e3)
     parser.add_argument("--request-timeout-s", type=float, default=ServeArgs.model_fields["request_timeout_s"].default,
                         help="the replica's deadline per request (504 after it)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between /v1/stats samples")
@@ -90,15 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         base, actor = f"http://127.0.0.1:{port}", {"num_cpus": args.replica_cpus, "num_gpus": gpus}
 
         def deploy(batch_size: int, max_ongoing: int | None = None) -> None:
-            settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+            settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size,
+                                 batch_wait_timeout_s=args.batch_wait_ms / 1e3,
                                  request_timeout_s=args.request_timeout_s)
             options = {"ray_actor_options": actor, **({"max_ongoing_requests": max_ongoing} if max_ongoing else {})}
             serve.run(build_app(settings, **options), name="onenip", route_prefix="/")
 
         deploy(args.max_batch_size)
         closed_loop(f"{base}/v1/score", images, args.clients, 5.0, "warm-up")
-        print(f"{len(images)} images, {args.clients} clients, {args.minutes:g} min, max_batch_size {args.max_batch_size}, "
-              f"deadline {args.request_timeout_s:g} s, {'GPU' if gpus else 'CPU'} replica ({args.replica_cpus:g} CPU)", flush=True)
+        print(f"{len(images)} images, {args.clients} clients, {args.minutes:g} min, max_batch_size "
+              f"{args.max_batch_size}, "
+              f"deadline {args.request_timeout_s:g} s, {'GPU' if gpus else 'CPU'} replica ({args.replica_cpus:g} CPU)",
+              flush=True)
         soak, samples, stop = Soak(f"{base}/v1/score", images), [], threading.Event()
         sampler = threading.Thread(target=sample_stats, args=(base, args.sample_s, stop, samples))
         sampler.start()
@@ -122,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 closed_loop(f"{base}/v1/score", images, args.clients, 5.0, "warm-up")
                 run = closed_loop(f"{base}/v1/score", images, args.clients, args.compare_s, f"batch={batch_size}")
                 rates[batch_size] = run.requests_per_second
-                print(f"max_batch_size {batch_size:>3}: {run.requests_per_second:.2f} req/s, {run.errors} errors", flush=True)
-            print(f"batched / unbatched requests/s at {args.clients} clients: {rates[args.max_batch_size] / max(rates[1], 1e-9):.2f}x")
+                print(f"max_batch_size {batch_size:>3}: {run.requests_per_second:.2f} req/s, {run.errors} errors",
+                      flush=True)
+            print(f"batched / unbatched requests/s at {args.clients} clients: "
+                  f"{rates[args.max_batch_size] / max(rates[1], 1e-9):.2f}x")
         serve.shutdown()
     finally:
         ray.shutdown()
@@ -136,18 +143,22 @@ def report(soak: Soak, samples: list[tuple[float, dict]], seconds: float) -> Non
     total = sum(codes.values())
     print(f"requests {total}  ({total / seconds:.2f} req/s over {seconds:.0f} s)")
     print(f"latency ms (200s): p50 {p50:.0f}  p95 {p95:.0f}  p99 {p99:.0f}")
-    print(f"2xx {sum(n for c, n in codes.items() if 200 <= c < 300)}  4xx {sum(n for c, n in codes.items() if 400 <= c < 500)}  "
-          f"5xx {sum(n for c, n in codes.items() if c >= 500)}  no answer {codes.get(0, 0)}  by status {dict(sorted(codes.items()))}")
+    print(f"2xx {sum(n for c, n in codes.items() if 200 <= c < 300)}  4xx "
+          f"{sum(n for c, n in codes.items() if 400 <= c < 500)}  "
+          f"5xx {sum(n for c, n in codes.items() if c >= 500)}  no answer {codes.get(0, 0)}  by status "
+          f"{dict(sorted(codes.items()))}")
     rss = [(t, s["rss_bytes"]) for t, s in samples if s.get("rss_bytes")]
     if len(rss) >= 2:
         t, r = np.array([x for x, _ in rss]) / 60.0, np.array([y for _, y in rss]) / 2**20
         slope = np.polyfit(t, r, 1)[0]
         print(f"replica RSS MiB: start {r[0]:.0f}  end {r[-1]:.0f}  min {r.min():.0f}  max {r.max():.0f}  "
-              f"slope {slope:+.2f} MiB/min over {len(rss)} samples; peak {samples[-1][1]['peak_rss_bytes'] / 2**20:.0f}")
+              f"slope {slope:+.2f} MiB/min over {len(rss)} samples; peak "
+              f"{samples[-1][1]['peak_rss_bytes'] / 2**20:.0f}")
     if samples:
         passes = samples[-1][1]["forward_passes"]
         images = sum(int(k) * v for k, v in passes.items())
-        print(f"forward passes: {sum(passes.values())} for {images} images (mean {images / max(sum(passes.values()), 1):.2f} per pass); "
+        print(f"forward passes: {sum(passes.values())} for {images} images (mean "
+              f"{images / max(sum(passes.values()), 1):.2f} per pass); "
               f"sizes {passes}")
 
 

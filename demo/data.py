@@ -73,8 +73,8 @@ def _label(rng: np.random.Generator, size: int) -> np.ndarray:
     cv2.rectangle(img, (int(10 * s), int(12 * s)), (int(118 * s), int(116 * s)), (30, 60, 160), max(1, int(2 * s)))
     cv2.circle(img, (int(98 * s), int(32 * s)), int(9 * s), (200, 40, 40), -1, lineType=cv2.LINE_AA)
     for i, word in enumerate(("ONENIP", "LOT 42", "QC OK")):
-        cv2.putText(img, word, (int(18 * s), int(38 * s + i * 20 * s)), cv2.FONT_HERSHEY_SIMPLEX, 0.42 * s, (20, 20, 20),
-                    max(1, int(s)), cv2.LINE_AA)
+        cv2.putText(img, word, (int(18 * s), int(38 * s + i * 20 * s)), cv2.FONT_HERSHEY_SIMPLEX, 0.42 * s,
+                    (20, 20, 20), max(1, int(s)), cv2.LINE_AA)
     bars = np.random.default_rng(1234).integers(1, 4, 24)  # the same barcode on every label
     x = int(18 * s)
     for i, w in enumerate(bars):
@@ -152,7 +152,8 @@ def _paint(class_name: str, image: np.ndarray, kind: str, rng: np.random.Generat
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator, class_name: str = "woven") -> tuple[np.ndarray, np.ndarray]:
+def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
+               class_name: str = "woven") -> tuple[np.ndarray, np.ndarray]:
     """Paint a defect of ``kind`` onto a defect-free RGB image. Returns the defective image and its
     mask: exactly the pixels that differ from ``image``. A defect that would change fewer than
     ``MIN_DEFECT_FRACTION`` of the pixels is drawn again (deterministic in ``rng``)."""
@@ -164,7 +165,8 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator, class_nam
     raise RuntimeError(f"could not paint a visible {kind} on a {class_name} image")  # pragma: no cover
 
 
-def make_sample(class_name: str, defect: str | None, rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def make_sample(class_name: str, defect: str | None, rng: np.random.Generator,
+                size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(clean, image, mask)``: the defect-free rendering, the image to save (``clean`` itself
     when ``defect`` is None) and the boolean defect mask (None for a good image)."""
     clean = render_good(class_name, rng, size)
@@ -199,10 +201,12 @@ def _write_png(path: str, array: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def write_demo_dataset(root: str, size: int = 128, train_per_class: int = 40, test_good: int = 8, test_per_defect: int = 4, seed: int = 0) -> str:
+def write_demo_dataset(root: str, size: int = 128, train_per_class: int = 40, test_good: int = 8,
+                       test_per_defect: int = 4, seed: int = 0) -> str:
     """Write the set under ``root`` in the MVTec AD layout (masks in
     ``<class>/ground_truth/<defect>/<stem>_mask.png``); returns ``root``. Same seed, same bytes."""
-    for cls, folder, stem, _clean, image, mask in iter_demo_samples(size, train_per_class, test_good, test_per_defect, seed):
+    for cls, folder, stem, _clean, image, mask in iter_demo_samples(size, train_per_class, test_good, test_per_defect,
+                                                                    seed):
         _write_png(os.path.join(root, cls, folder, f"{stem}.png"), image)
         if mask is not None:
             defect = folder.split("/", 1)[1]
@@ -210,7 +214,8 @@ def write_demo_dataset(root: str, size: int = 128, train_per_class: int = 40, te
     return root
 
 
-def write_incoming(root: str, size: int = 128, per_class: int = 8, defect_rate: float = 0.25, seed: int = 1) -> list[dict]:
+def write_incoming(root: str, size: int = 128, per_class: int = 8, defect_rate: float = 0.25,
+                   seed: int = 1) -> list[dict]:
     """A flat folder of new, unlabelled images to score (``<class>-<i>.png``, classes and defects
     mixed), as a nightly batch would find them; returns what was painted (``image``, ``class_name``,
     ``defect`` or None) so a demo can compare. Use a different ``seed`` from the training set."""

@@ -68,7 +68,7 @@ def worker_setup() -> None:
 
     try:
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    except Exception:  # not connected yet: nothing to pin
+    except Exception:  # noqa: BLE001 - not connected yet: nothing to pin
         pass
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
@@ -102,8 +102,10 @@ def main() -> int:
         incoming = out / "incoming"
         write_incoming(str(incoming), size=SYNTHETIC["size"], **INCOMING)
         classes, size, epochs = "", SYNTHETIC["size"], int(os.environ.get("EPOCHS", "10"))
-        print(f"no dataset given: generated a SYNTHETIC 3-class set (woven, washer, label; seed {SYNTHETIC['seed']}) in {data}\n"
-              f"and {len(os.listdir(incoming))} new images to score (seed {INCOMING['seed']}) in {incoming}", flush=True)
+        print(f"no dataset given: generated a SYNTHETIC 3-class set (woven, washer, label; seed {SYNTHETIC['seed']}) "
+              f"in {data}\n"
+              f"and {len(os.listdir(incoming))} new images to score (seed {INCOMING['seed']}) in {incoming}",
+              flush=True)
     else:
         if not data:
             data, classes = str(SHARED_MVTEC), "bottle"
@@ -115,7 +117,8 @@ def main() -> int:
         except (ValueError, FileNotFoundError) as error:
             print(f"make demo: error: {error}", file=sys.stderr)
             return 2
-        print(f"dataset {data} ({classes or 'all classes'}); its test images (manifest {incoming}) stand in for new images", flush=True)
+        print(f"dataset {data} ({classes or 'all classes'}); its test images (manifest {incoming}) stand in for new "
+              "images", flush=True)
     temp_dir = _start_ray()
     rc = 1
     try:
@@ -152,16 +155,20 @@ def _test_manifest(data: str, classes: str, path: Path, limit: int = 40) -> Path
     return path
 
 
-def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthetic: bool, out: Path, logs: Path, t0: float) -> int:
+def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthetic: bool, out: Path, logs: Path,
+         t0: float) -> int:
     bundle, evaluation, scores = out / "bundle", out / "evaluation", out / "scores"
     report, scores_report = out / "report", out / "report-scores"
     run_date = dt.date.today().isoformat()
     common = ["--data", data] + (["--classes", classes] if classes else [])
     timings = {}
     t = time.time()
-    trained = _step("train", ["train", *common, "--out", str(bundle), "--epochs", str(epochs), "--image-size", str(size),
-                              "--steps-per-epoch", "0", "--lr", os.environ.get("LR", "1e-3"), "--batch-size", "4", "--num-workers", "1",
-                              "--storage-path", str(out / "ray"), "--run-name", time.strftime("demo-%Y%m%d-%H%M%S")], logs)
+    trained = _step("train", ["train", *common, "--out", str(bundle), "--epochs", str(epochs), "--image-size",
+                              str(size),
+                              "--steps-per-epoch", "0", "--lr", os.environ.get("LR", "1e-3"), "--batch-size", "4",
+                              "--num-workers", "1",
+                              "--storage-path", str(out / "ray"), "--run-name", time.strftime("demo-%Y%m%d-%H%M%S")],
+                              logs)
     timings["train"] = time.time() - t
     history = trained.get("epochs", [])
     if history:
@@ -175,11 +182,13 @@ def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthe
     timings["score"] = time.time() - t
     t = time.time()
     _step("report", ["report", "--bundle", str(bundle), "--evaluation", str(evaluation), "--out", str(report)], logs)
-    _step("report-scores", ["report", "--bundle", str(bundle), "--scores", scored["partition"], "--out", str(scores_report)], logs)
+    _step("report-scores",
+          ["report", "--bundle", str(bundle), "--scores", scored["partition"], "--out", str(scores_report)], logs)
     timings["reports"] = time.time() - t
 
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    print("\nper-class metrics (percent; image level I-, pixel level P-)" + (" — SYNTHETIC data, not an accuracy claim" if synthetic else ""))
+    print("\nper-class metrics (percent; image level I-, pixel level P-)" + (" — SYNTHETIC data, not an accuracy "
+                                                                             "claim" if synthetic else ""))
     print(f"  {'class':<12}" + "".join(f"{k:>14}" for k in METRIC_KEYS) + f"{'F1@threshold':>14}")
     for cls, m in list(metrics["per_class"].items()) + [("mean", metrics["mean"])]:
         print(f"  {cls:<12}" + "".join(f"{100 * m[k]:>14.1f}" for k in METRIC_KEYS + ("threshold_f1",)))

@@ -21,9 +21,9 @@ import torch
 from . import storage
 from .bundle import Bundle, commit_bundle, load_bundle, write_bundle
 from .calibration import Calibration, CalibrationMaps, class_calibration, route_floors, score_normals
-from .inputs import list_inputs
 from .data.images import ImageError, decode_image, resize_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
+from .inputs import list_inputs
 from .predictor import Predictor
 from .prompts import PromptPool, build_pool
 

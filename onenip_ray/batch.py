@@ -26,7 +26,9 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,14 @@ from .inputs import iter_input_chunks
 from .lease import Lease
 from .prompts import PromptPool
 from .schema import (
-    ERROR_MISSING, ERROR_TRANSIENT, ERROR_UNREADABLE, FILE_SCHEMA, PARTITION_COLUMN, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK,
+    ERROR_MISSING,
+    ERROR_TRANSIENT,
+    ERROR_UNREADABLE,
+    FILE_SCHEMA,
+    PARTITION_COLUMN,
+    SCHEMA_VERSION,
+    STATUS_ERROR,
+    STATUS_OK,
     to_table,
 )
 from .scoring import Prepared, Scorer, ScoringSpec
@@ -57,14 +66,15 @@ MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per ta
 def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> dict[str, np.ndarray]:
     """Read and prepare each input; failures are carried in ``error`` (``""`` = none)."""
     size = spec.image_size
-    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "given_class", "image_sha256", "width", "height", "error",
-                                            "error_kind", "prepare_ms")}
+    out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "given_class", "image_sha256", "width", "height",
+                                            "error", "error_kind", "prepare_ms")}
     inputs = np.zeros((batch.num_rows, 3, size, size), np.float32)
-    for i, (image_uri, class_name) in enumerate(zip(batch.column("image_uri").to_pylist(), batch.column("class_name").to_pylist())):
+    for i, (image_uri, class_name) in enumerate(zip(batch.column("image_uri").to_pylist(),
+                                                    batch.column("class_name").to_pylist())):
         start = time.perf_counter()
         try:
             data = storage.read_bytes(image_uri, endpoint)  # transient failures already retried
-        except Exception as exc:  # one unreadable object is one error row, never a failed task
+        except Exception as exc:  # noqa: BLE001 - one unreadable object is one error row, never a failed task
             kind = (ERROR_MISSING if isinstance(exc, FileNotFoundError)
                     else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE)
             prepared = Prepared(image_uri, class_name, error=f"{image_uri}: cannot read: {exc}", error_kind=kind)
@@ -97,8 +107,8 @@ class InferenceActor:
 
         torch.set_num_threads(threads)
         pool: PromptPool = ray.get(pool_ref)
-        self.scorer = Scorer(load_model(bundle_uri, runtime, endpoint, pool=pool), runtime=runtime, device=device, threads=threads,
-                             max_pixels=max_pixels)
+        self.scorer = Scorer(load_model(bundle_uri, runtime, endpoint, pool=pool), runtime=runtime, device=device,
+                             threads=threads, max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["image_uri"]), self.scorer.spec.image_size
@@ -108,10 +118,12 @@ class InferenceActor:
         ok = np.flatnonzero(batch["error"] == "")
         if len(ok):
             out = self.scorer.infer(batch["input"][ok], batch["given_class"][ok])
-            fused[ok], scores[ok], prompt_index[ok], infer_ms[ok] = out.fused, out.scores, out.prompt_index, out.seconds * 1e3
+            fused[ok], scores[ok], prompt_index[ok] = out.fused, out.scores, out.prompt_index
+            infer_ms[ok] = out.seconds * 1e3
             similarity[ok] = out.similarity
         result = {k: v for k, v in batch.items() if k != "input"}
-        result.update(fused=fused, score_raw=scores, prompt_index=prompt_index, route_similarity=similarity, infer_ms=infer_ms)
+        result.update(fused=fused, score_raw=scores, prompt_index=prompt_index, route_similarity=similarity,
+                      infer_ms=infer_ms)
         return result
 
 
@@ -135,8 +147,8 @@ def finish_batch(
         fused = batch["fused"][i]
         stem = uri_stem(image_uri)
         row = spec.result_row(
-            prepared, fused, float(batch["score_raw"][i]), int(batch["prompt_index"][i]), float(batch["route_similarity"][i]),
-            run_id=run_id, run_date=run_date,
+            prepared, fused, float(batch["score_raw"][i]), int(batch["prompt_index"][i]),
+            float(batch["route_similarity"][i]), run_id=run_id, run_date=run_date,
             upstream_ms=prepared.prepare_ms + float(batch["infer_ms"][i]),
             heatmap_uri=storage.join(heatmaps[1], f"{stem}.png") if heatmaps else None,
         )
@@ -145,13 +157,15 @@ def finish_batch(
             cal = spec.prompt_calibration(int(batch["prompt_index"][i]))
             storage.write_bytes(storage.join(heatmaps[0], f"{stem}.png"), render_heatmap(fused, cal), endpoint)
             if row["is_anomalous"]:
-                _write_overlay(image_uri, fused, cal, row["regions"], storage.join(heatmaps[0], f"{stem}_overlay.jpg"), endpoint)
+                _write_overlay(image_uri, fused, cal, row["regions"], storage.join(heatmaps[0], f"{stem}_overlay.jpg"),
+                               endpoint)
             row["latency_ms"] += (time.perf_counter() - start) * 1e3
         rows.append(row)
     return to_table(rows).drop_columns([PARTITION_COLUMN])
 
 
-def _write_overlay(image_uri: str, fused: np.ndarray, cal, regions: list[dict], target: str, endpoint: str | None) -> None:
+def _write_overlay(image_uri: str, fused: np.ndarray, cal, regions: list[dict], target: str,
+                   endpoint: str | None) -> None:
     """Overlay at original resolution (the original is read again: only anomalous images get one)."""
     try:
         image = decode_image(storage.read_bytes(image_uri, endpoint), image_uri)
@@ -190,7 +204,8 @@ class _Tally:
     duplicates_dropped: int = 0
 
 
-def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor, on_commit_step: nightly.OnStep | None = None) -> dict[str, Any]:
+def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
+                      on_commit_step: nightly.OnStep | None = None) -> dict[str, Any]:
     """Score every input image once into ``OUTPUT/run_date=…/`` and return the run summary (also
     written as its ``_SUCCESS.json``). Raises ``LeaseHeld`` when another run writes the same date,
     ``RunRejected`` over a limit. ``actor_cls`` is the inference class of step 3;
@@ -213,41 +228,56 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor, on_com
             heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
 
             t_pipeline = time.perf_counter()
-            tally, reused = _Tally(files=[], groups=Counter()), []
-            pool_ref = None
-            for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
-                tally.inputs += chunk.num_rows
-                if earlier is not None:
-                    done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
-                    reused.append(chunk.filter(done).column("image_uri"))
-                    chunk = chunk.filter(pc.invert(done))
-                if not chunk.num_rows:
-                    continue
-                if pool_ref is None:
-                    pool_ref = _start_ray(endpoint, bundle.pool)
-                data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
-                _score_chunk(chunk, cfg, spec, run_id, heatmaps, endpoint, pool_ref, actor_cls, fs, data_path)
-                _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
-            if reused:
-                _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), posixpath.join(run_dir, "data", "resumed"), tally)
+            score = partial(_score_chunk, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, endpoint=endpoint,
+                            actor_cls=actor_cls, fs=fs)
+            tally = _score_inputs(cfg, bundle.pool, endpoint, earlier, score, fs, run_dir)
             pipeline_s = time.perf_counter() - t_pipeline
 
+            resumed_from = sorted({*earlier.column("run_id").to_pylist()}) if tally.resumed else []
             summary = _summary(cfg, run_id, bundle.version, layout, tally, started_at, pipeline_s, repaired,
-                               sorted({*earlier.column("run_id").to_pylist()}) if earlier is not None and tally.resumed else [])
+                               resumed_from)
             _check_limits(cfg, summary, fs, run_dir)
             if not tally.files:  # an allowed empty night: one empty file keeps the partition readable
-                empty = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
-                fs.create_dir(posixpath.dirname(empty), recursive=True)
-                pq.write_table(FILE_SCHEMA.empty_table(), empty, filesystem=fs)
-                tally.files.append(empty)
+                tally.files.append(_empty_file(fs, run_dir))
                 summary["files"] = [f"part-{run_id}-00000.parquet"]
             summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
             lease.check()
             heat_dirs = [posixpath.join(layout.path(layout.run_uri(r)), "heatmaps") for r in summary["resumed_from"]]
-            nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary, on_commit_step)
+            nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary,
+                           on_commit_step)
     finally:
         nightly.tidy(layout)
     return summary
+
+
+def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earlier: pa.Table | None,
+                  score: Callable[..., None], fs: pafs.FileSystem, run_dir: str) -> _Tally:
+    """Every input chunk through ``score`` (one pipeline pass each) into ``run_dir/data``, except
+    the inputs an earlier run of the night already scored (reused); all staged rows accounted."""
+    tally, reused, pool_ref = _Tally(files=[], groups=Counter()), [], None
+    for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
+        tally.inputs += chunk.num_rows
+        if earlier is not None:
+            done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
+            reused.append(chunk.filter(done).column("image_uri"))
+            chunk = chunk.filter(pc.invert(done))
+        if not chunk.num_rows:
+            continue
+        pool_ref = pool_ref or _start_ray(endpoint, pool)
+        data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
+        score(chunk, pool_ref=pool_ref, data_path=data_path)
+        _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
+    if reused:
+        resumed_path = posixpath.join(run_dir, "data", "resumed")
+        _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), resumed_path, tally)
+    return tally
+
+
+def _empty_file(fs: pafs.FileSystem, run_dir: str) -> str:
+    path = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(FILE_SCHEMA.empty_table(), path, filesystem=fs)
+    return path
 
 
 def _start_ray(endpoint: str | None, pool: PromptPool) -> Any:
@@ -264,7 +294,8 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
     import ray
     import ray.data
 
-    actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, ray.cluster_resources().get("CPU", 1.0) / (2 * cfg.concurrency)))
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, cluster_cpus / (2 * cfg.concurrency)))
     # a few blocks per CPU (parallel decode) but not tiny ones (per-task overhead): 32–1024 rows
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_block = max(cfg.batch_size, min(MAX_BLOCK_ROWS, math.ceil(chunk.num_rows / (4 * cpus))))
@@ -272,10 +303,11 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "endpoint": endpoint}, batch_size=cfg.batch_size,
                         batch_format="pyarrow", num_cpus=cfg.task_cpus, ray_remote_args_fn=_separate_stage)
     ds = ds.map_batches(
-        actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus, num_gpus=1 if cfg.use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus,
+        num_gpus=1 if cfg.use_gpu else 0, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
-                               "device": "cuda" if cfg.use_gpu else "cpu", "threads": cfg.actor_threads or max(1, int(actor_cpus)),
+                               "device": "cuda" if cfg.use_gpu else "cpu",
+                               "threads": cfg.actor_threads or max(1, int(actor_cpus)),
                                "max_pixels": spec.max_pixels, "runtime": cfg.runtime},
     )
     ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
@@ -299,7 +331,8 @@ def _read_rows(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> pa.
         parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32)))
                      .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
     return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns}
-                                                          | {"_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
+                                                          | {"_file": pa.array([], pa.int32()),
+                                                             "_row": pa.array([], pa.int64())})
 
 
 def _keep_first(rows: pa.Table) -> pa.Array:
@@ -323,7 +356,8 @@ def _account(fs: pafs.FileSystem, files: list[str], expected: pa.ChunkedArray, t
     unexpected = pc.sum(pc.invert(pc.is_in(seen, value_set=expected))).as_py() or 0
     if missing or unexpected:
         lost = expected.filter(pc.invert(pc.is_in(expected, value_set=seen)))[:3].to_pylist()
-        raise RuntimeError(f"staged results do not match the inputs: {missing} missing (e.g. {lost}), {unexpected} unexpected; "
+        raise RuntimeError(f"staged results do not match the inputs: {missing} missing (e.g. {lost}), {unexpected} "
+                           "unexpected; "
                            "nothing was committed")
     dropped = rows.num_rows - kept.num_rows
     if dropped:
@@ -336,10 +370,12 @@ def _account(fs: pafs.FileSystem, files: list[str], expected: pa.ChunkedArray, t
     tally.duplicates_dropped += dropped
     tally.files.extend(files)
     for key in kept.group_by(ACCOUNT_COLUMNS[1:], use_threads=False).aggregate([("image_uri", "count")]).to_pylist():
-        tally.groups[(key["class_name"], key["status"], key["error_kind"], bool(key["is_anomalous"]))] += key["image_uri_count"]
+        tally.groups[(key["class_name"], key["status"], key["error_kind"],
+                      bool(key["is_anomalous"]))] += key["image_uri_count"]
 
 
-def _earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_version: str, run_id: str) -> pa.Table | None:
+def _earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_version: str,
+                     run_id: str) -> pa.Table | None:
     """``ok`` rows that earlier unfinished runs of this date scored with the same model version
     (``image_uri``, ``run_id``, ``_path``): a restarted night scores only the rest. Unreadable
     (half-written) files are ignored; error rows are tried again."""
@@ -365,7 +401,8 @@ def _earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_ver
     return table.filter(_keep_first(table))
 
 
-def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedArray, target_dir: str, tally: _Tally) -> None:
+def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedArray, target_dir: str,
+                     tally: _Tally) -> None:
     """Copy the reused rows of earlier runs into this run's staging and account them."""
     chosen = earlier.filter(pc.is_in(earlier.column("image_uri"), value_set=reused))
     fs.create_dir(target_dir, recursive=True)
@@ -373,7 +410,8 @@ def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedA
     for i, path in enumerate(sorted(set(chosen.column("_path").to_pylist()))):
         uris = chosen.filter(pc.equal(chosen.column("_path"), path)).column("image_uri")
         table = pq.read_table(path, filesystem=fs, schema=FILE_SCHEMA)
-        table = table.filter(pc.and_(pc.is_in(table.column("image_uri"), value_set=uris), pc.equal(table.column("status"), STATUS_OK)))
+        table = table.filter(pc.and_(pc.is_in(table.column("image_uri"), value_set=uris),
+                                     pc.equal(table.column("status"), STATUS_OK)))
         target = posixpath.join(target_dir, f"{i:05d}{nightly.STAGED_SUFFIX}")
         pq.write_table(table, target, filesystem=fs)
         files.append(target)
@@ -381,7 +419,8 @@ def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedA
     tally.resumed += len(reused)
 
 
-def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: _Tally, started_at: dt.datetime,
+def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: _Tally,
+             started_at: dt.datetime,
              pipeline_s: float, repaired: str | None, resumed_from: list[str]) -> dict[str, Any]:
     per_class: dict[str, Counter] = {}
     errors: Counter = Counter()
@@ -402,7 +441,8 @@ def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.
         raise RuntimeError(f"{counts['total']} result rows for {tally.inputs} inputs; nothing was committed")
     scored = tally.inputs - tally.resumed
     return {
-        "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": model_version, "schema_version": SCHEMA_VERSION,
+        "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": model_version,
+        "schema_version": SCHEMA_VERSION,
         "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": layout.partition_uri,
         "counts": counts, "errors_by_kind": dict(sorted(errors.items())),
         "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())},
@@ -423,12 +463,14 @@ def _check_limits(cfg: BatchConfig, summary: dict[str, Any], fs: pafs.FileSystem
         reason = f"no input images in {cfg.input} (pass --allow-empty to commit an empty night)"
     elif counts["total"] and counts[STATUS_ERROR] / counts["total"] > cfg.max_error_fraction:
         kinds = ", ".join(f"{k} {n}" for k, n in summary["errors_by_kind"].items())
-        reason = (f"{counts[STATUS_ERROR]} of {counts['total']} inputs ({100 * counts[STATUS_ERROR] / counts['total']:.1f} %) are errors "
+        reason = (f"{counts[STATUS_ERROR]} of {counts['total']} inputs "
+                  f"({100 * counts[STATUS_ERROR] / counts['total']:.1f} %) are errors "
                   f"({kinds}), above --max-error-fraction {cfg.max_error_fraction}")
     if reason is None:
         return
     nightly.write_json(fs, posixpath.join(run_dir, nightly.REJECTED_FILE), {"reason": reason, **summary})
-    raise nightly.RunRejected(f"run {summary['run_id']} rejected: {reason}. The committed partition {summary['partition']} is unchanged; "
+    raise nightly.RunRejected(f"run {summary['run_id']} rejected: {reason}. The committed partition "
+                              f"{summary['partition']} is unchanged; "
                       f"the new rows stay staged in {posixpath.join(run_dir, 'data')} for inspection")
 
 
@@ -442,4 +484,5 @@ def repair_output(output: str, endpoint: str | None = None) -> dict[str, Any]:
         layout = nightly.NightLayout(output, day, endpoint)
         with Lease(layout.lease_uri, f"repair-{uuid.uuid4().hex[:8]}", endpoint, LEASE_SECONDS):
             repaired[f"{day:%Y-%m-%d}"] = nightly.repair(layout)
-    return {"output": output, "repaired": {d: r for d, r in repaired.items() if r}, "dates_checked": len(repaired), "migrated": migrated}
+    return {"output": output, "repaired": {d: r for d, r in repaired.items() if r}, "dates_checked": len(repaired),
+            "migrated": migrated}

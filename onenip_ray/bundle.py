@@ -53,7 +53,8 @@ class Bundle(ModelIdentity):
 
     def predictor(self, device: str | torch.device = "cpu") -> Predictor:
         c = self.calibration
-        return Predictor(self.backbone, self.model, self.pool, c.rec_scale, device, c.alpha, c.neighbor_weight, c.neighbor_scale)
+        return Predictor(self.backbone, self.model, self.pool, c.rec_scale, device, c.alpha, c.neighbor_weight,
+                         c.neighbor_scale)
 
 
 class BundleError(ValueError):
@@ -71,19 +72,22 @@ def content_version(model_bytes: bytes, pool: PromptPool, config: ModelConfig, c
     return digest.hexdigest()[:16]
 
 
-def check_bundle(uri: str, meta: dict[str, Any], model_bytes: bytes, pool: PromptPool, calibration: Calibration) -> None:
+def check_bundle(uri: str, meta: dict[str, Any], model_bytes: bytes, pool: PromptPool,
+                 calibration: Calibration) -> None:
     """Raise ``BundleError`` unless the content hash equals ``meta["version"]`` and the pool's
     classes are exactly the calibrated ones and ``meta["classes"]``."""
     classes = list(pool.class_names)
     calibrated = list(calibration.per_class)
     if set(classes) != set(calibrated):
         raise BundleError(f"{uri}: prompt-pool classes {classes} and calibrated classes {calibrated} differ "
-                          f"(uncalibrated: {sorted(set(classes) - set(calibrated))}, no prompts: {sorted(set(calibrated) - set(classes))})")
+                          f"(uncalibrated: {sorted(set(classes) - set(calibrated))}, no prompts: "
+                          f"{sorted(set(calibrated) - set(classes))})")
     if meta.get("classes") != classes:
         raise BundleError(f"{uri}: {BUNDLE_FILE} lists classes {meta.get('classes')}, the prompt pool has {classes}")
     version = content_version(model_bytes, pool, ModelConfig.from_dict(meta["config"]), calibration)
     if version != meta.get("version"):
-        raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in {BUNDLE_FILE} "
+        raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in "
+                          f"{BUNDLE_FILE} "
                           "(files changed or mixed from two bundles)")
 
 
@@ -116,7 +120,8 @@ def write_bundle(
         "image_size": config.image_size,
         "normalization": {"mean": list(backbone.mean), "std": list(backbone.std), "color": "RGB", "range": "[0,1]"},
         "classes": pool.class_names,
-        "prompts": {"ids": pool.prompt_ids, "per_class": {c: pool.class_index.tolist().count(i) for i, c in enumerate(pool.class_names)}},
+        "prompts": {"ids": pool.prompt_ids,
+                    "per_class": {c: pool.class_index.tolist().count(i) for i, c in enumerate(pool.class_names)}},
         "calibration": calibration.to_dict(),
         "thresholds": {c: cal.threshold_raw for c, cal in calibration.per_class.items()},
         "trainable_parameters": trainable_parameters(model),
@@ -167,7 +172,8 @@ def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None =
     backbone = FrozenBackbone(config.backbone, config.out_indices)
     backbone.load_weights({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
     model = build_onenip(config, backbone.channels)
-    model.load_state_dict({k.removeprefix("onenip."): v for k, v in tensors.items() if k.startswith("onenip.")}, strict=True)
+    model.load_state_dict({k.removeprefix("onenip."): v for k, v in tensors.items() if k.startswith("onenip.")},
+                          strict=True)
     model.eval()
     return Bundle(config, backbone, model, pool, calibration, meta)
 

@@ -31,7 +31,8 @@ def _check_choices(config: Any) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {getattr(config, f.name)!r}")
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got "
+                             f"{getattr(config, f.name)!r}")
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,14 @@ class ModelConfig:
     # Residual-branch output layers (attention out_proj, FFN/MLP last linear) start at this gain × the
     # official xavier init (1.0 = official). With 1.0 the post-norm stack collapses to an
     # input-independent output for thousands of steps; 0.1 trains in ~100 (docs/training.md).
-    residual_init: float = flag(0.1, "gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in ~100 steps)")
-    feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS})  # "channel": standardise each backbone channel
+    residual_init: float = flag(0.1, "gain on the xavier init of residual-branch outputs (1 = official; 0.1 trains in "
+                                     "~100 steps)")
+    # "channel": standardise each backbone channel
+    feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS})
     # "calibrated": α chosen on the calibration set (held-out normals + synthetic anomalies);
     # "official": α fixed, refiner rescaled to the S_rec range; "paper": Eq. 10 as written.
-    fusion: str = flag("calibrated", "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", FUSIONS)
+    fusion: str = flag("calibrated",
+                       "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", FUSIONS)
     alpha: float = flag(0.5, "refiner weight α for --fusion official/paper")
     map_sigma: float = flag(4.0, "Gaussian smoothing of the fused map in px (0 = official: none)")
     score_pool: int = 16  # image score = max of the k×k mean-pooled map
@@ -112,19 +116,24 @@ class TrainConfig:
     grad_clip: float = 0.1
     # "cosine": linear warm-up over warmup_fraction of the steps, then cosine to lr/100 at the last
     # step; "step": the official ×0.1 at 80 % of the epochs (800 of 1000). Both scale with --epochs.
-    lr_schedule: str = flag("cosine", "cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the epochs", LR_SCHEDULES)
+    lr_schedule: str = flag("cosine", "cosine: warm-up then cosine to lr/100; step: official ×0.1 at 80%% of the "
+                                      "epochs", LR_SCHEDULES)
     warmup_fraction: float = flag(0.05, "share of the steps spent warming up (cosine)")
-    steps_per_epoch: int = flag(80, "optimiser steps per epoch (0 = training images / (batch × workers)); fixes a run's cost as data grows")
+    steps_per_epoch: int = flag(80, "optimiser steps per epoch (0 = training images / (batch × workers)); fixes a "
+                                    "run's cost as data grows")
     balance_classes: bool = flag(True, "draw training images uniformly instead of every class equally often")
     seed: int = flag(133, "random seed (split, prompts, anomaly synthesis, initialisation)")
     textures: str | None = flag(None, "DTD-style texture folder (default: built-in procedural textures)")
     backbone_weights: str | None = flag(None, "backbone weights file or URI (safetensors or torch state dict)")
     num_workers: int = flag(1, "Ray Train workers (0 = in-process, no cluster)")
     use_gpu: bool = flag(False, "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
-    calibration_fraction: float = flag(0.1, "training normals held out for thresholds (at least 5, at most half a class)")
+    calibration_fraction: float = flag(0.1, "training normals held out for thresholds (at least 5, at most half a "
+                                            "class)")
     target_fpr: float = flag(0.05, "false-positive rate the per-class thresholds aim at")
-    prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval descriptors)")
-    memory_per_class: int = flag(100_000, "normal patches kept per class for the nearest-neighbour map (0 = all; above: a random subset)")
+    prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval "
+                                     "descriptors)")
+    memory_per_class: int = flag(100_000, "normal patches kept per class for the nearest-neighbour map (0 = all; "
+                                          "above: a random subset)")
     checkpoint_every: int = flag(1, "checkpoint every N epochs (0 = only at the end)")
     max_failures: int = flag(2, "worker-group restarts from the latest checkpoint")
     loader_workers: int = flag(0, "DataLoader processes for anomaly synthesis per trainer")
@@ -161,8 +170,10 @@ class BatchConfig:
     batch_size: int = flag(32, "images per model batch")
     concurrency: int = flag(1, "inference actors (one per GPU with --use-gpu)")
     use_gpu: bool = flag(False, "run the inference actors on GPUs (one each)")
-    actor_cpus: float | None = flag(None, "CPUs per inference actor (default: 1 with GPUs, else a share of half the cluster)")
-    actor_threads: int | None = flag(None, "intra-op threads per inference actor (default: its --actor-cpus, at least 1)")
+    actor_cpus: float | None = flag(None, "CPUs per inference actor (default: 1 with GPUs, else a share of half the "
+                                          "cluster)")
+    actor_threads: int | None = flag(None, "intra-op threads per inference actor (default: its --actor-cpus, at least "
+                                           "1)")
     task_cpus: float = flag(1.0, "CPUs per decode / post-processing task")
     runtime: str = flag("torch", RUNTIME_HELP, RUNTIMES)
     max_pixels: int | None = None  # decoder's pixel limit (None = data.images.DEFAULT_MAX_PIXELS)
@@ -172,4 +183,5 @@ class BatchConfig:
         0.2, "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
     allow_empty: bool = flag(False, "commit an empty night instead of rejecting a run without inputs")
     chunk_size: int = flag(100_000, "inputs per pipeline pass (bounds the driver's memory)")
-    lease_seconds: float = flag(LEASE_SECONDS, "a run that stops renewing its lease for this long loses the date to the next run")
+    lease_seconds: float = flag(LEASE_SECONDS,
+                                "a run that stops renewing its lease for this long loses the date to the next run")

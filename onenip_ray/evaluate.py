@@ -13,8 +13,8 @@ import torch
 
 from . import storage
 from .bundle import Bundle
-from .config import EVALUATE_BATCH_SIZE
 from .calibration import ClassCalibration, bound, calibrated_score
+from .config import EVALUATE_BATCH_SIZE
 from .data.images import decode_mask, resize_mask, to_network_input
 from .data.layouts import Sample, read_datasets
 from .engines import ExportedModel, load_model, make_engine
@@ -23,7 +23,6 @@ from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auro
 from .model.anomaly_map import fuse, image_scores
 from .predictor import Prediction, Predictor
 from .training_data import load_images
-
 
 # Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
 BRANCHES = {"onenip": 0.0, "neighbor": 1.0}

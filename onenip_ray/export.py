@@ -31,8 +31,8 @@ from torch import nn
 
 from . import storage
 from .bundle import Bundle, load_bundle
-from .config import PARITY_IMAGES
 from .calibration import calibrated_score
+from .config import PARITY_IMAGES
 from .engines import (
     EXPORT_FILE,
     EXPORT_FORMAT,

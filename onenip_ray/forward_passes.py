@@ -55,7 +55,7 @@ class ForwardPasses:
                 continue
             try:
                 outputs = await asyncio.to_thread(self.run, [item for item, _ in batch])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed pass fails its own requests, never the worker
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)

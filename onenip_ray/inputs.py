@@ -39,12 +39,14 @@ def iter_input_chunks(uri: str, endpoint: str | None = None, chunk_size: int = 1
 
 
 def _input_table(uris: list[str]) -> pa.Table:
-    return pa.table({"image_uri": pa.array(uris, pa.string()), "class_name": pa.nulls(len(uris), pa.string())}, schema=INPUT_SCHEMA)
+    return pa.table({"image_uri": pa.array(uris, pa.string()), "class_name": pa.nulls(len(uris), pa.string())},
+                    schema=INPUT_SCHEMA)
 
 
 def list_inputs(uri: str, endpoint: str | None = None) -> list[tuple[str, str | None]]:
     """All inputs as ``(image_uri, class_name or None)`` (small inputs; the pipeline streams chunks)."""
-    return [(row["image_uri"], row["class_name"]) for chunk in iter_input_chunks(uri, endpoint) for row in chunk.to_pylist()]
+    return [(row["image_uri"],
+             row["class_name"]) for chunk in iter_input_chunks(uri, endpoint) for row in chunk.to_pylist()]
 
 
 def _manifest_batches(uri: str, endpoint: str | None, rows: int) -> Iterator[pa.RecordBatch]:
@@ -54,7 +56,8 @@ def _manifest_batches(uri: str, endpoint: str | None, rows: int) -> Iterator[pa.
         if uri.lower().endswith(".parquet"):
             reader = pq.ParquetFile(source)
             names = reader.schema_arrow.names
-            batches = reader.iter_batches(batch_size=rows, columns=[c for c in ("image_uri", "class_name") if c in names])
+            batches = reader.iter_batches(batch_size=rows,
+                                          columns=[c for c in ("image_uri", "class_name") if c in names])
         else:
             reader = pacsv.open_csv(source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
             names = reader.schema.names
@@ -118,7 +121,8 @@ def _read_manifest(uri: str, endpoint: str | None, chunk_size: int) -> Iterator[
         new = np.flatnonzero(~repeat)
         new = new[~seen.contains(hi[new], lo[new])]
         seen.add(hi[new], lo[new])
-        pending.append(pa.table({"image_uri": uris.take(pa.array(new)), "class_name": classes.take(pa.array(new))}, schema=INPUT_SCHEMA))
+        pending.append(pa.table({"image_uri": uris.take(pa.array(new)), "class_name": classes.take(pa.array(new))},
+                                schema=INPUT_SCHEMA))
         pending_rows += len(new)
         while pending_rows >= chunk_size:
             table = pa.concat_tables(pending)

@@ -66,8 +66,10 @@ class Lease:
     def _content(self) -> dict[str, Any]:
         now = _now()
         return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "started_at": self.started_at.isoformat(timespec="seconds"), "renewed_at": now.isoformat(timespec="milliseconds"),
-                "expires_at": (now + dt.timedelta(seconds=self.ttl)).isoformat(timespec="milliseconds"), "ttl_seconds": self.ttl}
+                "started_at": self.started_at.isoformat(timespec="seconds"),
+                "renewed_at": now.isoformat(timespec="milliseconds"),
+                "expires_at": (now + dt.timedelta(seconds=self.ttl)).isoformat(timespec="milliseconds"),
+                "ttl_seconds": self.ttl}
 
     def _read(self) -> _Stored | None:
         if self.is_s3:
@@ -95,9 +97,11 @@ class Lease:
 
             bucket, key = storage.split_s3(self.uri)
             try:
-                self._token = storage.s3_client(self.endpoint).put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+                self._token = storage.s3_client(self.endpoint).put_object(Bucket=bucket, Key=key, Body=body,
+                                                                          **condition)["ETag"]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                 "ConditionalRequestConflict") or \
                         exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                     return False
                 raise
@@ -132,7 +136,8 @@ class Lease:
                 break
             expires = dt.datetime.fromisoformat(held.content.get("expires_at", "1970-01-01T00:00:00+00:00"))
             if expires > _now():
-                raise LeaseHeld(f"another run is writing {self.uri.rsplit('/', 2)[-2]} of this output: {describe(held.content)}")
+                raise LeaseHeld(f"another run is writing {self.uri.rsplit('/', 2)[-2]} of this output: "
+                                f"{describe(held.content)}")
             if self._take_over(held):
                 break
         else:
@@ -162,7 +167,7 @@ class Lease:
             except LeaseLost as exc:
                 self._lost = str(exc)
                 return
-            except Exception as exc:  # a failed renewal is retried at the next tick; expiry decides
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next tick; expiry decides
                 _log.warning("renewing lease %s failed (retried in %.0f s): %s", self.uri, self.ttl / 3, exc)
 
     def renew(self) -> None:

@@ -172,7 +172,8 @@ def commit(layout: NightLayout, files: list[str], heatmap_dirs: list[str], summa
                           + [p for n, p in old_heat.items() if n not in heat_new]),
         "marker": posixpath.join(partition, SUCCESS_FILE),
         "summary": summary,
-        "staging": sorted(i.path for i in fs.get_file_info(pafs.FileSelector(runs)) if i.type == pafs.FileType.Directory),
+        "staging": sorted(i.path for i in fs.get_file_info(pafs.FileSelector(runs))
+                          if i.type == pafs.FileType.Directory),
     }
     write_json(fs, posixpath.join(runs, JOURNAL_FILE), journal)
     if on_step:
@@ -261,7 +262,8 @@ def migrate_legacy(output: str, endpoint: str | None = None) -> dict[str, int]:
                 continue
             if "error_kind" not in table.column_names:
                 table = table.append_column("error_kind", pa.nulls(table.num_rows, pa.string()))
-            moved = pc.replace_substring(table.column("heatmap_uri"), f"/{LEGACY_HEATMAP_DIR}/run_date=", f"/{HEATMAP_DIR}/run_date=")
+            moved = pc.replace_substring(table.column("heatmap_uri"), f"/{LEGACY_HEATMAP_DIR}/run_date=",
+                                         f"/{HEATMAP_DIR}/run_date=")
             table = table.set_column(table.schema.get_field_index("heatmap_uri"), "heatmap_uri", moved)
             pq.write_table(table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA), path, filesystem=fs)
             counts["files_rewritten"] += 1
@@ -275,4 +277,5 @@ def dates_with_runs(output: str, endpoint: str | None = None) -> list[dt.date]:
     runs = storage.join(output, RUNS_DIR)
     if not storage.is_dir(runs, endpoint):
         return []
-    return sorted(dt.date.fromisoformat(d.split("=", 1)[1]) for d in storage.list_dirs(runs, endpoint) if d.startswith("run_date="))
+    dates = [d.split("=", 1)[1] for d in storage.list_dirs(runs, endpoint) if d.startswith("run_date=")]
+    return sorted(dt.date.fromisoformat(d) for d in dates)

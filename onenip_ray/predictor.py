@@ -13,7 +13,6 @@ from .model.backbone import FrozenBackbone
 from .model.onenip import OneNIP
 from .prompts import PromptPool, descriptors, neighbor_distances, retrieve
 
-
 Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
 

@@ -80,12 +80,16 @@ def publish(bundle_uri: str, root: str, endpoint: str | None = None) -> dict:
     pointer = Pointer(version, relative, datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       current.version if current else None)
     if current is not None and current.version == version:
-        return {"root": root, "version": version, "bundle": target, "previous": current.previous, "copied": copied, "moved": False}
+        return {"root": root, "version": version, "bundle": target, "previous": current.previous, "copied": copied,
+                "moved": False}
     try:
-        storage.write_if(storage.join(root, POINTER_FILE), json.dumps(asdict(pointer), indent=2).encode(), tag, endpoint)
+        storage.write_if(storage.join(root, POINTER_FILE), json.dumps(asdict(pointer), indent=2).encode(), tag,
+                         endpoint)
     except storage.PreconditionFailed as e:
-        raise ValueError(f"another publish moved {storage.join(root, POINTER_FILE)} meanwhile; nothing changed, run again ({e})") from e
-    return {"root": root, "version": version, "bundle": target, "previous": pointer.previous, "copied": copied, "moved": True}
+        raise ValueError(f"another publish moved {storage.join(root, POINTER_FILE)} meanwhile; nothing changed, run "
+                         f"again ({e})") from e
+    return {"root": root, "version": version, "bundle": target, "previous": pointer.previous, "copied": copied,
+            "moved": True}
 
 
 def _copy_bundle(source: str, target: str, endpoint: str | None) -> None:

@@ -221,7 +221,7 @@ def _read_images(
     for row in rows:
         try:
             data = storage.read_bytes(row["image_uri"], endpoint)
-        except Exception as exc:  # moved or deleted since it was scored: a note on its card, not a failed report
+        except Exception as exc:  # noqa: BLE001 - moved or deleted since it was scored: a note on its card, not a failed report
             failed[row["image_uri"]] = GalleryItem({}, f"cannot read the image now: {exc}")
             continue
         readable.append(row)
@@ -234,7 +234,7 @@ def _gallery_mask(row: Row, width: int, height: int, endpoint: str | None) -> by
         return None
     try:
         mask = decode_mask(storage.read_bytes(row["mask_uri"], endpoint), row["mask_uri"])
-    except Exception:  # an unreadable mask: the card shows no ground truth
+    except Exception:  # noqa: BLE001 - an unreadable mask: the card shows no ground truth
         return None
     return render_mask(mask, width, height)
 

@@ -73,8 +73,8 @@ RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
 FILE_SCHEMA = RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index(PARTITION_COLUMN))
 # Model outputs: null in every error row.
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    "route_similarity", "prompt_id", "score_raw", "score", "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px",
-    "defect_area_pct", "max_pixel_score", "num_regions", "regions", "heatmap_uri",
+    "route_similarity", "prompt_id", "score_raw", "score", "threshold_raw", "threshold_source", "is_anomalous",
+    "defect_area_px", "defect_area_pct", "max_pixel_score", "num_regions", "regions", "heatmap_uri",
 )
 
 
@@ -100,7 +100,8 @@ def error_row(
     row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
     row.update(
         image_uri=image_uri, image_sha256=image_sha256, width=width, height=height, class_name=class_name,
-        class_source=CLASS_GIVEN if class_name is not None else None, status=STATUS_ERROR, error=error, error_kind=error_kind,
+        class_source=CLASS_GIVEN if class_name is not None else None, status=STATUS_ERROR, error=error,
+        error_kind=error_kind,
         model_version=model_version, run_id=run_id, run_date=run_date, scored_at=utc_now(), latency_ms=latency_ms,
     )
     return row
@@ -111,5 +112,6 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     for row in rows:
         if row.keys() != set(RESULT_COLUMNS):
             extra, missing = sorted(row.keys() - set(RESULT_COLUMNS)), sorted(set(RESULT_COLUMNS) - row.keys())
-            raise ValueError(f"row for {row.get('image_uri')!r} does not match the result schema: extra {extra}, missing {missing}")
+            raise ValueError(f"row for {row.get('image_uri')!r} does not match the result schema: extra {extra}, "
+                             f"missing {missing}")
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

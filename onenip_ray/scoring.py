@@ -31,7 +31,15 @@ from .engines import Engine, ExportedModel, load_model, make_engine
 from .formats import UNKNOWN_CLASS
 from .predictor import Prediction
 from .schema import (
-    CLASS_GIVEN, CLASS_RETRIEVED, ERROR_INVALID_IMAGE, ERROR_UNKNOWN_CLASS, RESULT_COLUMNS, STATUS_OK, THRESHOLD_MANUAL, THRESHOLD_PER_CLASS, error_row,
+    CLASS_GIVEN,
+    CLASS_RETRIEVED,
+    ERROR_INVALID_IMAGE,
+    ERROR_UNKNOWN_CLASS,
+    RESULT_COLUMNS,
+    STATUS_OK,
+    THRESHOLD_MANUAL,
+    THRESHOLD_PER_CLASS,
+    error_row,
     utc_now,
 )
 
@@ -72,14 +80,16 @@ class ScoringSpec:
     max_regions: int = 100
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle | ExportedModel, max_pixels: int = DEFAULT_MAX_PIXELS, max_regions: int = 100) -> "ScoringSpec":
+    def from_bundle(cls, bundle: Bundle | ExportedModel, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_regions: int = 100) -> "ScoringSpec":
         """From a bundle or an export directory (which carries the bundle's ``bundle.json`` and pool)."""
         norm = bundle.meta["normalization"]
         return cls(
             image_size=bundle.config.image_size, mean=tuple(norm["mean"]), std=tuple(norm["std"]),
             class_names=tuple(bundle.classes), prompt_ids=tuple(bundle.pool.prompt_ids),
             prompt_class=tuple(int(c) for c in bundle.pool.class_index.tolist()), calibration=bundle.calibration,
-            score_pool=bundle.config.score_pool, model_version=bundle.version, max_pixels=max_pixels, max_regions=max_regions,
+            score_pool=bundle.config.score_pool, model_version=bundle.version, max_pixels=max_pixels,
+            max_regions=max_regions,
         )
 
     def prepare(self, image_uri: str, data: bytes, class_name: str | None = None) -> Prepared:
@@ -89,19 +99,21 @@ class ScoringSpec:
         sha = hashlib.sha256(data).hexdigest()
         prepared = Prepared(image_uri, class_name, image_sha256=sha)
         if class_name is not None and class_name not in self.class_names:
-            prepared.error = f"{image_uri}: unknown class {class_name!r}; this model knows {', '.join(self.class_names)}"
+            known = ", ".join(self.class_names)
+            prepared.error = f"{image_uri}: unknown class {class_name!r}; this model knows {known}"
             prepared.error_kind = ERROR_UNKNOWN_CLASS
         else:
             if class_name is not None:
                 prepared.given_class = self.class_names.index(class_name)
             try:
-                image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri, self.max_pixels)
+                image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri,
+                                                                         self.max_pixels)
                 prepared.input = to_network_input(image, self.mean, self.std)
             except ImageError as exc:
                 prepared.error = str(exc)
             except cv2.error as exc:
                 prepared.error = f"{image_uri}: OpenCV failed to decode or resize: {exc.err or exc}"
-            except Exception as exc:  # a decoder bug on one input must not fail its whole batch
+            except Exception as exc:  # noqa: BLE001 - a decoder bug on one input must not fail its whole batch
                 prepared.error = f"{image_uri}: cannot decode ({type(exc).__name__}: {exc})"
             if prepared.error is not None:
                 prepared.error_kind = ERROR_INVALID_IMAGE
@@ -144,9 +156,11 @@ class ScoringSpec:
             fused, threshold, self.score_pool, prepared.width, prepared.height, include_peak=True)
         row = dict.fromkeys(RESULT_COLUMNS)
         row.update(
-            image_uri=prepared.image_uri, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
+            image_uri=prepared.image_uri, image_sha256=prepared.image_sha256, width=prepared.width,
+            height=prepared.height,
             class_name=class_name, class_source=CLASS_GIVEN if prepared.class_name is not None else CLASS_RETRIEVED,
-            route_similarity=float(route_similarity), prompt_id=self.prompt_ids[prompt_index], score_raw=float(score_raw),
+            route_similarity=float(route_similarity), prompt_id=self.prompt_ids[prompt_index],
+            score_raw=float(score_raw),
             score=float(calibrated_score(score_raw, cal, threshold)), threshold_raw=threshold,
             threshold_source=THRESHOLD_PER_CLASS if threshold_override is None else THRESHOLD_MANUAL,
             is_anomalous=bool(is_anomalous), defect_area_px=area,
@@ -160,8 +174,8 @@ class ScoringSpec:
     def error_row(self, prepared: Prepared, *, run_id: str, run_date: dt.date) -> dict[str, Any]:
         """The ``status=error`` row for an input that could not be scored."""
         return error_row(
-            prepared.image_uri, prepared.error or "unknown error", error_kind=prepared.error_kind or ERROR_INVALID_IMAGE,
-            model_version=self.model_version, run_id=run_id,
+            prepared.image_uri, prepared.error or "unknown error",
+            error_kind=prepared.error_kind or ERROR_INVALID_IMAGE, model_version=self.model_version, run_id=run_id,
             run_date=run_date, image_sha256=prepared.image_sha256, width=prepared.width, height=prepared.height,
             class_name=prepared.class_name, latency_ms=prepared.prepare_ms,
         )
@@ -263,7 +277,8 @@ class Scorer:
         good = [i for i, p in enumerate(prepared) if p.error is None]
         for start in range(0, len(good), self.batch_size):
             chunk = good[start : start + self.batch_size]
-            out = self.infer(np.stack([prepared[i].input for i in chunk]), np.array([prepared[i].given_class for i in chunk]))
+            out = self.infer(np.stack([prepared[i].input for i in chunk]),
+                             np.array([prepared[i].given_class for i in chunk]))
             for j, i in enumerate(chunk):
                 row = self.spec.result_row(
                     prepared[i], out.fused[j], float(out.scores[j]), int(out.prompt_index[j]), float(out.similarity[j]),

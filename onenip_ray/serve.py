@@ -2,8 +2,9 @@
 
 ``POST /v1/score`` runs the batch job's steps (``ScoringSpec.prepare`` → ``Scorer.infer`` →
 ``ScoringSpec.result_row``); concurrent requests share model forward passes
-(``ForwardPasses``: a batch is formed when the model is free). Bad client input is answered 400/401/408/413/415 with ``{"error": "..."}``; a full
-replica answers 503 (``Retry-After``) and a request past its deadline 504, both in the same shape.
+(``ForwardPasses``: a batch is formed when the model is free). Bad client input is answered
+400/401/408/413/415 with ``{"error": "..."}``; a full replica answers 503 (``Retry-After``) and a
+request past its deadline 504, both in the same shape.
 Memory is bounded by configuration: a fixed number of requests per replica, a fixed number of
 decodes at a time (large JPEGs decoded at reduced scale). ``bundle`` may be a release root
 (``onenip publish``): replicas then follow its pointer and switch versions without downtime.
@@ -115,7 +116,8 @@ def _python_type(arrow_type: pa.DataType, name: str) -> Any:
     if pa.types.is_list(arrow_type):  # "regions" → list[Region]
         return list[_python_type(arrow_type.value_type, name.removesuffix("s"))]
     for check, python in ((pa.types.is_string, str), (pa.types.is_boolean, bool), (pa.types.is_integer, int),
-                          (pa.types.is_floating, float), (pa.types.is_timestamp, dt.datetime), (pa.types.is_date, dt.date)):
+                          (pa.types.is_floating, float), (pa.types.is_timestamp, dt.datetime),
+                          (pa.types.is_date, dt.date)):
         if check(arrow_type):
             return python
     raise TypeError(f"no JSON type for {arrow_type}")
@@ -173,7 +175,7 @@ def exceeds_pixel_limit(data: bytes, max_pixels: int) -> bool:
             width, height = header.size
     except Image.DecompressionBombError:
         return True
-    except Exception:  # not an image at all: the caller answers 400
+    except Exception:  # noqa: BLE001 - not an image at all: the caller answers 400
         return False
     return width * height > max_pixels
 
@@ -225,7 +227,8 @@ def load_model(bundle_uri: str, args: ServeArgs, run_id: str, release_root: str 
     the runtime can use it) and the ``/v1/model`` body."""
     device = "cuda" if gpu_available(args.runtime) else "cpu"
     model = load_engine_model(bundle_uri, args.runtime, args.endpoint)
-    scorer = Scorer(model, runtime=args.runtime, device=device, threads=args.threads, max_pixels=args.max_pixels, run_id=run_id)
+    scorer = Scorer(model, runtime=args.runtime, device=device, threads=args.threads, max_pixels=args.max_pixels,
+                    run_id=run_id)
     info = {
         "model_version": model.version,
         "bundle": bundle_uri,
@@ -248,14 +251,16 @@ def infer_grouped(items: list[ScoreItem]) -> tuple[list[Share], list[int]]:
     sizes = []
     for model in {id(m): m for m, _, _ in items}.values():
         chosen = [i for i, (m, _, _) in enumerate(items) if m is model]
-        out = model.scorer.infer(np.stack([items[i][1] for i in chosen]), np.array([items[i][2] for i in chosen], np.int64))
+        out = model.scorer.infer(np.stack([items[i][1] for i in chosen]),
+                                 np.array([items[i][2] for i in chosen], np.int64))
         for j, i in enumerate(chosen):
             outputs[i] = (out, j)
         sizes.append(len(chosen))
     return outputs, sizes  # type: ignore[return-value]
 
 
-async def within_deadline(read: Callable[[], Awaitable[Any]], score: Callable[[Any], Awaitable[Any]], seconds: float) -> Any:
+async def within_deadline(read: Callable[[], Awaitable[Any]], score: Callable[[Any], Awaitable[Any]],
+                          seconds: float) -> Any:
     """``score(await read())`` within ``seconds``: past it, 408 while the body is still arriving
     (a slow upload cannot hold a slot for long), else 504."""
     stage = "upload"
@@ -271,7 +276,8 @@ async def within_deadline(read: Callable[[], Awaitable[Any]], score: Callable[[A
     except asyncio.TimeoutError:
         if stage == "upload":
             raise ClientError(408, f"request body not received within the {seconds:g} s deadline") from None
-        raise Unavailable(504, f"scoring did not finish within the {seconds:g} s deadline (replica overloaded); retry later") from None
+        raise Unavailable(504, f"scoring did not finish within the {seconds:g} s deadline (replica overloaded); retry "
+                               "later") from None
 
 
 def memory_usage() -> dict[str, int | None]:
@@ -279,7 +285,8 @@ def memory_usage() -> dict[str, int | None]:
     try:
         with open("/proc/self/status") as status:
             fields = dict(line.split(":", 1) for line in status if ":" in line)
-        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024,
+                "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
     except (OSError, KeyError, ValueError):
         return {"rss_bytes": None, "peak_rss_bytes": None}
 
@@ -301,7 +308,8 @@ async def _error_answer(_: Request, exc: ErrorAnswer) -> JSONResponse:
 _SCORE_PARAMETERS = {
     "class_name": ({"type": "string"}, "product class; skips retrieval (400 if the model does not know it)"),
     "return_heatmap": ({"type": "boolean", "default": False},
-                       "put the heat map (PNG at network resolution, class-calibrated colours) in heatmap_uri as a data: URI"),
+                       "put the heat map (PNG at network resolution, class-calibrated colours) in heatmap_uri "
+                       "as a data: URI"),
     "threshold": ({"type": "number"}, "decision threshold in raw score units, overriding the class's"),
 }
 _SCORE_OPENAPI = {
@@ -312,7 +320,8 @@ _SCORE_OPENAPI = {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary"},
-                           **{name: {**schema, "description": text} for name, (schema, text) in _SCORE_PARAMETERS.items()}},
+                           **{name: {**schema, "description": text} for name,
+                              (schema, text) in _SCORE_PARAMETERS.items()}},
         }},
     }},
 }
@@ -378,7 +387,7 @@ class OneNIPService:
         while not self.stopping.wait(self.args.bundle_poll_s):
             try:
                 pointer, _ = read_pointer(self.release_root, self.args.endpoint)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - an unreadable pointer is retried at the next poll; the running model stays
                 self._update_failed(f"cannot read the release pointer: {type(exc).__name__}: {exc}")
                 continue
             if pointer.version == self.model.version:
@@ -388,7 +397,7 @@ class OneNIPService:
                 continue
             try:
                 model = load_model(pointer.bundle_uri(self.release_root), self.args, self.run_id, self.release_root)
-            except Exception as exc:  # a bad release must never take the running model down
+            except Exception as exc:  # noqa: BLE001 - a bad release must never take the running model down
                 if isinstance(exc, ValueError):  # BundleError, another format: not retried; OSError: next poll
                     refused = pointer.version
                 self._update_failed(f"release {pointer.version} refused: {type(exc).__name__}: {exc}")
@@ -417,8 +426,10 @@ class OneNIPService:
         self.forward_passes.update(sizes)
         return outputs
 
-    async def score_upload(self, model: LoadedModel, image_uri: str, data: bytes, options: ScoreOptions) -> tuple[dict[str, Any], int]:
-        """The ``status=ok`` result row for one upload and its forward-pass size; unusable images raise ``ClientError``."""
+    async def score_upload(self, model: LoadedModel, image_uri: str, data: bytes,
+                           options: ScoreOptions) -> tuple[dict[str, Any], int]:
+        """The ``status=ok`` result row for one upload and its forward-pass size; unusable images
+        raise ``ClientError``."""
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self.decode_pool, model.spec.prepare, image_uri, data, options.class_name)
         if prepared.error is not None:
@@ -427,7 +438,8 @@ class OneNIPService:
         # regions and the heat-map PNG are CPU work: off the event loop, like prepare and infer
         return await asyncio.to_thread(self._result_row, model, prepared, share, options), len(share[0].scores)
 
-    def _result_row(self, model: LoadedModel, prepared: Prepared, share: Share, options: ScoreOptions) -> dict[str, Any]:
+    def _result_row(self, model: LoadedModel, prepared: Prepared, share: Share,
+                    options: ScoreOptions) -> dict[str, Any]:
         spec = model.spec
         out, j = share
         prompt_index = int(out.prompt_index[j])
@@ -449,32 +461,38 @@ class OneNIPService:
             self._authorize(request)
             if self.in_progress >= self.capacity():
                 raise Unavailable(503, f"replica full: {self.in_progress} requests in progress or queued "
-                                       f"(max_queued_requests={self.args.max_queued_requests}); retry after {RETRY_AFTER_S} s")
+                                       f"(max_queued_requests={self.args.max_queued_requests}); retry after "
+                                       f"{RETRY_AFTER_S} s")
             self.in_progress += 1
             try:
                 row, batch_size = await within_deadline(
                     lambda: read_upload(request, self.args.max_body_bytes),
-                    lambda upload: self.score_upload(model, upload[0], upload[1], parse_options(upload[2], model.spec.class_names)),
+                    lambda upload: self.score_upload(model, upload[0], upload[1],
+                                                     parse_options(upload[2], model.spec.class_names)),
                     self.args.request_timeout_s)
             finally:
                 self.in_progress -= 1
         except ErrorAnswer as exc:
-            self.requests_total.inc(tags={"outcome": "client_error" if isinstance(exc, ClientError) else f"http_{exc.status}"})
+            outcome = "client_error" if isinstance(exc, ClientError) else f"http_{exc.status}"
+            self.requests_total.inc(tags={"outcome": outcome})
             raise
         self.requests_total.inc(tags={"outcome": "anomalous" if row["is_anomalous"] else "ok"})
         return JSONResponse(json_safe(row), headers={BATCH_SIZE_HEADER: str(batch_size)})
 
-    @api.get("/v1/model", responses={401: _ERRORS[401]}, summary="Model version, classes, thresholds, image size, backbone")
+    @api.get("/v1/model", responses={401: _ERRORS[401]},
+             summary="Model version, classes, thresholds, image size, backbone")
     async def model_info(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         return self.model.info
 
-    @api.get("/v1/stats", responses={401: _ERRORS[401]}, summary="This replica: load, forward-pass sizes, memory, model updates")
+    @api.get("/v1/stats", responses={401: _ERRORS[401]},
+             summary="This replica: load, forward-pass sizes, memory, model updates")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         return {
-            "replica": self.run_id, "pid": os.getpid(), "model_version": self.model.version, "update_error": self.update_error,
-            "in_progress": self.in_progress, "capacity": self.capacity(), "max_concurrent_decodes": self.args.max_concurrent_decodes,
+            "replica": self.run_id, "pid": os.getpid(), "model_version": self.model.version,
+            "update_error": self.update_error, "in_progress": self.in_progress, "capacity": self.capacity(),
+            "max_concurrent_decodes": self.args.max_concurrent_decodes,
             "forward_passes": {str(size): n for size, n in sorted(self.forward_passes.items())}, **memory_usage(),
         }
 

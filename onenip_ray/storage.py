@@ -34,9 +34,10 @@ RETRY_ATTEMPTS = 8  # per S3 request (AWS SDK standard strategy) and per ``retry
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.1, 5.0
 # Substrings of transient errors as the AWS SDKs (C++ inside pyarrow, botocore) and sockets word them.
 _TRANSIENT_MARKERS = (
-    "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError", "INTERNAL_FAILURE", "NETWORK_CONNECTION",
-    "SERVICE_UNAVAILABLE", "SLOW_DOWN", "HTTP status 5", "Connection reset", "Connection was closed", "Connection aborted",
-    "connection closed", "Broken pipe", "timed out", "Timeout", "Could not connect", "curlCode",
+    "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError", "INTERNAL_FAILURE",
+    "NETWORK_CONNECTION",
+    "SERVICE_UNAVAILABLE", "SLOW_DOWN", "HTTP status 5", "Connection reset", "Connection was closed",
+    "Connection aborted", "connection closed", "Broken pipe", "timed out", "Timeout", "Could not connect", "curlCode",
 )
 T = TypeVar("T")
 
@@ -214,7 +215,9 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
             client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
         except client.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            if code in ("PreconditionFailed",
+                        "ConditionalRequestConflict") or e.response.get("ResponseMetadata",
+                                                                        {}).get("HTTPStatusCode") in (409, 412):
                 raise PreconditionFailed(f"{uri} changed since it was read ({code})") from e
             raise
         return
@@ -224,11 +227,13 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError as e:
-        raise PreconditionFailed(f"{uri} is being written by another process ({lock} exists; remove it if none is)") from e
+        raise PreconditionFailed(f"{uri} is being written by another process ({lock} exists; remove it if none "
+                                 "is)") from e
     try:
         current = hashlib.sha256(read_bytes(path)).hexdigest() if os.path.exists(path) else None
         if current != expected_tag:
-            raise PreconditionFailed(f"{uri} already exists" if expected_tag is None else f"{uri} changed since it was read")
+            raise PreconditionFailed(f"{uri} already exists" if expected_tag is None else f"{uri} changed since it "
+                                                                                          "was read")
         staging = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(staging, "wb") as f:
             f.write(data)
@@ -284,7 +289,8 @@ def iter_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint: st
 
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
-        pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                              Prefix=f"{prefix}/" if prefix else "")
         for page in pages:
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/") and wanted(item["Key"]):
@@ -379,7 +385,8 @@ def ray_env_vars(endpoint: str | None) -> dict[str, str]:
     already sets are left out: they reach every worker anyway, and ``ray.init`` refuses a driver
     runtime_env that repeats one of the job's env var keys ("Failed to merge the Job's runtime env").
     """
-    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
+    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
     env = {k: os.environ[k] for k in keys if k in os.environ}
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint

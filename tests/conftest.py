@@ -8,8 +8,12 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -242,7 +246,8 @@ def tiny_bundle(tiny_dataset, tmp_path_factory) -> str:
 
     work = tmp_path_factory.mktemp("tiny_bundle")
     out = str(work / "bundle")
-    cfg = TrainConfig(data=(str(tiny_dataset),), out=out, epochs=1, batch_size=4, steps_per_epoch=0, num_workers=0, model=ModelConfig(image_size=64))
+    cfg = TrainConfig(data=(str(tiny_dataset),), out=out, epochs=1, batch_size=4, steps_per_epoch=0, num_workers=0,
+                      model=ModelConfig(image_size=64))
     run_training(cfg, storage_path=str(work / "ray"))
     return out
 

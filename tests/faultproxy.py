@@ -67,7 +67,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(SLOW_DOWN if self.command != "HEAD" else b"")
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "content-length"}
+                headers = {k: v for k,
+                           v in self.headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "content-length"}
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 try:

@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.slow, needs_bottle]
 def bottle_bundle(tmp_path_factory) -> str:
     work = tmp_path_factory.mktemp("accuracy")
     cfg = TrainConfig(dataset="mvtec", data=(str(MVTEC_ROOT),), classes=("bottle",), out=str(work / "bundle"),
-                      epochs=2, steps_per_epoch=0, batch_size=4, lr=1e-3, num_workers=0, model=ModelConfig(image_size=224))
+                      epochs=2, steps_per_epoch=0, batch_size=4, lr=1e-3, num_workers=0,
+                      model=ModelConfig(image_size=224))
     run_training(cfg, storage_path=str(work / "ray"))
     return cfg.out
 
@@ -63,13 +64,18 @@ def test_a_class_added_from_eight_normals_and_an_unknown_product(bottle_bundle, 
     report = evaluate(out, [("mvtec", str(MVTEC_ROOT)), ("visa", str(VISA_ROOT))], str(tmp_path / "eval"),
                       classes=["bottle", "capsules"])
     capsules = report["per_class"]["capsules"]
-    print("capsules from 8 normals:", {k: round(v, 4) for k, v in capsules.items()}, "routing", report["routing_accuracy"])
+    print("capsules from 8 normals:", {k: round(v, 4) for k, v in capsules.items()}, "routing",
+          report["routing_accuracy"])
     # measured: 0.650 / 0.887 / 0.104 (224 px, a bottle-only model); the nearest-neighbour reference with
     # all 180 capsules normals at 224 px is 0.672 / 0.955 / 0.452
     assert report["routing_accuracy"] >= 0.99
     assert capsules["image_auroc"] >= 0.6 and capsules["pixel_auroc"] >= 0.85, capsules
     with open(VISA_ROOT / "split_csv" / "1cls.csv") as f:
-        macaroni = [str(VISA_ROOT / r["image"]) for r in csv.DictReader(f) if r["object"] == "macaroni1" and r["split"] == "test"]
+        macaroni = [
+            str(VISA_ROOT / r["image"])
+            for r in csv.DictReader(f)
+            if r["object"] == "macaroni1" and r["split"] == "test"
+        ]
     scorer = Scorer.from_uri(out, batch_size=8)
     rows = scorer.score_bytes([(u, open(u, "rb").read(), None) for u in macaroni[::8]])
     flagged = [r["class_name"] == UNKNOWN_CLASS for r in rows]

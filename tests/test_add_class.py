@@ -90,7 +90,8 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_bundle, checker_dir, tmp
     with pytest.raises(ValueError, match="must differ from --bundle"):
         add_class(tiny_bundle, "new", str(checker_dir), tiny_bundle)
     # the CLI: exit code 2 and the reason, nothing written
-    assert main(["add-class", "--bundle", tiny_bundle, "--class", "disc", "--normals", str(checker_dir), "--out", str(tmp_path / "c")]) == 2
+    assert main(["add-class", "--bundle", tiny_bundle, "--class", "disc", "--normals", str(checker_dir), "--out",
+                 str(tmp_path / "c")]) == 2
     assert "already in" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 

@@ -19,10 +19,10 @@ import pytest
 
 from onenip_ray import storage
 from onenip_ray.batch import BatchConfig, InferenceActor, run_batch_scoring
-from onenip_ray.inputs import list_inputs
-from onenip_ray.formats import uri_stem
 from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
+from onenip_ray.formats import uri_stem
+from onenip_ray.inputs import list_inputs
 from onenip_ray.schema import FILE_SCHEMA, OUTPUT_COLUMNS
 from onenip_ray.scoring import Scorer
 from tests.faultproxy import FaultProxy
@@ -49,7 +49,8 @@ def test_list_folder_recursive_images_only(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert sorted(list_inputs(str(tmp_path))) == [
-        (str(tmp_path / "a.png"), None), (str(tmp_path / "sub/b.JPG"), None), (str(tmp_path / "sub/deeper/c.tiff"), None),
+        (str(tmp_path / "a.png"), None), (str(tmp_path / "sub/b.JPG"), None),
+        (str(tmp_path / "sub/deeper/c.tiff"), None),
     ]
 
 
@@ -69,7 +70,8 @@ def test_list_s3_prefix(s3_bucket, s3_env):
     client = boto3.client("s3", endpoint_url=s3_env)
     for key in ("day/x y ü.png", "day/sub/z.jpeg", "day/readme.md", "other/q.png"):
         client.put_object(Bucket=bucket, Key=key, Body=b"x")
-    assert list_inputs(f"{s3_bucket}/day") == [(f"{s3_bucket}/day/sub/z.jpeg", None), (f"{s3_bucket}/day/x y ü.png", None)]
+    assert list_inputs(f"{s3_bucket}/day") == [(f"{s3_bucket}/day/sub/z.jpeg", None),
+                                               (f"{s3_bucket}/day/x y ü.png", None)]
 
 
 def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
@@ -80,7 +82,9 @@ def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
         (tmp_path / "in" / f"{i}.png").write_bytes(b"x")
     chunks = list(iter_input_chunks(str(tmp_path / "in"), chunk_size=3))
     assert [c.num_rows for c in chunks] == [3, 3, 1]
-    assert [u for c in chunks for u in c.column("image_uri").to_pylist()] == [str(tmp_path / "in" / f"{i}.png") for i in range(7)]
+    assert [u for c in chunks for u in c.column("image_uri").to_pylist()] == [
+        str(tmp_path / "in" / f"{i}.png") for i in range(7)
+    ]
     rows = [f"{i % 5}.png,{'disc' if i < 5 else 'stripes'}" for i in range(8)]
     (tmp_path / "m.csv").write_text("image_uri,class_name\n" + "\n".join(rows) + "\n")
     chunks = list(iter_input_chunks(str(tmp_path / "m.csv"), chunk_size=2))
@@ -101,7 +105,8 @@ def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
 
     run = {"model_version": "v", "run_id": "r", "run_date": DAY, "error_kind": "missing"}
     for name, uris, text in (("0", ("a", "b"), "first"), ("1", ("b", "c"), "again")):
-        pq.write_table(to_table([error_row(u, text, **run) for u in uris]).drop_columns(["run_date"]), tmp_path / f"{name}.staged")
+        pq.write_table(to_table([error_row(u, text, **run) for u in uris]).drop_columns(["run_date"]),
+                       tmp_path / f"{name}.staged")
     fs = pafs.LocalFileSystem()
     files = [str(tmp_path / "0.staged"), str(tmp_path / "1.staged")]
     tally = _Tally(files=[], groups=Counter())
@@ -132,7 +137,8 @@ def _inputs(tiny_dataset: Path) -> tuple[dict[str, bytes], dict[str, str]]:
     """Relative name → bytes of every input, and name → expected error fragment for the bad ones."""
     images = tiny_images(tiny_dataset)
     files = {f"good/{name}": data for name, data in good_inputs(images).items()}
-    files.update({f"good/more/{i:02d}.png": cv2.imencode(".png", img)[1].tobytes() for i, img in enumerate(images[7:12])})
+    files.update({f"good/more/{i:02d}.png": cv2.imencode(".png", img)[1].tobytes() for i,
+                  img in enumerate(images[7:12])})
     bad = {f"bad/{name}": pair for name, pair in bad_inputs(images[0]).items()}
     files.update({name: data for name, (data, _) in bad.items()})
     return files, {name: fragment for name, (_, fragment) in bad.items()}
@@ -150,7 +156,10 @@ def _check_rows(table: pa.Table, uris: dict[str, str], errors: dict[str, str]) -
     for uri, name in uris.items():
         row = by_uri[uri]
         if name in errors:
-            assert row["status"] == "error" and errors[name] in row["error"] and uri in row["error"], (name, row["error"])
+            assert row["status"] == "error" and errors[name] in row["error"] and uri in row["error"], (
+                name,
+                row["error"],
+            )
             assert all(row[c] is None for c in OUTPUT_COLUMNS)
         else:
             assert row["status"] == "ok" and row["error"] is None and row["score_raw"] is not None, (name, row["error"])
@@ -189,7 +198,8 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
             expected["status"], expected["error"], expected["class_name"], expected["prompt_id"])
         if got["status"] == "ok":
             np.testing.assert_allclose([got["score_raw"], got["score"], got["max_pixel_score"]],
-                                       [expected["score_raw"], expected["score"], expected["max_pixel_score"]], rtol=1e-5, atol=1e-5)
+                                       [expected["score_raw"], expected["score"], expected["max_pixel_score"]],
+                                       rtol=1e-5, atol=1e-5)
             assert got["is_anomalous"] == expected["is_anomalous"]
 
     # heat maps for every scored image, overlays for the anomalous ones, nothing for errors
@@ -205,19 +215,22 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     png = client.get_object(Bucket=bucket, Key=_split(ok_rows[0]["heatmap_uri"])[1])["Body"].read()
     assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
     first = anomalous[0]
-    overlay = client.get_object(Bucket=bucket, Key=_split(first["heatmap_uri"])[1].replace(".png", "_overlay.jpg"))["Body"].read()
-    assert cv2.imdecode(np.frombuffer(overlay, np.uint8), cv2.IMREAD_COLOR).shape == (first["height"], first["width"], 3)
+    overlay = client.get_object(Bucket=bucket,
+                                Key=_split(first["heatmap_uri"])[1].replace(".png", "_overlay.jpg"))["Body"].read()
+    assert cv2.imdecode(np.frombuffer(overlay, np.uint8),
+                        cv2.IMREAD_COLOR).shape == (first["height"], first["width"], 3)
 
     # the commit marker carries the counts; nothing staged is left behind
     marker = json.loads(client.get_object(Bucket=bucket, Key="scores/run_date=2026-11-27/_SUCCESS.json")["Body"].read())
-    assert marker["counts"] == {"total": len(files), "ok": len(files) - len(errors), "error": len(errors), "anomalous": len(anomalous),
-                                "unknown": 0}  # every input is a disc or stripes image
+    assert marker["counts"] == {"total": len(files), "ok": len(files) - len(errors), "error": len(errors),
+                                "anomalous": len(anomalous), "unknown": 0}  # every input is a disc or stripes image
     assert marker["per_class"]["disc"]["anomalous"] == marker["per_class"]["disc"]["ok"] > 0
     assert marker["model_version"] == scorer.spec.model_version and marker["run_id"] == summary["run_id"]
     assert marker["images_per_second"] > 0 and marker["wall_seconds"] > 0
     listed = _keys(client, bucket, "scores/")
     assert not [k for k in listed if k.startswith("scores/_runs/")]  # no staging, lease or journal left
-    assert {k.rsplit("/", 1)[1] for k in listed if k.startswith("scores/run_date=")} == {*marker["files"], "_SUCCESS.json"}
+    assert {k.rsplit("/", 1)[1] for k in listed if k.startswith("scores/run_date=")} == {*marker["files"],
+                                                                                         "_SUCCESS.json"}
 
     # the same date again, with one image gone and one new, through a proxy that answers 20 % of the
     # S3 requests with 503 SlowDown or a reset connection: the partition is replaced, no duplicates,
@@ -272,8 +285,8 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     errors = {**errors, "missing.png": "cannot read", "good/photo.jpg": "unknown class 'gearbox'"}
     uris = {str(tmp_path / "in" / name): name for name in [*files, "missing.png"]}
     marker = str(tmp_path / "crashed")
-    cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "manifest.csv"), output=str(tmp_path / "out"), run_date=DAY,
-                      batch_size=2, actor_cpus=0.5, task_cpus=0.25, max_error_fraction=0.6)
+    cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "manifest.csv"), output=str(tmp_path / "out"),
+                      run_date=DAY, batch_size=2, actor_cpus=0.5, task_cpus=0.25, max_error_fraction=0.6)
 
     summary = run_batch_scoring(cfg, actor_cls=_crash_once_actor(marker, on_call=3))
 
@@ -282,7 +295,8 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     by_uri = _check_rows(table, uris, errors)
     assert by_uri[str(tmp_path / "in/good/photo.jpg")]["class_name"] == "gearbox"
     assert by_uri[str(tmp_path / "in/good/plain.png")]["class_source"] == "retrieved"
-    assert all(r["class_name"] == "disc" and r["class_source"] == "given" for u, r in by_uri.items() if "/good/more/" in u)
+    assert all(r["class_name"] == "disc" and r["class_source"] == "given" for u,
+               r in by_uri.items() if "/good/more/" in u)
     assert summary["counts"]["total"] == len(uris)
     assert sorted(os.listdir(tmp_path / "out")) == ["run_date=2026-11-27"]  # staging, lease and journal gone
     assert by_uri[str(tmp_path / "in/missing.png")]["error_kind"] == "missing"
@@ -311,7 +325,8 @@ class _PoisonedActor(InferenceActor):
 
 
 @pytest.mark.slow
-def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_cluster, tiny_bundle, tiny_dataset, tmp_path, capsys):
+def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_cluster, tiny_bundle, tiny_dataset,
+                                                                        tmp_path, capsys):
     import pandas as pd
 
     images = tiny_images(tiny_dataset)
@@ -319,8 +334,8 @@ def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_clus
     for i in range(10):
         cv2.imwrite(str(tmp_path / "in" / f"{i:02d}.png"), images[i % len(images)])
     out = str(tmp_path / "out")
-    cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "in"), output=out, run_date=DAY, batch_size=2, actor_cpus=0.5,
-                      task_cpus=0.25, chunk_size=4, run_id="20261127-failed")
+    cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "in"), output=out, run_date=DAY, batch_size=2,
+                      actor_cpus=0.5, task_cpus=0.25, chunk_size=4, run_id="20261127-failed")
 
     with pytest.raises(Exception, match="inference failed for good"):
         run_batch_scoring(cfg, actor_cls=_PoisonedActor)
@@ -335,7 +350,9 @@ def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_clus
 
     # a night where most images are gone: rejected, the good night stays, the new rows stay staged
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("image_uri\n" + "".join(f"in/{i:02d}.png\n" for i in range(10)) + "".join(f"gone/{i}.png\n" for i in range(10)))
+    manifest.write_text(
+        "image_uri\n" + "".join(f"in/{i:02d}.png\n" for i in range(10)) + "".join(f"gone/{i}.png\n" for i in range(10))
+    )
     argv = ["score", "--bundle", tiny_bundle, "--input", str(manifest), "--out", out, "--run-date", "2026-11-27",
             "--batch-size", "2", "--actor-cpus", "0.5", "--task-cpus", "0.25"]
     assert main(argv) == 3

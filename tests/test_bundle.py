@@ -14,7 +14,15 @@ from safetensors.torch import save as save_safetensors
 
 from onenip_ray import storage
 from onenip_ray.bundle import (
-    FORMAT, BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE, BundleError, commit_bundle, load_bundle, verify_bundle, write_bundle,
+    BUNDLE_FILE,
+    FORMAT,
+    MODEL_FILE,
+    PROMPTS_FILE,
+    BundleError,
+    commit_bundle,
+    load_bundle,
+    verify_bundle,
+    write_bundle,
 )
 from onenip_ray.calibration import calibrate
 from onenip_ray.config import ModelConfig
@@ -35,7 +43,8 @@ TRAINING = {"epochs": 0, "history": [], "workers": 1, "note": "unit test"}
 @pytest.fixture(scope="module")
 def images(tiny_dataset):
     samples = read_dataset("mvtec", str(tiny_dataset))
-    train = {c: load_images([s for s in samples if s.class_name == c and s.split == "train"][:3], 64) for c in ("disc", "stripes")}
+    train = {c: load_images([s for s in samples if s.class_name == c and s.split == "train"][:3],
+                            64) for c in ("disc", "stripes")}
     test = load_images([s for s in samples if s.split == "test"], 64)
     return train, test
 
@@ -225,13 +234,15 @@ def test_tampered_or_mixed_bundles_are_refused_on_load(parts, bundle_dir, tmp_pa
 
     backbone, model, pool, calibration = parts
     other = str(tmp_path / "other")  # same model, a pool with one prompt per class swapped: another version
-    write_bundle(other, CONFIG, backbone, model, PromptPool(pool.class_names, ["x", "y"], pool.class_index, pool.features.flip(0)),
+    write_bundle(other, CONFIG, backbone, model,
+                 PromptPool(pool.class_names, ["x", "y"], pool.class_index, pool.features.flip(0)),
                  calibration, TRAINING)
     cases = {
         "edited threshold": (_tampered(bundle_dir, tmp_path / "t1", raise_threshold), "does not match the version"),
         "uncalibrated class": (_tampered(bundle_dir, tmp_path / "t2", drop_class_calibration),
                                r"calibrated classes \['disc'\] differ \(uncalibrated: \['stripes'\]"),
-        "prompts of another bundle": (_tampered(bundle_dir, tmp_path / "t3", prompts_from=other), "does not match the version"),
+        "prompts of another bundle": (_tampered(bundle_dir, tmp_path / "t3", prompts_from=other),
+                                      "does not match the version"),
     }
     for uri, message in cases.values():
         for load in (load_bundle, verify_bundle):

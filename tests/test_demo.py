@@ -22,9 +22,11 @@ SHRINK = (
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_synthetic_set(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FORCE_SYNTHETIC": "1", "EPOCHS": "1", "DEMO_OUT": str(out), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FORCE_SYNTHETIC": "1", "EPOCHS": "1", "DEMO_OUT": str(out),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-c", SHRINK], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-c", SHRINK], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = run.stdout
     assert "SYNTHETIC" in text and "per-class metrics" in text

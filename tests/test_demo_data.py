@@ -9,14 +9,18 @@ import cv2
 import numpy as np
 import pytest
 
-from onenip_ray.data.layouts import read_dataset
 from demo.data import CLASSES, DEFECTS, iter_demo_samples, make_sample, write_demo_dataset, write_incoming
+from onenip_ray.data.layouts import read_dataset
 
 SMALL = {"size": 64, "train_per_class": 3, "test_good": 2, "test_per_defect": 2}
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _rgb(path: Path) -> np.ndarray:
@@ -69,7 +73,8 @@ def test_written_set_is_an_mvtec_tree_whose_files_match_the_samples(tmp_path):
     for cls, folder, stem, _clean, image, mask in iter_demo_samples(seed=5, **SMALL):
         assert np.array_equal(_rgb(root / cls / folder / f"{stem}.png"), image)
         if mask is not None:
-            written = cv2.imread(str(root / cls / "ground_truth" / folder.split("/")[1] / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+            written = cv2.imread(str(root / cls / "ground_truth" / folder.split("/")[1] / f"{stem}_mask.png"),
+                                 cv2.IMREAD_GRAYSCALE)
             assert np.array_equal(written > 0, mask)
 
 

@@ -17,7 +17,9 @@ CLUSTER_YAML = REPO / "ray_cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "kuberay" / "rayjob-train.yaml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 RAY_VERSION = "2.60.0"
-CREDENTIALS = re.compile(r"AKIA[0-9A-Z]{12,}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_session_token", re.I)
+CREDENTIALS = re.compile(
+    r"AKIA[0-9A-Z]{12,}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_session_token", re.I
+)
 
 
 @pytest.fixture(scope="module")

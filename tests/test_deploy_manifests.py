@@ -19,7 +19,9 @@ KUBERAY = REPO / "deploy" / "kuberay"
 RAY_VERSION = "2.60.0"
 JOBS_IN_IMAGE = "/home/ray/onenip/jobs/"  # deploy/Dockerfile: WORKDIR /home/ray/onenip, COPY jobs ./jobs
 YESTERDAY = "$(date -u -d yesterday +%F)"
-CREDENTIALS = re.compile(r"AKIA[0-9A-Z]{12,}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_session_token", re.I)
+CREDENTIALS = re.compile(
+    r"AKIA[0-9A-Z]{12,}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_session_token", re.I
+)
 
 
 def _load(name: str) -> dict:
@@ -47,7 +49,9 @@ def _check_cluster_spec(spec: dict, gpu_workers: bool = True) -> None:
             assert float(res["cpu"]) >= 2 and res["memory"].endswith("Gi")
             if gpu_workers:
                 assert res["nvidia.com/gpu"] == "1"
-    assert len(images) == 1 and images.pop().endswith(f"-ray{RAY_VERSION}-gpu"), "head and workers run the deploy/Dockerfile image"
+    assert len(images) == 1 and images.pop().endswith(f"-ray{RAY_VERSION}-gpu"), (
+        "head and workers run the deploy/Dockerfile image"
+    )
 
 
 def _score_args(command: str) -> tuple[list[str], object]:
@@ -81,7 +85,8 @@ def test_rayservice_serves_the_same_application_as_serve_config():
     assert app["import_path"] == "onenip_ray.serve:app" and app["args"]["bundle"].startswith("s3://")
     module, attribute = app["import_path"].split(":")
     source = REPO / (module.replace(".", "/") + ".py")  # not imported here: Serve is slow to import
-    assert source.is_file() and re.search(rf"^(def {attribute}\(|{attribute}\s*=)", source.read_text(), re.M), f"{app['import_path']} does not resolve"
+    assert source.is_file() and re.search(rf"^(def {attribute}\(|{attribute}\s*=)", source.read_text(),
+                                          re.M), f"{app['import_path']} does not resolve"
     cluster = spec["rayClusterConfig"]
     _check_cluster_spec(cluster)
     (gpu,) = cluster["workerGroupSpecs"]
@@ -144,6 +149,8 @@ def test_cronjob_fallback_submits_with_an_idempotent_submission_id():
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 def test_cronjob_fallback_script_is_valid_bash():
-    (script,) = _load("cronjob-submit-score.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    (script,) = _load("cronjob-submit-score.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
     result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

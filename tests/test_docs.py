@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from onenip_ray.cli import build_parser
-from tools.cli_docs import option_strings
 from tests.docs_blocks import REPO, all_blocks, cli_calls, shell_blocks, with_train_flags
+from tools.cli_docs import option_strings
 
 BLOCKS = all_blocks()
 VENV_BIN = Path(sys.executable).parent

@@ -67,7 +67,8 @@ def test_export_writes_graphs_and_checks_parity(onnx_export):
 
     graph = onnx.load(str(Path(out, "score.onnx")))
     inputs = [i.name for i in graph.graph.input]
-    assert inputs == ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm", "fusion"]
+    assert inputs == ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory",
+                      "memory_sqnorm", "fusion"]
     assert not any("threshold" in i.name for i in graph.graph.initializer)  # thresholds stay in bundle.json
 
 
@@ -103,8 +104,10 @@ def test_a_changed_prompt_pool_runs_on_the_same_graph(tiny_bundle, onnx_export, 
     bundle = load_bundle(tiny_bundle)
     smaller = bundle.pool.without_class("stripes")
     spec = ScoringSpec.from_bundle(bundle)
-    x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i, img in enumerate(tiny_images(tiny_dataset)[:6])])
-    torch_engine = TorchEngine(load_bundle(tiny_bundle))  # a bundle's pool must match its calibration: swap it in the predictor
+    x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i,
+                  img in enumerate(tiny_images(tiny_dataset)[:6])])
+    # a bundle's pool must match its calibration: swap it in the predictor
+    torch_engine = TorchEngine(load_bundle(tiny_bundle))
     torch_engine.predictor.set_pool(smaller)
     ref = torch_engine.infer(x, np.full(len(x), -1))
     got = make_engine(load_export(out, pool=smaller), "onnxruntime").infer(x, np.full(len(x), -1))
@@ -119,7 +122,8 @@ def test_openvino_fixed_batch_pads_partial_batches(tiny_bundle, tiny_dataset, tm
     assert {"score.xml", "score.bin", "prompts.xml", "prompts.bin"} <= {f.name for f in Path(out).iterdir()}
     bundle = load_bundle(tiny_bundle)
     spec = ScoringSpec.from_bundle(bundle)
-    x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i, img in enumerate(tiny_images(tiny_dataset)[:7])])
+    x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i,
+                  img in enumerate(tiny_images(tiny_dataset)[:7])])
     classes = np.array([-1, 0, 1, -1, -1, 0, -1])
     ref = TorchEngine(bundle).infer(x, classes)
     got = make_engine(load_export(out), "openvino").infer(x, classes)  # 7 images = a batch of 4 and a padded 3
@@ -140,14 +144,16 @@ def test_clear_errors(tiny_bundle, onnx_export, tmp_path, capsys, monkeypatch):
     out, _ = onnx_export
     assert main(["export", "--bundle", tiny_bundle, "--out", str(tmp_path / "e"), "--image-size", "96"]) == 2
     assert "trained at 64 px" in capsys.readouterr().err
-    assert main(["score", "--bundle", tiny_bundle, "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--runtime", "openvino"]) == 2
+    assert main(["score", "--bundle", tiny_bundle, "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--runtime", "openvino"]) == 2
     assert "onenip export --bundle" in capsys.readouterr().err
     assert main(["score", "--bundle", out, "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "is an export directory" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
     with pytest.raises(ImportError, match=r"pip install 'onenip-ray\[onnx\]'"):
         require_runtime("onnxruntime")
-    assert main(["score", "--bundle", out, "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--runtime", "onnxruntime"]) == 2
+    assert main(["score", "--bundle", out, "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--runtime",
+                 "onnxruntime"]) == 2
     assert "onenip-ray[onnx]" in capsys.readouterr().err
 
 
@@ -164,7 +170,8 @@ def test_evaluate_on_onnxruntime_matches_torch(tiny_bundle, onnx_export, tiny_da
 
 
 @pytest.mark.slow
-def test_batch_scoring_on_onnxruntime_writes_the_same_parquet(ray_cluster, tiny_bundle, onnx_export, tiny_dataset, tmp_path):
+def test_batch_scoring_on_onnxruntime_writes_the_same_parquet(ray_cluster, tiny_bundle, onnx_export, tiny_dataset,
+                                                              tmp_path):
     out, _ = onnx_export
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -174,14 +181,15 @@ def test_batch_scoring_on_onnxruntime_writes_the_same_parquet(ray_cluster, tiny_
     day = dt.date(2026, 11, 30)
     tables = {}
     for runtime, uri in (("torch", tiny_bundle), ("onnxruntime", out)):
-        summary = run_batch_scoring(BatchConfig(bundle=uri, input=str(inputs), output=str(tmp_path / runtime), run_date=day,
-                                                batch_size=4, runtime=runtime))
+        summary = run_batch_scoring(BatchConfig(bundle=uri, input=str(inputs), output=str(tmp_path / runtime),
+                                                run_date=day, batch_size=4, runtime=runtime))
         assert summary["counts"]["ok"] == 8 and summary["counts"]["error"] == 1
         tables[runtime] = pq.read_table(summary["partition"]).sort_by("image_uri")
     assert tables["onnxruntime"].schema.equals(tables["torch"].schema)
     for column in ("image_uri", "status", "class_name", "prompt_id", "is_anomalous", "model_version"):
         assert tables["onnxruntime"].column(column).to_pylist() == tables["torch"].column(column).to_pylist()
-    ref, got = (np.array(t.column("score_raw").to_pylist(), dtype=float) for t in (tables["torch"], tables["onnxruntime"]))
+    ref, got = (np.array(t.column("score_raw").to_pylist(),
+                         dtype=float) for t in (tables["torch"], tables["onnxruntime"]))
     ok = ~np.isnan(ref)
     assert np.abs(got[ok] - ref[ok]).max() < TOLERANCE
 
@@ -193,8 +201,8 @@ def test_lite0_at_224_exports_within_bounds(tiny_dataset, tmp_path):
     from onenip_ray.train import run_training
 
     bundle = str(tmp_path / "bundle224")
-    run_training(TrainConfig(data=(str(tiny_dataset),), out=bundle, epochs=1, batch_size=4, steps_per_epoch=2, num_workers=0,
-                             model=ModelConfig(image_size=224)), storage_path=str(tmp_path / "ray"))
+    run_training(TrainConfig(data=(str(tiny_dataset),), out=bundle, epochs=1, batch_size=4, steps_per_epoch=2,
+                             num_workers=0, model=ModelConfig(image_size=224)), storage_path=str(tmp_path / "ray"))
     assert load_bundle(bundle).config.backbone == "tf_efficientnet_lite0"
     images = str(BOTTLE / "test") if BOTTLE.is_dir() else str(tiny_dataset)
     meta = export_bundle(bundle, "onnx", str(tmp_path / "e224"), images=images, parity_images=12)
@@ -233,7 +241,8 @@ def test_a_class_added_after_export_needs_no_new_graph(tiny_bundle, onnx_export,
     export = str(tmp_path / "e")
     shutil.copytree(onnx_export[0], export)
     graph_sha = hashlib.sha256(Path(export, "score.onnx").read_bytes()).hexdigest()
-    assert main(["export", "--bundle", bundle2, "--out", export, "--pool-only", "--images", _test_folder(tiny_dataset)]) == 0
+    assert main(["export", "--bundle", bundle2, "--out", export, "--pool-only", "--images",
+                 _test_folder(tiny_dataset)]) == 0
     assert hashlib.sha256(Path(export, "score.onnx").read_bytes()).hexdigest() == graph_sha
     meta = json.loads(Path(export, EXPORT_FILE).read_text())
     assert meta["model_version"] == load_bundle(bundle2).version != meta["graphs_from"]
@@ -246,7 +255,8 @@ def test_a_class_added_after_export_needs_no_new_graph(tiny_bundle, onnx_export,
     source = load_bundle(tiny_bundle)
     with torch.no_grad():
         next(source.model.parameters()).add_(0.01)
-    write_bundle(other, source.config, source.backbone, source.model, source.pool, source.calibration, source.meta.get("training", {}))
+    write_bundle(other, source.config, source.backbone, source.model, source.pool, source.calibration,
+                 source.meta.get("training", {}))
     with pytest.raises(ExportError, match="other weights"):
         export_bundle(other, "onnx", export, pool_only=True, images=_test_folder(tiny_dataset))
 

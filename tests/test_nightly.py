@@ -23,28 +23,33 @@ from tests.faultproxy import FaultProxy
 DAY1, DAY2 = dt.date(2026, 11, 27), dt.date(2026, 11, 28)
 
 
-def _stage(layout: nightly.NightLayout, run_id: str, uris: list[str], heatmaps: list[str] = ()) -> tuple[list[str], list[str]]:
+def _stage(layout: nightly.NightLayout, run_id: str, uris: list[str],
+           heatmaps: list[str] = ()) -> tuple[list[str], list[str]]:
     """Staged Parquet (one file per two rows) and heat-map files of a run, as a scoring run leaves them."""
     fs, run_dir = layout.fs, layout.path(layout.run_uri(run_id))
     nightly.write_json(fs, f"{run_dir}/{nightly.RUN_FILE}", {"run_id": run_id, "model_version": "v1"})
     files = []
     for i in range(0, len(uris), 2):
-        rows = [error_row(u, "test row", error_kind="missing", model_version="v1", run_id=run_id, run_date=layout.run_date)
+        rows = [error_row(u, "test row", error_kind="missing", model_version="v1", run_id=run_id,
+                          run_date=layout.run_date)
                 for u in uris[i:i + 2]]
         path = f"{run_dir}/data/chunk-00000/{i:04d}{nightly.STAGED_SUFFIX}"
         fs.create_dir(f"{run_dir}/data/chunk-00000", recursive=True)
         pq.write_table(to_table(rows).drop_columns([PARTITION_COLUMN]), path, filesystem=fs)
         files.append(path)
     for name in heatmaps:
-        storage.write_bytes(storage.join(layout.run_uri(run_id), "heatmaps", f"{name}.png"), f"{run_id}:{name}".encode(), layout.endpoint)
+        storage.write_bytes(storage.join(layout.run_uri(run_id), "heatmaps", f"{name}.png"),
+                            f"{run_id}:{name}".encode(), layout.endpoint)
     return files, [f"{run_dir}/heatmaps"]
 
 
 def _summary(layout: nightly.NightLayout, run_id: str, files: list[str]) -> dict:
-    return {"run_id": run_id, "run_date": f"{layout.run_date}", "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(files))]}
+    return {"run_id": run_id, "run_date": f"{layout.run_date}",
+            "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(files))]}
 
 
-def _commit_night(output: str, day: dt.date, run_id: str, uris: list[str], endpoint: str | None = None) -> nightly.NightLayout:
+def _commit_night(output: str, day: dt.date, run_id: str, uris: list[str],
+                  endpoint: str | None = None) -> nightly.NightLayout:
     layout = nightly.NightLayout(output, day, endpoint)
     files, heat = _stage(layout, run_id, uris, heatmaps=uris)
     nightly.commit(layout, files, heat, _summary(layout, run_id, files))
@@ -58,7 +63,8 @@ def _partition_state(layout: nightly.NightLayout) -> tuple[dict | None, set[str]
     names = {n for n in nightly.listing(fs, layout.path(layout.partition_uri)) if n.endswith(".parquet")}
     uris = set()
     for n in names:
-        uris |= set(pq.read_table(f"{layout.path(layout.partition_uri)}/{n}", filesystem=fs).column("image_uri").to_pylist())
+        uris |= set(pq.read_table(f"{layout.path(layout.partition_uri)}/{n}",
+                                  filesystem=fs).column("image_uri").to_pylist())
     return marker, names, uris
 
 
@@ -107,10 +113,12 @@ def test_commit_killed_at_each_step_never_mixes_runs_and_is_repaired(tmp_path, s
     out = str(tmp_path / "scores")
     layout = _commit_night(out, DAY1, "old", ["a", "b", "c"])
     files, heat = _stage(layout, "new", ["b", "c", "d"], heatmaps=["b", "d"])
-    args = {"output": out, "day": f"{DAY1}", "files": files, "heat": heat, "summary": _summary(layout, "new", files), "step": step}
+    args = {"output": out, "day": f"{DAY1}", "files": files, "heat": heat, "summary": _summary(layout, "new", files),
+            "step": step}
     (tmp_path / "args.json").write_text(json.dumps(args))
 
-    killed = subprocess.run([sys.executable, "-c", COMMIT_SCRIPT, str(tmp_path / "args.json")], cwd=Path(__file__).parents[1])
+    killed = subprocess.run([sys.executable, "-c", COMMIT_SCRIPT, str(tmp_path / "args.json")],
+                            cwd=Path(__file__).parents[1])
     assert killed.returncode == 9  # the driver died right after this step
 
     marker, names, uris = _partition_state(layout)
@@ -138,7 +146,10 @@ def test_no_journal_means_the_partition_was_never_touched(tmp_path):
 
 
 # -- lease ----------------------------------------------------------------------------------------
-DEAD_HOLDER = "import os, sys; from onenip_ray.lease import Lease; Lease(sys.argv[1], 'dead-run', None, 3.0).acquire(); os._exit(0)"
+DEAD_HOLDER = (
+    "import os, sys; from onenip_ray.lease import Lease; "
+    "Lease(sys.argv[1], 'dead-run', None, 3.0).acquire(); os._exit(0)"
+)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -160,7 +171,8 @@ def test_one_writer_per_date_and_expiry(where, tmp_path, request):
     if time.time() < expires - 0.5:  # (a very slow machine may already be past it)
         with pytest.raises(LeaseHeld, match="dead-run"):
             Lease(uri, "run-c", None, 60).acquire()
-    time.sleep(max(0.0, expires - time.time()) + 0.2)  # the dead holder stopped renewing: its lease expires and is taken over
+    # the dead holder stopped renewing: its lease expires and is taken over
+    time.sleep(max(0.0, expires - time.time()) + 0.2)
     taker = Lease(uri, "run-c", None, 60)
     taker.acquire()
     storage.write_bytes(uri, json.dumps({"run_id": "intruder", "expires_at": "2099-01-01T00:00:00+00:00"}).encode())
@@ -185,7 +197,8 @@ def test_empty_input_is_rejected_unless_allowed(tiny_bundle, tmp_path, capsys):
     out = str(tmp_path / "scores")
     _commit_night(out, DAY1, "good-night", ["a", "b"])
     (tmp_path / "empty").mkdir()
-    argv = ["score", "--bundle", tiny_bundle, "--input", str(tmp_path / "empty"), "--output", out, "--run-date", "2026-11-27"]
+    argv = ["score", "--bundle", tiny_bundle, "--input", str(tmp_path / "empty"), "--output", out, "--run-date",
+            "2026-11-27"]
     assert main(argv) == 3
     assert "no input images" in capsys.readouterr().err
     assert len(pd.read_parquet(out)) == 2  # the good night stays
@@ -205,7 +218,8 @@ def test_reads_writes_and_commits_survive_a_faulty_s3(s3_bucket, s3_env):
     with FaultProxy(s3_env, fault_rate=0.2, seed=1) as proxy:
         for key, data in blobs.items():
             assert storage.read_bytes(f"{s3_bucket}/{key}", proxy.url) == data
-        assert sorted(storage.iter_files(f"{s3_bucket}/in", (".png",), proxy.url)) == sorted(f"{s3_bucket}/{k}" for k in blobs)
+        assert sorted(storage.iter_files(f"{s3_bucket}/in", (".png",),
+                                         proxy.url)) == sorted(f"{s3_bucket}/{k}" for k in blobs)
         with pytest.raises(FileNotFoundError):
             storage.read_bytes(f"{s3_bucket}/in/nothing.png", proxy.url)
         layout = _commit_night(f"{s3_bucket}/scores", DAY1, "r1", ["a", "b", "c"], endpoint=proxy.url)
@@ -227,7 +241,8 @@ def test_repair_migrates_an_output_of_the_previous_layout(tmp_path, capsys):
     rows = [error_row(u, "x", error_kind="missing", model_version="v", run_id="old", run_date=DAY1) for u in ("a", "b")]
     rows[0]["heatmap_uri"] = f"{out}/heatmaps/run_date=2026-11-27/a.png"
     (out / "run_date=2026-11-27").mkdir(parents=True)
-    pq.write_table(to_table(rows).select(legacy.names).cast(legacy), out / "run_date=2026-11-27" / "part-old-00000.parquet")
+    pq.write_table(to_table(rows).select(legacy.names).cast(legacy),
+                   out / "run_date=2026-11-27" / "part-old-00000.parquet")
     (out / "heatmaps/run_date=2026-11-27").mkdir(parents=True)
     (out / "heatmaps/run_date=2026-11-27/a.png").write_bytes(b"png")
     (out / "_staging/crashed/data").mkdir(parents=True)

@@ -8,8 +8,8 @@ import torch
 from onenip_ray.config import ModelConfig
 from onenip_ray.data.images import to_network_input
 from onenip_ray.data.layouts import read_dataset
-from onenip_ray.model.build import build_backbone
 from onenip_ray.model.anomaly_map import fuse, image_scores
+from onenip_ray.model.build import build_backbone
 from onenip_ray.model.onenip import OneNIP
 from onenip_ray.predictor import Predictor
 from onenip_ray.prompts import PromptPool, descriptors

@@ -7,17 +7,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-
 from safetensors.torch import save as save_safetensors
 
-from onenip_ray.prompts import PromptPool, build_pool, descriptors, neighbor_distances, retrieve, select_prompts, subsample
+from onenip_ray.prompts import (
+    PromptPool,
+    build_pool,
+    descriptors,
+    neighbor_distances,
+    retrieve,
+    select_prompts,
+    subsample,
+)
 
 
 def _pool() -> PromptPool:
     g = torch.Generator().manual_seed(0)
     return PromptPool(
         class_names=["bottle", "cable"],
-        prompt_ids=["s3://b/bottle/train/good/000.png", "/data/cable/train/good/004.png", "/data/cable/train/good/007.png"],
+        prompt_ids=["s3://b/bottle/train/good/000.png", "/data/cable/train/good/004.png",
+                    "/data/cable/train/good/007.png"],
         class_index=torch.tensor([0, 1, 1]),
         features=torch.randn(3, 8, 4, 4, generator=g),
     )
@@ -95,7 +103,8 @@ def test_memory_round_trips_and_an_old_pool_without_memory_loads():
     back = PromptPool.from_bytes(pool.to_bytes())
     assert torch.equal(back.memory, pool.memory) and back.memory_class.tolist() == [0, 0, 1, 1, 1]
     old = save_safetensors({"features": pool.features, "class_index": pool.class_index},
-                           metadata={"class_names": json.dumps(pool.class_names), "prompt_ids": json.dumps(pool.prompt_ids)})
+                           metadata={"class_names": json.dumps(pool.class_names),
+                                     "prompt_ids": json.dumps(pool.prompt_ids)})
     assert PromptPool.from_bytes(old).memory.shape == (0, 8)
 
 
@@ -114,7 +123,8 @@ def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
     pool = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=2, memory_per_class=0)
     assert pool.class_index.tolist() == [0, 0, 1, 1]
     assert pool.memory.shape == (7 * 9, 8) and (pool.memory_class == 1).sum() == 4 * 9
-    capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=1, memory_per_class=10)
+    capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=1,
+                        memory_per_class=10)
     assert (capped.memory_class == 0).sum() == 10 and (capped.memory_class == 1).sum() == 10
     assert len(subsample(100, 10, seed=3).unique()) == 10 and torch.equal(subsample(5, 10), torch.arange(5))
 
@@ -135,8 +145,8 @@ def test_neighbor_distances_match_brute_force_within_the_class():
 
 
 def test_a_class_is_removed_and_added_back_with_consistent_indices():
-    pool = build_pool(["a", "b", "c"], [f"i{k}" for k in range(6)], torch.tensor([0, 0, 1, 1, 2, 2]), torch.randn(6, 8, 2, 2),
-                      prompts_per_class=1, memory_per_class=0)
+    pool = build_pool(["a", "b", "c"], [f"i{k}" for k in range(6)], torch.tensor([0, 0, 1, 1, 2, 2]),
+                      torch.randn(6, 8, 2, 2), prompts_per_class=1, memory_per_class=0)
     without = pool.without_class("b")
     assert without.class_names == ["a", "c"] and without.class_index.tolist() == [0, 1]
     assert without.memory_class.unique().tolist() == [0, 1] and len(without.memory) == 16

@@ -7,8 +7,8 @@ import pytest
 
 from onenip_ray import storage
 from onenip_ray.bundle import BundleError, read_meta, verify_bundle
-from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.cli import main
+from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, publish, read_pointer, resolve_bundle
 
 

@@ -101,7 +101,10 @@ def _chromium(*args: str, tmp: Path, timeout: int = 120) -> subprocess.Completed
 def _render_in_chromium(report: Path, tmp: Path) -> tuple[dict[str, str], np.ndarray]:
     """(the <body> attributes after load in a copy with the broken-image check, the screenshot)."""
     check = report / "_check.html"
-    check.write_text((report / "index.html").read_text(encoding="utf-8").replace("</body>", BROKEN_IMAGE_CHECK + "</body>"), encoding="utf-8")
+    check.write_text(
+        (report / "index.html").read_text(encoding="utf-8").replace("</body>", BROKEN_IMAGE_CHECK + "</body>"),
+        encoding="utf-8",
+    )
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", check.as_uri(), tmp=tmp)
     check.unlink()
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -134,7 +137,8 @@ def evaluation_dir(tiny_bundle, tiny_dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evaluation_report(tiny_bundle, evaluation_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "eval-report"
-    assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", str(evaluation_dir), "--out", str(out), "--gallery-size", "4"]) == 0
+    assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", str(evaluation_dir), "--out", str(out),
+                     "--gallery-size", "4"]) == 0
     return out
 
 
@@ -218,7 +222,8 @@ def test_scores_report_has_counts_histograms_gallery_and_errors(tiny_bundle, sco
     assert "12.50 images/s" in text and "p95" in text
     # one Parquet file of the partition works as well
     (part,) = scored_partition.glob("*.parquet")
-    assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(part), "--out", str(tmp_path / "one-file")]) == 0
+    assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(part), "--out",
+                     str(tmp_path / "one-file")]) == 0
 
 
 def test_report_escapes_class_names_uris_and_messages(tiny_bundle, scored_partition, tmp_path):
@@ -242,9 +247,11 @@ def test_report_escapes_class_names_uris_and_messages(tiny_bundle, scored_partit
 
 
 def test_report_rejects_a_results_root_and_missing_inputs(tiny_bundle, scored_partition, tmp_path, capsys):
-    assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(scored_partition.parent), "--out", str(tmp_path / "r")]) == 2
+    assert cli_main(["report", "--bundle", tiny_bundle, "--scores", str(scored_partition.parent), "--out",
+                     str(tmp_path / "r")]) == 2
     assert "pass one partition" in capsys.readouterr().err
-    assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", str(tmp_path), "--out",
+                     str(tmp_path / "r")]) == 2
     assert "metrics.json not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # exactly one source
         cli_main(["report", "--bundle", tiny_bundle, "--out", str(tmp_path / "r")])
@@ -261,7 +268,11 @@ def test_report_reads_and_writes_s3(tiny_bundle, evaluation_dir, s3_bucket):
     out = f"{s3_bucket}/reports/eval"
     assert cli_main(["report", "--bundle", tiny_bundle, "--evaluation", src, "--out", out, "--gallery-size", "2"]) == 0
     names = storage.list_files(out, relative=True)
-    assert "index.html" in names and any(n.startswith("figures/roc_") for n in names) and any(n.startswith("gallery/") for n in names)
+    assert (
+        "index.html" in names
+        and any(n.startswith("figures/roc_") for n in names)
+        and any(n.startswith("gallery/") for n in names)
+    )
     page = _Page()
     page.feed(storage.read_bytes(f"{out}/index.html").decode())
     assert {i["src"] for i in page.images} <= set(names), "every image the page links is in the bucket"

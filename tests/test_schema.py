@@ -8,14 +8,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from onenip_ray.schema import (
-    FILE_SCHEMA, OUTPUT_COLUMNS, PARTITION_COLUMN, RESULT_COLUMNS, RESULT_SCHEMA, SCHEMA_VERSION, error_row, to_table,
+    FILE_SCHEMA,
+    OUTPUT_COLUMNS,
+    PARTITION_COLUMN,
+    RESULT_COLUMNS,
+    RESULT_SCHEMA,
+    SCHEMA_VERSION,
+    error_row,
+    to_table,
 )
 
 EXPECTED = [
-    "image_uri", "image_sha256", "width", "height", "class_name", "class_source", "route_similarity", "prompt_id", "score_raw", "score",
+    "image_uri", "image_sha256", "width", "height", "class_name", "class_source", "route_similarity", "prompt_id",
+    "score_raw", "score",
     "threshold_raw", "threshold_source", "is_anomalous", "defect_area_px", "defect_area_pct", "max_pixel_score",
-    "num_regions", "regions", "heatmap_uri", "status", "error", "error_kind", "model_version", "run_id", "run_date", "scored_at",
-    "latency_ms",
+    "num_regions", "regions", "heatmap_uri", "status", "error", "error_kind", "model_version", "run_id", "run_date",
+    "scored_at", "latency_ms",
 ]
 RUN = {"model_version": "abc123", "run_id": "r1", "run_date": dt.date(2026, 11, 27), "error_kind": "invalid_image"}
 
@@ -35,7 +43,8 @@ def test_field_order_types_and_nullability():
 
 
 def test_error_row_nulls_every_output():
-    row = error_row("s3://b/x.png", "x.png: empty file", image_sha256="e3b0", class_name="bottle", latency_ms=0.1, **RUN)
+    row = error_row("s3://b/x.png", "x.png: empty file", image_sha256="e3b0", class_name="bottle", latency_ms=0.1,
+                    **RUN)
     assert row["status"] == "error" and row["error"] == "x.png: empty file" and row["error_kind"] == "invalid_image"
     assert row["class_name"] == "bottle" and row["class_source"] == "given"
     assert all(row[c] is None for c in OUTPUT_COLUMNS)
@@ -49,7 +58,8 @@ def test_error_row_nulls_every_output():
 
 def test_ok_row_round_trips_through_parquet(tmp_path):
     ok = dict(error_row("a.png", "x", **RUN))
-    ok.update(status="ok", error=None, width=640, height=480, class_name="bottle", class_source="retrieved", prompt_id="p0",
+    ok.update(status="ok", error=None, width=640, height=480, class_name="bottle", class_source="retrieved",
+              prompt_id="p0",
               score_raw=1.5, score=0.7, threshold_raw=1.2, threshold_source="per_class", is_anomalous=True,
               defect_area_px=12, defect_area_pct=0.004, max_pixel_score=2.0, num_regions=1,
               regions=[{"x": 1, "y": 2, "w": 3, "h": 4, "area_px": 12, "peak_score": 1.5}], heatmap_uri=None)

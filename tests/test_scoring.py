@@ -31,7 +31,8 @@ def scorer(tiny_bundle) -> Scorer:
 def test_good_and_bad_inputs_one_row_each(scorer, tiny_dataset):
     images = tiny_images(tiny_dataset)
     good, bad = good_inputs(images), bad_inputs(images[0])
-    items = [(name, data, None) for name, data in good.items()] + [(name, data, None) for name, (data, _) in bad.items()]
+    items = [(name, data, None) for name,
+             data in good.items()] + [(name, data, None) for name, (data, _) in bad.items()]
     rows = scorer.score_bytes(items)
     assert [r["image_uri"] for r in rows] == [name for name, _, _ in items]
     table = to_table(rows)  # every row fits the schema
@@ -126,7 +127,8 @@ def test_threshold_override_calibration_and_regions(scorer, tiny_dataset):
 
     everything = scorer.score_bytes([("x.png", data, None)], threshold_override=float(base[MAP_KEY].min()) - 1)[0]
     assert everything["num_regions"] == 1 and everything["defect_area_px"] == 300 * 150
-    assert everything["regions"][0] | {"peak_score": 0} == {"x": 0, "y": 0, "w": 300, "h": 150, "area_px": 45000, "peak_score": 0}
+    assert everything["regions"][0] | {"peak_score": 0} == {"x": 0, "y": 0, "w": 300, "h": 150, "area_px": 45000,
+                                                            "peak_score": 0}
 
 
 def test_smoothed_map_maximum_is_the_image_score():

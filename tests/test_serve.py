@@ -27,13 +27,22 @@ from PIL import Image
 
 from onenip_ray import storage
 from onenip_ray.bundle import read_meta
-from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.cli import _is_loopback, build_parser, main
+from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, Pointer, publish, read_pointer
 from onenip_ray.schema import RESULT_COLUMNS
 from onenip_ray.scoring import MAP_KEY, Scorer
 from onenip_ray.serve import (
-    BATCH_SIZE_HEADER, TOKEN_ENV, ClientError, ScoreResult, ServeArgs, Unavailable, app, build_app, json_safe, parse_options,
+    BATCH_SIZE_HEADER,
+    TOKEN_ENV,
+    ClientError,
+    ScoreResult,
+    ServeArgs,
+    Unavailable,
+    app,
+    build_app,
+    json_safe,
+    parse_options,
     within_deadline,
 )
 from onenip_ray.visualization import render_heatmap
@@ -93,17 +102,23 @@ def test_serve_config_is_a_valid_deploy_config():
     assert deployment.max_queued_requests >= capacity and deployment.backpressure_config.retry_after_s >= 1
     assert config["http_options"]["request_timeout_s"] > args.request_timeout_s  # the replica's JSON 408/504 come first
     scaling = deployment.autoscaling_config
-    assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] >= scaling["min_replicas"] and scaling["target_ongoing_requests"] > 0
+    assert (
+        scaling["min_replicas"] >= 1
+        and scaling["max_replicas"] >= scaling["min_replicas"]
+        and scaling["target_ongoing_requests"] > 0
+    )
     assert deployment.ray_actor_options.num_gpus == 1 and deployment.health_check_period_s > 0
     assert not args.api_docs
 
 
 def test_cli_serve_flags():
     args = build_parser().parse_args(["serve", "--bundle", "s3://models/x"])
-    assert (args.bundle, args.host, args.port, args.max_batch_size, args.s3_endpoint) == ("s3://models/x", "0.0.0.0", 8000, 16, None)
+    assert (args.bundle, args.host, args.port, args.max_batch_size,
+            args.s3_endpoint) == ("s3://models/x", "0.0.0.0", 8000, 16, None)
     defaults = ServeArgs(bundle="x")
     assert (args.max_queued_requests, args.request_timeout_s, args.max_concurrent_decodes, args.bundle_poll_s) == (
-        defaults.max_queued_requests, defaults.request_timeout_s, defaults.max_concurrent_decodes, defaults.bundle_poll_s)
+        defaults.max_queued_requests, defaults.request_timeout_s, defaults.max_concurrent_decodes,
+        defaults.bundle_poll_s)
     assert args.batch_wait_ms == defaults.batch_wait_timeout_s * 1e3 and not args.api_docs and not args.require_token
 
 
@@ -187,7 +202,9 @@ def test_good_image_raw_and_multipart_score_like_the_batch_path(service, scorer,
         for key in ("class_name", "prompt_id", "image_sha256", "width", "height", "is_anomalous", "model_version"):
             assert row[key] == expected[key], key
         assert dt.datetime.fromisoformat(row["scored_at"]).tzinfo is not None
-        assert dt.date.fromisoformat(row["run_date"]) and row["run_id"].startswith("serve-") and row["heatmap_uri"] is None
+        assert (
+            dt.date.fromisoformat(row["run_date"]) and row["run_id"].startswith("serve-") and row["heatmap_uri"] is None
+        )
 
 
 @pytest.mark.slow
@@ -203,35 +220,43 @@ def test_class_name_threshold_and_heatmap(service, scorer, images):
     prefix = "data:image/png;base64,"
     assert row["heatmap_uri"].startswith(prefix)
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(row["heatmap_uri"][len(prefix):]), np.uint8), cv2.IMREAD_COLOR)
-    reference = cv2.imdecode(np.frombuffer(render_heatmap(expected[MAP_KEY], scorer.spec.class_calibration("stripes")), np.uint8),
+    reference = cv2.imdecode(np.frombuffer(render_heatmap(expected[MAP_KEY], scorer.spec.class_calibration("stripes")),
+                                           np.uint8),
                              cv2.IMREAD_COLOR)
     assert heat.shape == (scorer.spec.image_size, scorer.spec.image_size, 3)
     assert np.abs(heat.astype(int) - reference).max() <= 2
     form = {"class_name": "stripes", "threshold": str(threshold)}  # multipart: parameters as form fields
-    row = requests.post(f"{service}/v1/score", files={"file": ("x.png", data, "image/png")}, data=form, timeout=30).json()
+    row = requests.post(f"{service}/v1/score", files={"file": ("x.png", data, "image/png")}, data=form,
+                        timeout=30).json()
     assert (row["threshold_source"], row["threshold_raw"], row["is_anomalous"]) == ("manual", threshold, True)
-    assert row["score_raw"] == pytest.approx(expected["score_raw"], abs=1e-5) and row["score"] > 0.5 and row["num_regions"] >= 1
+    assert row["score_raw"] == pytest.approx(expected["score_raw"],
+                                             abs=1e-5) and row["score"] > 0.5 and row["num_regions"] >= 1
 
 
 @pytest.mark.slow
 def test_bad_inputs_are_client_errors(service, images):
     png = next(iter(images.values()))
-    bad = {name: data for name, (data, _) in bad_inputs(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)).items()}
+    bad = {name: data for name,
+           (data, _) in bad_inputs(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)).items()}
     image = {"Content-Type": "image/png"}
     cases = {
-        "text as jpeg": (dict(data=bad["notes.jpg"], headers={"Content-Type": "image/jpeg"}), 400, "not a decodable image"),
+        "text as jpeg": (dict(data=bad["notes.jpg"], headers={"Content-Type": "image/jpeg"}), 400,
+                         "not a decodable image"),
         "truncated png": (dict(data=png[: len(png) // 2], headers=image), 400, "truncated PNG"),
         "empty body": (dict(data=b"", headers=image), 400, "empty file"),
         "56 Mpx": (dict(data=bad["huge.png"], headers=image), 413, "over the limit of 50000000 px"),
-        "body over limit": (dict(data=os.urandom(BODY_LIMIT + 1), headers=image), 413, f"over the limit of {BODY_LIMIT} bytes"),
+        "body over limit": (dict(data=os.urandom(BODY_LIMIT + 1), headers=image), 413,
+                            f"over the limit of {BODY_LIMIT} bytes"),
         "text/plain": (dict(data=png, headers={"Content-Type": "text/plain"}), 415, "unsupported content type"),
         "json": (dict(json={"image": "x"}), 415, "unsupported content type"),
         "no content type": (dict(data=png), 415, "unsupported content type"),
         "unknown class": (dict(data=png, headers=image, params={"class_name": "gearbox"}), 400, "knows: disc, stripes"),
         "bad threshold": (dict(data=png, headers=image, params={"threshold": "high"}), 400, "threshold"),
-        "bad return_heatmap": (dict(data=png, headers=image, params={"return_heatmap": "please"}), 400, "return_heatmap"),
+        "bad return_heatmap": (dict(data=png, headers=image, params={"return_heatmap": "please"}), 400,
+                               "return_heatmap"),
         "multipart without file": (dict(files={"image": ("a.png", png, "image/png")}), 400, "'file'"),
-        "multipart truncated": (dict(files={"file": ("cut.png", png[:100], "image/png")}), 400, "cut.png: truncated PNG"),
+        "multipart truncated": (dict(files={"file": ("cut.png", png[:100], "image/png")}), 400,
+                                "cut.png: truncated PNG"),
     }
     for case, (kwargs, status, fragment) in cases.items():
         response = requests.post(f"{service}/v1/score", timeout=30, **kwargs)
@@ -275,7 +300,8 @@ def test_model_health_and_docs(service, scorer):
     assert model["model_version"] == scorer.spec.model_version and model["classes"] == list(CLASSES)
     assert model["thresholds"] == {c: scorer.spec.class_calibration(c).threshold_raw for c in CLASSES}
     assert model["image_size"] == scorer.spec.image_size and model["backbone"] and model["device"] == "cpu"
-    assert requests.get(f"{service}/healthz", timeout=10).json() == {"status": "ok", "model_version": model["model_version"]}
+    assert requests.get(f"{service}/healthz",
+                        timeout=10).json() == {"status": "ok", "model_version": model["model_version"]}
     assert requests.get(f"{service}/docs", timeout=10).status_code == 200  # this app has api_docs=True
     score = requests.get(f"{service}/openapi.json", timeout=10).json()["paths"]["/v1/score"]["post"]
     assert set(score["requestBody"]["content"]) == {"image/*", "multipart/form-data"}
@@ -307,7 +333,8 @@ def test_bearer_token_from_the_replica_environment(service, tiny_bundle, images)
         for path in ("docs", "openapi.json"):  # API docs are off unless asked for
             response = requests.get(f"{service}/locked/{path}", timeout=10)
             assert response.status_code == 404 and "API docs are off" in response.json()["error"]
-        assert post({}).status_code == 401 and requests.post(f"{service}/v1/score", data=data, headers={"Content-Type": "image/png"},
+        assert post({}).status_code == 401 and requests.post(f"{service}/v1/score", data=data,
+                                                             headers={"Content-Type": "image/png"},
                                                               timeout=30).status_code == 200  # the open app stays open
     finally:
         serve.delete("locked")
@@ -403,7 +430,9 @@ def test_32_concurrent_49_megapixel_pngs_stay_within_the_memory_bound(service):
 
     with ThreadPoolExecutor(len(files)) as pool:
         answers = list(pool.map(post, files))
-    assert {r.status_code for r in answers} <= {200, 413}, [(r.status_code, r.text[:200]) for r in answers if r.status_code not in (200, 413)]
+    assert {r.status_code for r in answers} <= {200, 413}, [
+        (r.status_code, r.text[:200]) for r in answers if r.status_code not in (200, 413)
+    ]
     ok = [r.json() for r in answers if r.status_code == 200]
     assert all((row["width"], row["height"]) == (side, side) for row in ok)
     peak = _stats(service)["peak_rss_bytes"]
@@ -434,7 +463,8 @@ def test_a_new_release_takes_over_without_a_failed_request(service, tiny_bundle,
         with requests.Session() as session:
             while not stop.is_set():
                 after = switched.is_set()
-                response = session.post(f"{base}/v1/score", data=png, headers={"Content-Type": "image/png"}, timeout=120)
+                response = session.post(f"{base}/v1/score", data=png, headers={"Content-Type": "image/png"},
+                                        timeout=120)
                 answers.append((after, response.status_code, response.json()))
 
     clients = [threading.Thread(target=client) for _ in range(8)]
@@ -448,7 +478,8 @@ def test_a_new_release_takes_over_without_a_failed_request(service, tiny_bundle,
             text = f.read().replace('"target_fpr": ', '"target_fpr": 0.5, "was": ', 1)
             f.seek(0), f.write(text), f.truncate()
         corrupt = Pointer("0000corrupt00000", f"{VERSIONS_DIR}/0000corrupt00000", "2026-11-30T00:00:00+00:00", v1)
-        storage.write_if(storage.join(root, POINTER_FILE), json.dumps(dataclasses.asdict(corrupt)).encode(), read_pointer(root)[1])
+        storage.write_if(storage.join(root, POINTER_FILE), json.dumps(dataclasses.asdict(corrupt)).encode(),
+                         read_pointer(root)[1])
         error = _wait_for(lambda: _stats(base)["update_error"], "the refusal")
         assert "0000corrupt00000 refused: BundleError" in error and f"still serving {v1}" in error
         assert requests.get(f"{base}/healthz", timeout=10).json()["model_version"] == v1

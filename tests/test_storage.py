@@ -79,7 +79,8 @@ def test_listing(root):
     for name in ["b/2.PNG", "a/1.png", "a/deep/3.jpg", "notes.txt"]:
         storage.write_bytes(storage.join(root, name), b"x")
     files = storage.list_files(root)
-    assert files == [storage.canonical_uri(storage.join(root, name)) for name in ["a/1.png", "a/deep/3.jpg", "b/2.PNG", "notes.txt"]]
+    assert files == [storage.canonical_uri(storage.join(root, name)) for name in ["a/1.png", "a/deep/3.jpg", "b/2.PNG",
+                                                                                  "notes.txt"]]
     assert all(f.startswith("s3://") for f in files) or all(os.path.isabs(f) for f in files)
     assert storage.list_files(root, extensions=(".png",), relative=True) == ["a/1.png", "b/2.PNG"]
     assert storage.list_dirs(root) == ["a", "b"]
@@ -128,7 +129,8 @@ def test_s3_commit_uploads_marker_last(s3_bucket, tmp_path, monkeypatch):
     _make_tree(source)
     uploaded: list[str] = []
     real_upload = storage._upload
-    monkeypatch.setattr(storage, "_upload", lambda fs, local, path: (uploaded.append(path), real_upload(fs, local, path)))
+    monkeypatch.setattr(storage, "_upload", lambda fs, local,
+                        path: (uploaded.append(path), real_upload(fs, local, path)))
     storage.commit_dir(str(source), storage.join(s3_bucket, "m"))
     assert len(uploaded) == 4
     assert uploaded[-1].endswith("/m/bundle.json")

@@ -120,7 +120,8 @@ def test_in_process_training_leaves_no_checkpoint_folders(tiny_dataset, tmp_path
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    run_training(_config(tiny_dataset, tmp_path / "bundle", epochs=2, checkpoint_every=1), storage_path=str(tmp_path / "ray"))
+    run_training(_config(tiny_dataset, tmp_path / "bundle", epochs=2, checkpoint_every=1),
+                 storage_path=str(tmp_path / "ray"))
     assert (tmp_path / "bundle" / "bundle.json").is_file()
     assert list(temp.glob(f"{CHECKPOINT_PREFIX}*")) == []
 
@@ -148,9 +149,11 @@ def test_two_workers_on_a_local_ray_cluster(ray_cluster, tiny_dataset, tmp_path,
 def test_cli_dataset_layout_error_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch):
     """Layout errors are checked in the driver: no Train worker (and no retry) is started for them."""
     import ray.train.torch
+
     from onenip_ray.cli import main
 
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("a trainer was started for a missing root"))
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a,
+                        **k: pytest.fail("a trainer was started for a missing root"))
     missing = tmp_path / "nowhere"
     code = main(["train", "--data", str(missing), "--out", str(tmp_path / "bundle"), "--num-workers", "1",
                  "--max-failures", "2", "--epochs", "1", "--image-size", "64", "--storage-path", str(tmp_path / "ray")])
@@ -163,6 +166,7 @@ def test_cli_dataset_error_raised_in_a_ray_worker_exits_2(ray_cluster, tiny_data
     """An unreadable training image is found by the Train worker that decodes it (Ray wraps the
     error in WorkerGroupError); the CLI still prints the worker's message and exits 2."""
     import shutil
+
     from onenip_ray.cli import main
 
     root = tmp_path / "data"
@@ -181,7 +185,8 @@ def test_epoch_order_balances_classes_whatever_their_size():
     from onenip_ray.training_data import TrainingSet
 
     class_ids = np.array([0] * 40 + [1] * 200)
-    data = TrainingSet(["small", "large"], [], np.zeros((240, 1, 1, 3), np.uint8), class_ids, np.arange(240), np.zeros(0, np.int64))
+    data = TrainingSet(["small", "large"], [], np.zeros((240, 1, 1, 3), np.uint8), class_ids, np.arange(240),
+                       np.zeros(0, np.int64))
     order = epoch_order(data, 200, True, np.random.default_rng(0))
     assert len(order) == 200 and np.bincount(class_ids[order]).tolist() == [100, 100]
     assert len(set(order[class_ids[order] == 0].tolist())) == 40  # every small-class image, cycled

@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 
 # bf16 autocast tolerance (documented in docs/training.md; the GPU path uses the same autocast):
 SCORE_RTOL = 5e-2  # image scores, relative (observed ≤ 0.8 % on the tiny model)
-MAP_MIN_CORRELATION = 0.99  # Pearson correlation of each image's fused / reconstruction / refiner map (observed ≥ 0.997)
+# Pearson correlation of each image's fused / reconstruction / refiner map (observed ≥ 0.997)
+MAP_MIN_CORRELATION = 0.99
 LOSS_RTOL = 5e-2  # training losses, relative
 
 
@@ -61,7 +62,8 @@ def test_training_reads_and_writes_s3(ray_cluster, s3_bucket, s3_env, tiny_datas
     client = boto3.client("s3", endpoint_url=s3_env)
     assert _upload_tree(client, bucket, tiny_dataset, "data") == 2 * (12 + 3 + 3 + 3)
     out = f"{s3_bucket}/bundles/x"
-    cfg = TrainConfig(data=(f"{s3_bucket}/data",), out=out, num_workers=1, epochs=2, batch_size=4, steps_per_epoch=0, checkpoint_every=1, model=TINY)
+    cfg = TrainConfig(data=(f"{s3_bucket}/data",), out=out, num_workers=1, epochs=2, batch_size=4, steps_per_epoch=0,
+                      checkpoint_every=1, model=TINY)
     meta = run_training(cfg, endpoint=s3_env, storage_path=f"{s3_bucket}/runs")
 
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
@@ -115,7 +117,8 @@ def test_cli_resume_continues_from_the_last_epoch(ray_cluster, tiny_dataset, tmp
 
     out = tmp_path / "bundle"
     common = ["train", "--data", str(tiny_dataset), "--out", str(out), "--num-workers", "1", "--image-size", "64",
-              "--batch-size", "4", "--steps-per-epoch", "0", "--storage-path", str(tmp_path / "ray"), "--run-name", "nightly-7"]
+              "--batch-size", "4", "--steps-per-epoch", "0", "--storage-path", str(tmp_path / "ray"), "--run-name",
+              "nightly-7"]
     assert main([*common, "--epochs", "2", "--auto-resume"]) == 0  # no run yet: --auto-resume starts it
     first = json.loads(capsys.readouterr().out)
     assert [e["epoch"] for e in first["epochs"]] == [1, 2]
@@ -126,7 +129,8 @@ def test_cli_resume_continues_from_the_last_epoch(ray_cluster, tiny_dataset, tmp
     assert main([*common, "--epochs", "3", "--resume"]) == 0
     resumed = json.loads(capsys.readouterr().out)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
-    assert [e["loss"] for e in resumed["epochs"][:2]] == [e["loss"] for e in first["epochs"]]  # history kept, not retrained
+    # history kept, not retrained
+    assert [e["loss"] for e in resumed["epochs"][:2]] == [e["loss"] for e in first["epochs"]]
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["training"]["resumed_from_epoch"] == 2 and meta["training"]["epochs"] == 3
 

@@ -41,7 +41,7 @@ def _kill_one_worker_after_first_checkpoint(run_dir: str, killed: dict, stop: th
             return
         try:
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        except Exception:  # the dashboard's state API may still be starting: ask again
+        except Exception:  # noqa: BLE001 - the dashboard's state API may still be starting: ask again
             workers = []
     killed["worker_nodes"] = sorted({w.node_id for w in workers})
     snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
@@ -50,7 +50,8 @@ def _kill_one_worker_after_first_checkpoint(run_dir: str, killed: dict, stop: th
             return
     victim = max(workers, key=lambda a: a.pid)
     os.kill(victim.pid, signal.SIGKILL)
-    killed.update(pid=victim.pid, checkpoints_seen=sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")))
+    killed.update(pid=victim.pid,
+                  checkpoints_seen=sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")))
 
 
 def main(data_root: str, work: str) -> None:
@@ -79,8 +80,8 @@ def main(data_root: str, work: str) -> None:
         killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint,
                                   args=(os.path.join(storage_path, RUN_NAME), killed, stop), daemon=True)
         killer.start()
-        cfg = TrainConfig(data=(data_root,), out=os.path.join(work, "bundle"), num_workers=2, epochs=3, batch_size=4, steps_per_epoch=0,
-                          checkpoint_every=1, max_failures=1, model=ModelConfig(image_size=64))
+        cfg = TrainConfig(data=(data_root,), out=os.path.join(work, "bundle"), num_workers=2, epochs=3, batch_size=4,
+                          steps_per_epoch=0, checkpoint_every=1, max_failures=1, model=ModelConfig(image_size=64))
         t0 = time.time()
         meta = run_training(cfg, storage_path=storage_path, run_name=RUN_NAME)
         stop.set()

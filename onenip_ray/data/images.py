@@ -115,7 +115,7 @@ def decode_for_size(data: bytes, size: int, name: str = "<bytes>",
     try:
         with Image.open(BytesIO(data)) as header:  # OpenCV applies the EXIF orientation: so does the reported size
             orientation = header.getexif().get(_EXIF_ORIENTATION)
-    except Exception:  # unreadable EXIF: OpenCV ignores it as well
+    except Exception:  # noqa: BLE001 - unreadable EXIF: OpenCV ignores it as well
         orientation = None
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width

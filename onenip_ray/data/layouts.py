@@ -80,9 +80,11 @@ def _images_by_folder(split_uri: str, endpoint: str | None) -> dict[str, list[st
             continue
         folder, _, name = relative.partition("/")
         if not name:
-            raise DatasetError(f"{storage.join(split_uri, relative)}: file directly in {split_uri}; expected {split_uri}/<folder>/<image>")
+            raise DatasetError(f"{storage.join(split_uri, relative)}: file directly in {split_uri}; expected "
+                               f"{split_uri}/<folder>/<image>")
         if not is_image_name(name):
-            raise DatasetError(f"{storage.join(split_uri, relative)}: not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetError(f"{storage.join(split_uri, relative)}: not an image (expected one of "
+                               f"{', '.join(IMAGE_EXTENSIONS)})")
         grouped.setdefault(folder, []).append(name)
     return grouped
 
@@ -98,10 +100,13 @@ def _train_samples(class_uri: str, class_name: str, layout: _FolderLayout, endpo
     samples = []
     for folder, names in sorted(_images_by_folder(train_uri, endpoint).items()):
         if folder not in layout.normal_dirs:
-            raise DatasetError(f"{train_uri}/{folder}: training images must be normal, in train/{' or train/'.join(layout.normal_dirs)}")
-        samples += [Sample(storage.join(train_uri, folder, name), class_name, "train", 0, NORMAL_DEFECT, None) for name in names]
+            raise DatasetError(f"{train_uri}/{folder}: training images must be normal, in "
+                               f"train/{' or train/'.join(layout.normal_dirs)}")
+        samples += [Sample(storage.join(train_uri, folder, name), class_name, "train", 0, NORMAL_DEFECT,
+                           None) for name in names]
     if not samples:
-        raise DatasetError(f"{train_uri}: no training images for class {class_name!r} (expected images in train/{layout.normal_dirs[0]}/)")
+        raise DatasetError(f"{train_uri}: no training images for class {class_name!r} (expected images in "
+                           f"train/{layout.normal_dirs[0]}/)")
     return samples
 
 
@@ -115,26 +120,32 @@ def _test_samples(class_uri: str, class_name: str, layout: _FolderLayout, endpoi
     samples = []
     for folder, names in sorted(test_images.items()):
         if folder in layout.normal_dirs:
-            samples += [Sample(storage.join(test_uri, folder, name), class_name, "test", 0, NORMAL_DEFECT, None) for name in names]
+            samples += [Sample(storage.join(test_uri, folder, name), class_name, "test", 0, NORMAL_DEFECT,
+                               None) for name in names]
             continue
         if layout.defect_dirs is not None and folder not in layout.defect_dirs:
             allowed = ", ".join([*layout.normal_dirs, *layout.defect_dirs])
             raise DatasetError(f"{test_uri}/{folder}: unexpected test folder (expected one of {allowed})")
         for name in names:
             stem = f"{folder}/{posixpath.splitext(name)[0]}"
-            candidates = dict.fromkeys(p.format(stem=stem, ext=ext).lower() for p in layout.mask_patterns for ext in IMAGE_EXTENSIONS)
+            names = (p.format(stem=stem, ext=ext) for p in layout.mask_patterns for ext in IMAGE_EXTENSIONS)
+            candidates = dict.fromkeys(n.lower() for n in names)
             found = next((masks[c] for c in candidates if c in masks), None)
             if found is None:
-                expected = " or ".join(storage.join(truth_uri, p.format(stem=stem, ext=".<image ext>")) for p in layout.mask_patterns)
-                raise DatasetError(f"{storage.join(test_uri, folder, name)}: defective test image without a mask (expected {expected})")
-            samples.append(Sample(storage.join(test_uri, folder, name), class_name, "test", 1, folder, storage.join(truth_uri, found)))
+                patterns = (p.format(stem=stem, ext=".<image ext>") for p in layout.mask_patterns)
+                expected = " or ".join(storage.join(truth_uri, p) for p in patterns)
+                raise DatasetError(f"{storage.join(test_uri, folder, name)}: defective test image without a mask "
+                                   f"(expected {expected})")
+            samples.append(Sample(storage.join(test_uri, folder, name), class_name, "test", 1, folder,
+                                  storage.join(truth_uri, found)))
     return samples
 
 
 def _folder_classes(root: str, layout: _FolderLayout, endpoint: str | None) -> list[str]:
     names = [name for name in storage.list_dirs(root, endpoint) if not name.startswith(".")]
     if "train" in names and "test" in names:
-        raise DatasetError(f"{root} looks like a single class folder; pass its parent as the root (expected {layout.description})")
+        raise DatasetError(f"{root} looks like a single class folder; pass its parent as the root (expected "
+                           f"{layout.description})")
     if not names:
         raise DatasetError(f"{root}: no class folders (expected {layout.description})")
     return names
@@ -176,7 +187,8 @@ def _read_visa(root: str, classes: list[str], endpoint: str | None) -> list[Samp
         if split == "train":
             raise DatasetError(f"{where}: anomalous image {image} in the train split; training images must be normal")
         if not mask or mask not in present:
-            raise DatasetError(f"{where}: anomalous image {storage.join(root, image)} without a mask (expected {storage.join(root, mask or '<mask>')})")
+            raise DatasetError(f"{where}: anomalous image {storage.join(root, image)} without a mask (expected "
+                               f"{storage.join(root, mask or '<mask>')})")
         samples.append(Sample(storage.join(root, image), row["object"], split, 1, "anomaly", storage.join(root, mask)))
     return sorted(samples, key=lambda s: (s.class_name, s.split != "train", s.uri))
 
@@ -200,7 +212,8 @@ def _read_classes(kind: str, root: str, classes: list[str], endpoint: str | None
     return samples
 
 
-def read_datasets(roots: list[tuple[str, str]], classes: list[str] | None = None, endpoint: str | None = None) -> list[Sample]:
+def read_datasets(roots: list[tuple[str, str]], classes: list[str] | None = None,
+                  endpoint: str | None = None) -> list[Sample]:
     """Samples of several ``(kind, root)`` datasets merged into one class list.
 
     ``kind`` is one of "btad", "folder", "mvtec", "visa". ``classes`` selects classes across all
@@ -215,7 +228,8 @@ def read_datasets(roots: list[tuple[str, str]], classes: list[str] | None = None
         names = _available_classes(kind, root, endpoint)
         for name in names:
             if name in owners:
-                raise DatasetError(f"class {name!r} is in both {owners[name]} and {root}; class names must be unique across roots")
+                raise DatasetError(f"class {name!r} is in both {owners[name]} and {root}; class names must be unique "
+                                   "across roots")
             owners[name] = root
         per_root.append((kind, root, names))
     unknown = sorted(set(classes or []) - set(owners))

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from onenip_ray.data import images
-from onenip_ray.data.images import ImageError, decode_for_size, decode_image, decode_mask, resize_image, resize_mask, to_network_input
+from onenip_ray.data.images import (
+    ImageError,
+    decode_for_size,
+    decode_image,
+    decode_mask,
+    resize_image,
+    resize_mask,
+    to_network_input,
+)
 
 
 def _encode(array: np.ndarray, ext: str = ".png") -> bytes:
@@ -32,7 +40,12 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1))) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture

@@ -98,7 +98,8 @@ def test_btad_layout(tmp_path):
     root = tmp_path / "btad"
     _touch(root, "01/train/ok/0000.bmp", "01/test/ok/0001.bmp", "01/test/ko/0002.bmp", "01/ground_truth/ko/0002.png")
     samples = read_dataset("btad", str(root))
-    assert [(s.split, s.label, s.defect) for s in samples] == [("train", 0, "good"), ("test", 1, "ko"), ("test", 0, "good")]
+    assert [(s.split, s.label,
+             s.defect) for s in samples] == [("train", 0, "good"), ("test", 1, "ko"), ("test", 0, "good")]
     assert samples[1].mask_uri == str(root / "01/ground_truth/ko/0002.png")
 
 
@@ -138,7 +139,8 @@ def test_visa_layout(tmp_path):
     candle = [s for s in samples if s.class_name == "candle"]
     assert [(s.split, s.label) for s in candle] == [("train", 0), ("test", 1), ("test", 0)]
     assert candle[1] == Sample(
-        str(root / "candle/Data/Images/Anomaly/0002.JPG"), "candle", "test", 1, "anomaly", str(root / "candle/Data/Masks/Anomaly/0002.png")
+        str(root / "candle/Data/Images/Anomaly/0002.JPG"), "candle", "test", 1, "anomaly",
+        str(root / "candle/Data/Masks/Anomaly/0002.png")
     )
     assert class_names(read_dataset("visa", str(root), classes=["fryum"])) == ["fryum"]
 
@@ -152,9 +154,11 @@ def test_visa_without_split_csv_explains_alternatives(tmp_path):
 @pytest.mark.parametrize(
     ("bad_row", "message"),
     [
-        ("candle,test,anomaly,candle/Data/Images/Anomaly/0002.JPG,", r"line 2: anomalous image .*0002\.JPG without a mask"),
+        ("candle,test,anomaly,candle/Data/Images/Anomaly/0002.JPG,",
+         r"line 2: anomalous image .*0002\.JPG without a mask"),
         ("candle,test,normal,candle/Data/Images/Normal/9999.JPG,", r"line 2: image .*9999\.JPG does not exist"),
-        ("candle,train,anomaly,candle/Data/Images/Anomaly/0002.JPG,x", r"line 2: anomalous image .*0002\.JPG in the train split"),
+        ("candle,train,anomaly,candle/Data/Images/Anomaly/0002.JPG,x",
+         r"line 2: anomalous image .*0002\.JPG in the train split"),
         ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,", r"line 2: split must be train/test"),
     ],
 )
@@ -225,7 +229,8 @@ def test_class_without_train_folder(tmp_path):
 def test_defective_image_without_mask_names_expected_mask(tmp_path):
     root = _mvtec_tree(tmp_path / "mvtec")
     (root / "widget/ground_truth/crack/001_mask.png").unlink()
-    expected = f"{root / 'widget/test/crack/001.png'}: defective test image without a mask \\(expected {root / 'widget/ground_truth/crack/001_mask.png'}\\)"
+    image, mask = root / "widget/test/crack/001.png", root / "widget/ground_truth/crack/001_mask.png"
+    expected = f"{image}: defective test image without a mask \\(expected {mask}\\)"
     with pytest.raises(DatasetError, match=expected):
         read_dataset("mvtec", str(root))
 
@@ -266,7 +271,9 @@ def test_folder_layout_missing_mask_lists_accepted_names(tmp_path):
     root = tmp_path / "custom"
     _touch(root, "gear/train/good/a.png", "gear/test/dent/b.jpg")
     truth = root / "gear/ground_truth/dent"
-    with pytest.raises(DatasetError, match=rf"b\.jpg: defective test image without a mask \(expected {truth}/b_mask\.<image ext> or {truth}/b\.<image ext>\)"):
+    with pytest.raises(DatasetError,
+                       match=rf"b\.jpg: defective test image without a mask \(expected {truth}/b_mask\.<image ext> or "
+                             rf"{truth}/b\.<image ext>\)"):
         read_dataset("folder", str(root))
 
 

@@ -140,7 +140,8 @@ def test_image_scores_are_the_max_of_the_mean_pooled_map():
     rng = np.random.default_rng(0)
     fused = rng.random((2, 20, 20)).astype(np.float32)
     k = 4
-    expected = [max(fused[n, y:y + k, x:x + k].mean() for y in range(20 - k + 1) for x in range(20 - k + 1)) for n in range(2)]
+    expected = [max(fused[n, y:y + k,
+                          x:x + k].mean() for y in range(20 - k + 1) for x in range(20 - k + 1)) for n in range(2)]
     got = image_scores(torch.from_numpy(fused), k)
     assert got.shape == (2,)
     assert np.allclose(got.numpy(), expected, atol=1e-6)
@@ -158,7 +159,8 @@ def test_fuse_official_and_paper():
     assert torch.allclose(paper, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 0.5))
     only_rec = fuse(maps, ModelConfig(image_size=64, alpha=0.0, map_sigma=0), rec_scale=3.0)
     assert torch.equal(only_rec, maps.reconstruction)
-    assert torch.allclose(fuse(maps, ModelConfig(image_size=64, alpha=0.2), rec_scale=3.0, alpha=1.0), torch.full((1, 4, 4), 1.5))
+    assert torch.allclose(fuse(maps, ModelConfig(image_size=64, alpha=0.2), rec_scale=3.0, alpha=1.0),
+                          torch.full((1, 4, 4), 1.5))
 
 
 def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_peak():
