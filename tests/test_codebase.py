@@ -16,6 +16,41 @@ SHARED_LITERALS = ("bundle.json", "metrics.json", "predictions.parquet", "_SUCCE
                    "prompts.safetensors", "(unknown)", "s3://")
 
 
+# The package's layers (docs/architecture.md): a module imports only from its own layer or earlier ones.
+LAYERS = (
+    {"formats", "config", "schema", "metrics", "prompts", "data.images", "forward_passes"},  # vocabulary
+    {"model.backbone", "model.transformer", "model.refiner", "model.onenip", "model.loss", "model.anomaly_map",
+     "model.build"},  # the pure model
+    {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO
+    {"predictor", "calibration", "bundle", "engines", "training_data", "visualization"},  # inference
+    {"scoring", "train", "evaluate", "add_class", "export", "publish"},  # operations
+    {"batch", "nightly", "serve", "serve_args", "report"},  # applications
+    {"cli", "__init__"},
+)
+
+
+def _imports(module: str, tree: ast.AST) -> set[str]:
+    """The package modules ``module`` imports (``from .x import y``, ``from onenip_ray import storage``)."""
+    package = module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[: len(package) - node.level + 1]
+        elif (node.module or "").startswith("onenip_ray"):
+            base = []
+        else:
+            continue
+        name = (node.module or "").removeprefix("onenip_ray").lstrip(".")
+        target = ".".join([*base, *([name] if name else [])])
+        if not name or target in ("data", "model"):  # ``from . import storage``: the names are modules
+            found.update(".".join([*base, *([name] if name else []), a.name]) for a in node.names)
+        else:
+            found.add(target)
+    return found
+
+
 def _modules():
     for path in sorted(PACKAGE.rglob("*.py")):
         yield path, ast.parse(path.read_text(), filename=str(path))
@@ -39,6 +74,21 @@ def test_no_function_is_longer_than_the_limit():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_modules_import_only_from_their_layer_or_earlier_ones():
+    layer_of = {module: i for i, layer in enumerate(LAYERS) for module in layer}
+    wrong = []
+    for path, tree in _modules():
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module in ("data.__init__", "model.__init__"):
+            continue
+        assert module in layer_of, f"{module} is in no layer of LAYERS (docs/architecture.md)"
+        if module.startswith("model."):
+            outside = {m for m in _imports(module, tree) if not m.startswith("model.") and m != "config"}
+            wrong += [f"{module} -> {m} (the model imports only config)" for m in outside]
+        wrong += [f"{module} -> {m}" for m in _imports(module, tree) if layer_of.get(m, 0) > layer_of[module]]
+    assert not wrong, wrong
 
 
 def test_shared_names_are_spelled_only_in_formats():

@@ -1,4 +1,4 @@
-"""Guarded image decoding (OpenCV, RGB uint8), resizing and normalisation.
+"""Guarded image decoding (OpenCV, RGB uint8), resizing, and the network input (``to_network_input``).
 
 Every decode checks, before any pixel is decoded: the data is non-empty, its header names an
 image (read by Pillow, header only), the pixel count is under ``max_pixels`` (decompression
