@@ -136,8 +136,8 @@ def compare(ref: dict, other: dict) -> dict:
     scores_rel = float(
         ((other["scores"].cpu() - ref["scores"].cpu()).abs() / ref["scores"].cpu().abs().clamp_min(1e-12)).max()
     )
-    corr = {k: min(_corr(ref[k][i], other[k][i]) for i in range(len(ref[k]))) for k in ("fused", "reconstruction",
-                                                                                        "refiner")}
+    maps = ("fused", "reconstruction", "refiner")
+    corr = {k: min(_corr(ref[k][i], other[k][i]) for i in range(len(ref[k]))) for k in maps}
     same = bool(torch.equal(ref["prompt_index"].cpu(), other["prompt_index"].cpu()))
     ok = scores_rel <= SCORE_RTOL and min(corr.values()) > MAP_MIN_CORRELATION and same
     return {"score_max_rel": scores_rel, "map_min_corr": corr, "same_prompts": same, "ok": ok}
@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     infer_batches = [int(b) for b in (args.infer_batches or ("1,4" if quick else "1,16,64,128")).split(",")]
     warmup, iters = (1, 2) if quick else (3, 10)
     weights = dict(w.split("=", 1) for w in args.weights)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
-                                                                                "threads)",
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda"
+           else f"cpu ({torch.get_num_threads()} threads)",
            "torch": torch.__version__, "cuda": torch.version.cuda, "image_size": size,
            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,

@@ -205,8 +205,8 @@ def write_demo_dataset(root: str, size: int = 128, train_per_class: int = 40, te
                        test_per_defect: int = 4, seed: int = 0) -> str:
     """Write the set under ``root`` in the MVTec AD layout (masks in
     ``<class>/ground_truth/<defect>/<stem>_mask.png``); returns ``root``. Same seed, same bytes."""
-    for cls, folder, stem, _clean, image, mask in iter_demo_samples(size, train_per_class, test_good, test_per_defect,
-                                                                    seed):
+    samples = iter_demo_samples(size, train_per_class, test_good, test_per_defect, seed)
+    for cls, folder, stem, _clean, image, mask in samples:
         _write_png(os.path.join(root, cls, folder, f"{stem}.png"), image)
         if mask is not None:
             defect = folder.split("/", 1)[1]

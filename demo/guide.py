@@ -187,8 +187,8 @@ def _run(data: str, classes: str, size: int, epochs: int, incoming: Path, synthe
     timings["reports"] = time.time() - t
 
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    print("\nper-class metrics (percent; image level I-, pixel level P-)" + (" — SYNTHETIC data, not an accuracy "
-                                                                             "claim" if synthetic else ""))
+    warning = " — SYNTHETIC data, not an accuracy claim" if synthetic else ""
+    print("\nper-class metrics (percent; image level I-, pixel level P-)" + warning)
     print(f"  {'class':<12}" + "".join(f"{k:>14}" for k in METRIC_KEYS) + f"{'F1@threshold':>14}")
     for cls, m in list(metrics["per_class"].items()) + [("mean", metrics["mean"])]:
         print(f"  {cls:<12}" + "".join(f"{100 * m[k]:>14.1f}" for k in METRIC_KEYS + ("threshold_f1",)))

@@ -330,9 +330,10 @@ def _read_rows(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> pa.
         t = storage.retry(lambda: pq.read_table(path, columns=columns, filesystem=fs))
         parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32)))
                      .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns}
-                                                          | {"_file": pa.array([], pa.int32()),
-                                                             "_row": pa.array([], pa.int64())})
+    if parts:
+        return pa.concat_tables(parts)
+    empty = {c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns}
+    return pa.table(empty | {"_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
 
 
 def _keep_first(rows: pa.Table) -> pa.Array:

@@ -97,12 +97,10 @@ class Lease:
 
             bucket, key = storage.split_s3(self.uri)
             try:
-                self._token = storage.s3_client(self.endpoint).put_object(Bucket=bucket, Key=key, Body=body,
-                                                                          **condition)["ETag"]
+                client = storage.s3_client(self.endpoint)
+                self._token = client.put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                                 "ConditionalRequestConflict") or \
-                        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                if storage.is_precondition_failure(exc):
                     return False
                 raise
             return True

@@ -106,8 +106,8 @@ class ScoringSpec:
             if class_name is not None:
                 prepared.given_class = self.class_names.index(class_name)
             try:
-                image, prepared.width, prepared.height = decode_for_size(data, self.image_size, image_uri,
-                                                                         self.max_pixels)
+                decoded = decode_for_size(data, self.image_size, image_uri, self.max_pixels)
+                image, prepared.width, prepared.height = decoded
                 prepared.input = to_network_input(image, self.mean, self.std)
             except ImageError as exc:
                 prepared.error = str(exc)

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .formats import BUNDLE_FILE, S3_SCHEME
+from .formats import S3_SCHEME
 
 FILE_SCHEME = "file://"
 _COPY_CHUNK = 8 * 1024 * 1024
@@ -184,6 +184,14 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
         stream.write(data)
 
 
+def is_precondition_failure(error: Exception) -> bool:
+    """Whether a botocore ``ClientError`` is S3 refusing a conditional write (412 / 409)."""
+    response = getattr(error, "response", {})
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
 class PreconditionFailed(RuntimeError):
     """A conditional write found the object changed (or created) since it was read."""
 
@@ -214,11 +222,8 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
         try:
             client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
         except client.exceptions.ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed",
-                        "ConditionalRequestConflict") or e.response.get("ResponseMetadata",
-                                                                        {}).get("HTTPStatusCode") in (409, 412):
-                raise PreconditionFailed(f"{uri} changed since it was read ({code})") from e
+            if is_precondition_failure(e):
+                raise PreconditionFailed(f"{uri} changed since it was read ({e.response['Error'].get('Code')})") from e
             raise
         return
     path = canonical_uri(uri)
@@ -227,13 +232,13 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError as e:
-        raise PreconditionFailed(f"{uri} is being written by another process ({lock} exists; remove it if none "
-                                 "is)") from e
+        raise PreconditionFailed(
+            f"{uri} is being written by another process ({lock} exists; remove it if none is)") from e
     try:
         current = hashlib.sha256(read_bytes(path)).hexdigest() if os.path.exists(path) else None
         if current != expected_tag:
-            raise PreconditionFailed(f"{uri} already exists" if expected_tag is None else f"{uri} changed since it "
-                                                                                          "was read")
+            changed = "already exists" if expected_tag is None else "changed since it was read"
+            raise PreconditionFailed(f"{uri} {changed}")
         staging = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(staging, "wb") as f:
             f.write(data)
@@ -289,8 +294,8 @@ def iter_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint: st
 
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
-        pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                              Prefix=f"{prefix}/" if prefix else "")
+        paginator = s3_client(endpoint).get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
         for page in pages:
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/") and wanted(item["Key"]):
@@ -327,7 +332,7 @@ def _upload(fs: pafs.FileSystem, local_path: str, path: str) -> None:
         shutil.copyfileobj(source, target, _COPY_CHUNK)
 
 
-def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, marker: str | None = BUNDLE_FILE) -> None:
+def commit_dir(local_dir: str, dest_uri: str, endpoint: str | None = None, *, marker: str | None) -> None:
     """Publish the finished directory ``local_dir`` at ``dest_uri`` so readers never see it half-written.
 
     Local destinations: the tree is copied to ``<dest>.tmp-<uuid>`` beside ``dest`` and renamed

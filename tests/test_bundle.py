@@ -204,7 +204,7 @@ def test_loading_a_directory_without_bundle_json(tmp_path, bundle_dir):
 
 def test_loading_an_unknown_format_is_refused(tmp_path, bundle_dir):
     target = tmp_path / "old"
-    storage.commit_dir(bundle_dir, str(target))
+    storage.commit_dir(bundle_dir, str(target), marker=BUNDLE_FILE)
     meta = json.loads((target / BUNDLE_FILE).read_text())
     meta["format"] = "onenip-bundle/0"
     (target / BUNDLE_FILE).write_text(json.dumps(meta))
@@ -213,7 +213,7 @@ def test_loading_an_unknown_format_is_refused(tmp_path, bundle_dir):
 
 
 def _tampered(bundle_dir: str, target, edit_meta=None, prompts_from: str | None = None) -> str:
-    storage.commit_dir(bundle_dir, str(target))
+    storage.commit_dir(bundle_dir, str(target), marker=BUNDLE_FILE)
     if edit_meta is not None:
         meta = json.loads((target / BUNDLE_FILE).read_text())
         edit_meta(meta)

@@ -41,7 +41,7 @@ def test_publish_moves_the_pointer_between_immutable_versions(tiny_bundle, tiny_
     assert verify_bundle(storage.join(root, VERSIONS_DIR, v1))["version"] == v1  # the old version is untouched
 
     bad = tmp_path / "bad"
-    storage.commit_dir(tiny_bundle, str(bad))
+    storage.commit_dir(tiny_bundle, str(bad), marker=BUNDLE_FILE)
     meta = json.loads((bad / BUNDLE_FILE).read_text())
     meta["calibration"]["target_fpr"] = 0.5
     (bad / BUNDLE_FILE).write_text(json.dumps(meta))

@@ -127,8 +127,8 @@ def test_threshold_override_calibration_and_regions(scorer, tiny_dataset):
 
     everything = scorer.score_bytes([("x.png", data, None)], threshold_override=float(base[MAP_KEY].min()) - 1)[0]
     assert everything["num_regions"] == 1 and everything["defect_area_px"] == 300 * 150
-    assert everything["regions"][0] | {"peak_score": 0} == {"x": 0, "y": 0, "w": 300, "h": 150, "area_px": 45000,
-                                                            "peak_score": 0}
+    whole = {"x": 0, "y": 0, "w": 300, "h": 150, "area_px": 45000, "peak_score": 0}
+    assert everything["regions"][0] | {"peak_score": 0} == whole
 
 
 def test_smoothed_map_maximum_is_the_image_score():

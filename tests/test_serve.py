@@ -333,9 +333,9 @@ def test_bearer_token_from_the_replica_environment(service, tiny_bundle, images)
         for path in ("docs", "openapi.json"):  # API docs are off unless asked for
             response = requests.get(f"{service}/locked/{path}", timeout=10)
             assert response.status_code == 404 and "API docs are off" in response.json()["error"]
-        assert post({}).status_code == 401 and requests.post(f"{service}/v1/score", data=data,
-                                                             headers={"Content-Type": "image/png"},
-                                                              timeout=30).status_code == 200  # the open app stays open
+        assert post({}).status_code == 401
+        image = {"Content-Type": "image/png"}
+        assert requests.post(f"{service}/v1/score", data=data, headers=image, timeout=30).status_code == 200  # open app
     finally:
         serve.delete("locked")
 
@@ -473,7 +473,7 @@ def test_a_new_release_takes_over_without_a_failed_request(service, tiny_bundle,
             thread.start()
         _wait_for(lambda: len(answers) >= 16, "answers from v1")
         bad = storage.join(root, VERSIONS_DIR, "0000corrupt00000")  # a release whose files do not match its version
-        storage.commit_dir(storage.join(root, VERSIONS_DIR, v1), bad)
+        storage.commit_dir(storage.join(root, VERSIONS_DIR, v1), bad, marker=BUNDLE_FILE)
         with open(os.path.join(bad, BUNDLE_FILE), "r+") as f:
             text = f.read().replace('"target_fpr": ', '"target_fpr": 0.5, "was": ', 1)
             f.seek(0), f.write(text), f.truncate()

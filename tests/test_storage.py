@@ -79,8 +79,9 @@ def test_listing(root):
     for name in ["b/2.PNG", "a/1.png", "a/deep/3.jpg", "notes.txt"]:
         storage.write_bytes(storage.join(root, name), b"x")
     files = storage.list_files(root)
-    assert files == [storage.canonical_uri(storage.join(root, name)) for name in ["a/1.png", "a/deep/3.jpg", "b/2.PNG",
-                                                                                  "notes.txt"]]
+    assert files == [
+        storage.canonical_uri(storage.join(root, name)) for name in ["a/1.png", "a/deep/3.jpg", "b/2.PNG", "notes.txt"]
+    ]
     assert all(f.startswith("s3://") for f in files) or all(os.path.isabs(f) for f in files)
     assert storage.list_files(root, extensions=(".png",), relative=True) == ["a/1.png", "b/2.PNG"]
     assert storage.list_dirs(root) == ["a", "b"]
@@ -91,7 +92,7 @@ def test_commit_and_download_round_trip(root, tmp_path):
     source = tmp_path / "bundle"
     _make_tree(source)
     dest = storage.join(root, "models", "v1")
-    storage.commit_dir(str(source), dest)
+    storage.commit_dir(str(source), dest, marker="bundle.json")
     assert storage.list_files(dest, relative=True) == ["bundle.json", "sub/a.txt", "sub/deeper/b.txt", "weights.bin"]
     copy = tmp_path / "copy"
     storage.download_dir(dest, str(copy))
@@ -106,8 +107,8 @@ def test_commit_replaces_existing_dir(root, tmp_path):
     (second / "bundle.json").write_text('{"v": 2}')
     (second / "new.bin").write_bytes(b"new")
     dest = storage.join(root, "bundle")
-    storage.commit_dir(str(first), dest)
-    storage.commit_dir(str(second), dest)
+    storage.commit_dir(str(first), dest, marker="bundle.json")
+    storage.commit_dir(str(second), dest, marker="bundle.json")
     assert storage.list_files(dest, relative=True) == ["bundle.json", "new.bin"]
     assert storage.read_bytes(storage.join(dest, "bundle.json")) == b'{"v": 2}'
     if not dest.startswith("s3://"):
@@ -119,9 +120,9 @@ def test_commit_requires_the_marker(root, tmp_path):
     source.mkdir()
     (source / "weights.bin").write_bytes(b"w")
     with pytest.raises(ValueError, match="bundle.json"):
-        storage.commit_dir(str(source), storage.join(root, "x"))
+        storage.commit_dir(str(source), storage.join(root, "x"), marker="bundle.json")
     with pytest.raises(FileNotFoundError, match="absent"):
-        storage.commit_dir(str(tmp_path / "absent"), storage.join(root, "x"))
+        storage.commit_dir(str(tmp_path / "absent"), storage.join(root, "x"), marker="bundle.json")
 
 
 def test_s3_commit_uploads_marker_last(s3_bucket, tmp_path, monkeypatch):
@@ -129,9 +130,13 @@ def test_s3_commit_uploads_marker_last(s3_bucket, tmp_path, monkeypatch):
     _make_tree(source)
     uploaded: list[str] = []
     real_upload = storage._upload
-    monkeypatch.setattr(storage, "_upload", lambda fs, local,
-                        path: (uploaded.append(path), real_upload(fs, local, path)))
-    storage.commit_dir(str(source), storage.join(s3_bucket, "m"))
+
+    def upload(fs, local, path):
+        uploaded.append(path)
+        real_upload(fs, local, path)
+
+    monkeypatch.setattr(storage, "_upload", upload)
+    storage.commit_dir(str(source), storage.join(s3_bucket, "m"), marker="bundle.json")
     assert len(uploaded) == 4
     assert uploaded[-1].endswith("/m/bundle.json")
 
