@@ -229,8 +229,8 @@ def test_s3_pipeline_bad_inputs_heatmaps_and_rerun(ray_cluster, s3_bucket, s3_en
     assert marker["images_per_second"] > 0 and marker["wall_seconds"] > 0
     listed = _keys(client, bucket, "scores/")
     assert not [k for k in listed if k.startswith("scores/_runs/")]  # no staging, lease or journal left
-    partition = {k.rsplit("/", 1)[1] for k in listed if k.startswith("scores/run_date=")}
-    assert partition == {*marker["files"], "_SUCCESS.json"}
+    committed = {k.rsplit("/", 1)[1] for k in listed if k.startswith("scores/run_date=")}
+    assert committed == {*marker["files"], "_SUCCESS.json"}
 
     # the same date again, with one image gone and one new, through a proxy that answers 20 % of the
     # S3 requests with 503 SlowDown or a reset connection: the partition is replaced, no duplicates,

@@ -6,21 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from onenip_ray import visualization as vis
 from onenip_ray.calibration import ClassCalibration
 from onenip_ray.scoring import find_regions
-from onenip_ray.visualization import (
-    DEFECT_COLOUR,
-    NORMAL_COLOUR,
-    heat_levels,
-    histogram_figure,
-    pr_figure,
-    render_heatmap,
-    render_image,
-    render_mask,
-    render_overlay,
-    roc_figure,
-    thumbnail,
-)
 
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
 
@@ -36,12 +24,12 @@ def _decode(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
 
 def test_heatmap_uses_class_statistics_not_per_image(cal):
-    assert heat_levels(np.array([[0.5, 1.0, 2.0, 3.0, 5.0, 9.0]]), cal).tolist() == [[0, 0, 64, 128, 255, 255]]
+    assert vis.heat_levels(np.array([[0.5, 1.0, 2.0, 3.0, 5.0, 9.0]]), cal).tolist() == [[0, 0, 64, 128, 255, 255]]
     flat = np.full((64, 64), 3.0, np.float32)  # per-image min-max would make this all 0 (or NaN)
-    png = _decode(render_heatmap(flat, cal))
+    png = _decode(vis.render_heatmap(flat, cal))
     expected = cv2.applyColorMap(np.full((1, 1), 128, np.uint8), cv2.COLORMAP_TURBO)[0, 0]
     assert png.shape == (64, 64, 3) and (png == expected).all()
-    assert heat_levels(flat, cal, threshold=5.0)[0, 0] == 64  # a manual threshold moves the midpoint
+    assert vis.heat_levels(flat, cal, threshold=5.0)[0, 0] == 64  # a manual threshold moves the midpoint
 
 
 def test_overlay_is_a_jpeg_at_original_size(cal):
@@ -49,7 +37,7 @@ def test_overlay_is_a_jpeg_at_original_size(cal):
     fused = np.ones((64, 64), np.float32)
     fused[10:30, 10:30] = 6.0
     regions, _ = find_regions(fused, 3.0, 16, 200, 120)
-    jpeg = render_overlay(image, fused, cal, regions)
+    jpeg = vis.render_overlay(image, fused, cal, regions)
     assert jpeg[:2] == JPEG_MAGIC
     decoded = _decode(jpeg)
     assert decoded.shape == (120, 200, 3)
@@ -58,19 +46,19 @@ def test_overlay_is_a_jpeg_at_original_size(cal):
 
 
 def test_thumbnail_shrinks_to_the_longest_side_and_never_enlarges():
-    assert thumbnail(np.zeros((600, 300, 3), np.uint8), 256).shape == (256, 128, 3)
+    assert vis.thumbnail(np.zeros((600, 300, 3), np.uint8), 256).shape == (256, 128, 3)
     small = np.zeros((100, 50, 3), np.uint8)
-    assert thumbnail(small, 256) is small
+    assert vis.thumbnail(small, 256) is small
 
 
 def test_gallery_image_and_mask_encode_at_the_thumbnail_size():
     rgb = np.zeros((40, 60, 3), np.uint8)
     rgb[..., 0] = 255  # red in RGB
-    jpeg = render_image(rgb)
+    jpeg = vis.render_image(rgb)
     assert jpeg[:2] == JPEG_MAGIC and _decode(jpeg)[20, 30, 2] > 200  # red lands in the BGR file's last channel
     mask = np.zeros((8, 8), bool)
     mask[:4] = True
-    png = render_mask(mask, 60, 40)
+    png = vis.render_mask(mask, 60, 40)
     assert png[:8] == PNG_MAGIC
     decoded = _decode(png, cv2.IMREAD_UNCHANGED)
     assert decoded.shape == (40, 60) and set(np.unique(decoded)) == {0, 255} and decoded[:20].all()
@@ -78,11 +66,12 @@ def test_gallery_image_and_mask_encode_at_the_thumbnail_size():
 
 def test_figures_are_pngs():
     scores = np.array([0.1, 0.2, 0.8, 0.9])
-    roc = roc_figure("bottle", np.array([0, 0, 1.0]), np.array([0, 1.0, 1.0]), 1.0, (0.0, 1.0))
-    pr = pr_figure("bottle", np.array([0.5, 1.0]), np.array([1.0, 1.0]), float("nan"), 0.5, None)
-    hist = histogram_figure("bottle", [("good", scores[:2], NORMAL_COLOUR), ("defective", scores[2:], DEFECT_COLOUR),
-                                       ("none", np.array([]), NORMAL_COLOUR)], threshold=0.5)
+    roc = vis.roc_figure("bottle", np.array([0, 0, 1.0]), np.array([0, 1.0, 1.0]), 1.0, (0.0, 1.0))
+    pr = vis.pr_figure("bottle", np.array([0.5, 1.0]), np.array([1.0, 1.0]), float("nan"), 0.5, None)
+    groups = [("good", scores[:2], vis.NORMAL_COLOUR), ("defective", scores[2:], vis.DEFECT_COLOUR),
+              ("none", np.array([]), vis.NORMAL_COLOUR)]
+    hist = vis.histogram_figure("bottle", groups, threshold=0.5)
     # a single value and no threshold: the bins still span a width
-    flat = histogram_figure("bottle", [("good", np.full(3, 0.4), NORMAL_COLOUR)], threshold=None)
+    flat = vis.histogram_figure("bottle", [("good", np.full(3, 0.4), vis.NORMAL_COLOUR)], threshold=None)
     for png in (roc, pr, hist, flat):
         assert png[:8] == PNG_MAGIC and _decode(png).shape[2] == 3
