@@ -12,9 +12,11 @@ largest client count. The replica uses the GPU when the machine has one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,30 +94,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    parser.add_argument("--images", default=str(BOTTLE_TEST),
-                        help="folder of PNGs to send (default: MVTec AD bottle/test)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per (mode, clients) run")
-    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
-    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched mode")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="batch_wait_timeout_s of the batched mode, in ms")
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved by the replica")
-    args = parser.parse_args(argv)
-    clients = [int(c) for c in args.clients.split(",")]
-    images = load_images(Path(args.images), 64)
-
+@contextlib.contextmanager
+def local_serve() -> Iterator[tuple[str, int]]:
+    """A private local Ray with Serve on a free loopback port; yields (base URL, GPUs per replica: 0 or 1)."""
     import ray
     from ray import serve
 
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}/v1/score"
+        yield f"http://127.0.0.1:{port}", 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def deploy(settings: ServeArgs, cpus: float, gpus: int, max_ongoing: int | None = None) -> None:
+    """(Re)deploy the application as ``onenip`` at ``/``: one replica with ``cpus`` CPUs and ``gpus`` GPUs."""
+    from ray import serve
+
+    options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
+    if max_ongoing:
+        options["max_ongoing_requests"] = max_ongoing
+    serve.run(build_app(settings, **options), name="onenip", route_prefix="/")
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every serve bench takes: the bundle, the images sent and the replica's CPUs."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
+    parser.add_argument("--images", default=str(BOTTLE_TEST),
+                        help="folder of PNGs to send (default: MVTec AD bottle/test)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved by the replica")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per (mode, clients) run")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched mode")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="batch_wait_timeout_s of the batched mode, in ms")
+    args = parser.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    images = load_images(Path(args.images), 64)
+
+    with local_serve() as (base, gpus):
+        url = f"{base}/v1/score"
         results: list[LoadResult] = []
         print(f"{len(images)} images, {args.duration:g} s per run, {'GPU' if gpus else 'CPU'} replica")
         print(f"{'mode':<12} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
@@ -123,16 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             mode = f"batch={batch_size}"
             settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size,
                                  batch_wait_timeout_s=args.batch_wait_ms / 1e3)
-            options = {"max_ongoing_requests": 2 * args.batch_size,
-                       "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": gpus}}
-            serve.run(build_app(settings, **options), name="onenip", route_prefix="/")
+            deploy(settings, args.replica_cpus, gpus, max_ongoing=2 * args.batch_size)
             closed_loop(url, images, max(clients), min(2.0, args.duration), "warm-up")
             for n in clients:
                 results.append(closed_loop(url, images, n, args.duration, mode))
                 print(results[-1].row(), flush=True)
-        serve.shutdown()
-    finally:
-        ray.shutdown()
     at_most = {r.mode: r for r in results if r.clients == max(clients)}
     batched, unbatched = at_most[f"batch={args.batch_size}"], at_most["batch=1"]
     print(f"batched/unbatched requests/s at {max(clients)} clients: "

@@ -13,7 +13,6 @@ the replica's RSS at the start and end with its least-squares slope per minute. 
 """
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from collections import Counter
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from serve_load import BOTTLE_TEST, closed_loop, free_port, load_images
+from serve_load import bench_parser, closed_loop, deploy, load_images, local_serve
 
-from onenip_ray.serve import ServeArgs, build_app
+from onenip_ray.serve import ServeArgs
 
 
 class Soak:
@@ -64,10 +63,7 @@ def sample_stats(base: str, every_s: float, stop: threading.Event, samples: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
-    parser.add_argument("--images", default=str(BOTTLE_TEST),
-                        help="folder of PNGs to send (default: MVTec AD bottle/test)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration")
     parser.add_argument("--clients", type=int, default=16, help="closed-loop client threads")
     parser.add_argument("--max-batch-size", type=int, default=ServeArgs.model_fields["max_batch_size"].default)
@@ -77,28 +73,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the replica's deadline per request (504 after it)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between /v1/stats samples")
     parser.add_argument("--compare-s", type=float, default=60.0, help="seconds per batched / unbatched run (0 = skip)")
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved by the replica")
     args = parser.parse_args(argv)
     images = load_images(Path(args.images), 64)
 
-    import ray
-    from ray import serve
+    with local_serve() as (base, gpus):
 
-    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base, actor = f"http://127.0.0.1:{port}", {"num_cpus": args.replica_cpus, "num_gpus": gpus}
-
-        def deploy(batch_size: int, max_ongoing: int | None = None) -> None:
+        def deploy_batch(batch_size: int, max_ongoing: int | None = None) -> None:
             settings = ServeArgs(bundle=args.bundle, max_batch_size=batch_size,
                                  batch_wait_timeout_s=args.batch_wait_ms / 1e3,
                                  request_timeout_s=args.request_timeout_s)
-            options = {"ray_actor_options": actor, **({"max_ongoing_requests": max_ongoing} if max_ongoing else {})}
-            serve.run(build_app(settings, **options), name="onenip", route_prefix="/")
+            deploy(settings, args.replica_cpus, gpus, max_ongoing)
 
-        deploy(args.max_batch_size)
+        deploy_batch(args.max_batch_size)
         closed_loop(f"{base}/v1/score", images, args.clients, 5.0, "warm-up")
         print(f"{len(images)} images, {args.clients} clients, {args.minutes:g} min, max_batch_size "
               f"{args.max_batch_size}, "
@@ -123,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             same_ongoing = 2 * (2 * args.max_batch_size + ServeArgs.model_fields["max_queued_requests"].default)
             rates = {}
             for batch_size in (args.max_batch_size, 1):
-                deploy(batch_size, same_ongoing)
+                deploy_batch(batch_size, same_ongoing)
                 closed_loop(f"{base}/v1/score", images, args.clients, 5.0, "warm-up")
                 run = closed_loop(f"{base}/v1/score", images, args.clients, args.compare_s, f"batch={batch_size}")
                 rates[batch_size] = run.requests_per_second
@@ -131,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             print(f"batched / unbatched requests/s at {args.clients} clients: "
                   f"{rates[args.max_batch_size] / max(rates[1], 1e-9):.2f}x")
-        serve.shutdown()
-    finally:
-        ray.shutdown()
     return 0
 
 
