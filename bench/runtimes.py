@@ -26,13 +26,8 @@ import numpy as np
 import torch
 
 from onenip_ray.bundle import load_bundle
-from onenip_ray.engines import (
-    RUNTIMES,
-    TorchEngine,
-    is_export,
-    load_export,
-    make_engine,
-)
+from onenip_ray.config import RUNTIMES
+from onenip_ray.engines import TorchEngine, is_export, load_export, make_engine
 from onenip_ray.export import correlation, export_bundle
 from onenip_ray.scoring import ScoringSpec
 

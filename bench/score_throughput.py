@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from onenip_ray.batch import BatchConfig, run_batch_scoring
-from onenip_ray.engines import RUNTIMES, load_model
+from onenip_ray.config import RUNTIMES
+from onenip_ray.engines import load_model
 from onenip_ray.inputs import list_inputs
 from onenip_ray.scoring import Scorer
 

@@ -24,12 +24,11 @@ import numpy as np
 from . import storage
 from .bundle import Bundle, ModelIdentity, load_bundle
 from .calibration import Calibration
-from .config import ModelConfig
+from .config import RUNTIMES, ModelConfig
 from .formats import BUNDLE_FILE, PROMPTS_FILE
 from .predictor import Prediction
 from .prompts import PromptPool
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
 EXPORT_FORMAT = "onenip-export/1"
 EXPORT_FILE = "export.json"
 # graph stems inside an export directory: ``score.onnx`` or ``score.xml`` + ``score.bin``
