@@ -93,11 +93,12 @@ def add_class(
 
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
-    feats = torch.cat([predictor.features(images[i : i + 16]) for i in range(0, len(images), 16)])
+    feats, patch_feats = (torch.cat(parts) for parts in zip(*(predictor.features(images[i : i + 16])
+                                                               for i in range(0, len(images), 16))))
 
     def pool_of(rows: np.ndarray) -> PromptPool:
         one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows],
-                         k, memory_cap, seed)
+                         patch_feats[rows], k, memory_cap, seed)
         return base.with_class(class_name, one.prompt_ids, one.features, one.memory)
 
     cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)

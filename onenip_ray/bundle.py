@@ -61,14 +61,15 @@ class BundleError(ValueError):
     """A bundle that must not be used: its files do not match its version, or disagree with each other."""
 
 
-def content_version(model_bytes: bytes, pool: PromptPool, config: ModelConfig, calibration: Calibration) -> str:
-    """The bundle version: a hash of the weights file, the pool's content, the config and the calibration."""
+def content_version(model_bytes: bytes, pool: PromptPool, config: dict[str, Any], calibration: Calibration) -> str:
+    """The bundle version: a hash of the weights file, the pool's content, the config (as written in
+    ``bundle.json``) and the calibration."""
     digest = hashlib.sha256(model_bytes)
     # Not the prompts file's bytes: safetensors writes the metadata in hash-map order, which changes
     # from call to call, so the pool's content (tensors without metadata, then names/ids) is hashed.
     digest.update(save_safetensors(pool.tensors()))
     digest.update(json.dumps([pool.class_names, pool.prompt_ids], sort_keys=True).encode())
-    digest.update(json.dumps([config.to_dict(), calibration.to_dict()], sort_keys=True).encode())
+    digest.update(json.dumps([config, calibration.to_dict()], sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -84,7 +85,7 @@ def check_bundle(uri: str, meta: dict[str, Any], model_bytes: bytes, pool: Promp
                           f"{sorted(set(calibrated) - set(classes))})")
     if meta.get("classes") != classes:
         raise BundleError(f"{uri}: {BUNDLE_FILE} lists classes {meta.get('classes')}, the prompt pool has {classes}")
-    version = content_version(model_bytes, pool, ModelConfig.from_dict(meta["config"]), calibration)
+    version = content_version(model_bytes, pool, meta["config"], calibration)
     if version != meta.get("version"):
         raise BundleError(f"{uri}: content hash {version} does not match the version {meta.get('version')!r} in "
                           f"{BUNDLE_FILE} "
@@ -108,7 +109,7 @@ def write_bundle(
     prompt_bytes = pool.to_bytes()
     meta = {
         "format": FORMAT,
-        "version": content_version(model_bytes, pool, config, calibration),
+        "version": content_version(model_bytes, pool, config.to_dict(), calibration),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "backbone": {

@@ -176,8 +176,8 @@ class TorchEngine:
         start = time.perf_counter()
         p = self.predictor
         with torch.inference_mode():
-            feats = p.backbone(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
-            pred = p.predict_features(feats, torch.from_numpy(np.asarray(given_class, np.int64)))
+            feats = p.features_of(torch.from_numpy(np.ascontiguousarray(inputs, np.float32)).to(p.device))
+            pred = p.predict_features(*feats, torch.from_numpy(np.asarray(given_class, np.int64)))
         return pred.numpy(time.perf_counter() - start)
 
 

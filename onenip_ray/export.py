@@ -85,10 +85,11 @@ class ScoreGraph(nn.Module):
                 memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        feats = self.backbone(image)
+        feats, patch_feats = self.backbone.with_patches(image, cfg.neighbor_stride)
         prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
-        neighbor = upsample(nearest_distances(feats, memory, memory_sqnorm, prompt_class[prompt_index]), cfg.image_size)
+        distances = nearest_distances(patch_feats, memory, memory_sqnorm, prompt_class[prompt_index])
+        neighbor = upsample(distances, cfg.image_size)
         alpha, scale, beta, neighbor_scale = fusion[0], fusion[1], fusion[2], fusion[3]
         fused = (1.0 - alpha) * maps.reconstruction + alpha * scale * maps.refiner
         fused = gaussian_blur((1.0 - beta) * fused + beta * neighbor_scale * neighbor, cfg.map_sigma)

@@ -78,17 +78,22 @@ class Predictor:
         return self.backbone.to_network_input(torch.from_numpy(np.ascontiguousarray(images)))
 
     @torch.inference_mode()
-    def features(self, images: np.ndarray) -> torch.Tensor:
-        return self.backbone(self.to_network_input(images))
+    def features(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """OneNIP's fused features and the nearest-neighbour map's patch features of uint8 RGB images."""
+        return self.features_of(self.to_network_input(images))
+
+    def features_of(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` of network inputs (N, 3, S, S)."""
+        return self.backbone.with_patches(inputs, self.config.neighbor_stride)
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
         """Score uint8 RGB images (N, S, S, 3). ``given_class`` (N,) fixes each image's class (oracle
         or caller-given; -1 = retrieve it); None retrieves every image's class from the prompt pool."""
-        return self.predict_features(self.features(images), given_class)
+        return self.predict_features(*self.features(images), given_class)
 
     @torch.inference_mode()
-    def predict_features(self, feats: torch.Tensor,
+    def predict_features(self, feats: torch.Tensor, patch_feats: torch.Tensor,
                          given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:
         if given_class is not None:
             given_class = given_class.to(self.device)
@@ -97,7 +102,7 @@ class Predictor:
                                                 given_class)
         class_index = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        neighbor = neighbor_distances(feats, self.memory, self.memory_class, class_index)
+        neighbor = neighbor_distances(patch_feats, self.memory, self.memory_class, class_index)
         maps.neighbor = upsample(neighbor, self.config.image_size)
         fused = self.fuse(maps)
         return Prediction(fused=fused, scores=image_scores(fused, self.config.score_pool), prompt_index=prompt_index,

@@ -80,9 +80,11 @@ class PromptPool:
 
 
 def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.Tensor, features: torch.Tensor,
-               prompts_per_class: int, memory_per_class: int, seed: int = 0) -> PromptPool:
+               patch_features: torch.Tensor, prompts_per_class: int, memory_per_class: int,
+               seed: int = 0) -> PromptPool:
     """The pool from the normal images of every class: ``prompts_per_class`` covering prompts
-    (``select_prompts``) and the patches of all of them as memory (``subsample`` to the cap)."""
+    (``select_prompts`` on ``features``) and the ``patch_features`` of all of them as memory
+    (``subsample`` to the cap)."""
     ids, index, prompt_feats, memory, memory_class = [], [], [], [], []
     for c in range(len(class_names)):
         rows = torch.nonzero(class_index == c).flatten()
@@ -90,7 +92,7 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
         ids += [image_ids[i] for i in chosen.tolist()]
         index.append(torch.full((len(chosen),), c))
         prompt_feats.append(features[chosen])
-        bank = patches(features[rows])
+        bank = patches(patch_features[rows])
         memory.append(bank[subsample(len(bank), memory_per_class, seed + c)])
         memory_class.append(torch.full((len(memory[-1]),), c))
     return PromptPool(list(class_names), ids, torch.cat(index), torch.cat(prompt_feats).float(),
@@ -134,8 +136,7 @@ def patches(features: torch.Tensor) -> torch.Tensor:
 
 
 def subsample(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Indices of at most ``size`` of ``count`` memory patches: all, or a seeded random subset
-    (measured: a random half of capsules' patches costs 0.03 image AUROC, so the default keeps all)."""
+    """Indices of at most ``size`` of ``count`` memory patches: all, or a seeded random subset."""
     if size <= 0 or size >= count:
         return torch.arange(count)
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values

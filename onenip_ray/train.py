@@ -315,10 +315,10 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
                         synthesizer, summary: dict) -> None:
     model.eval()
     train = data.train_index
-    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
-                      clean_features[train].cpu(),
-                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
+    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
+                      clean_features[train].cpu(), _patch_features(backbone, data.images[train], cfg.model),
+                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
     for c, name in enumerate(data.class_names):
@@ -328,6 +328,13 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
     write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
+
+
+@torch.inference_mode()
+def _patch_features(backbone, images: np.ndarray, config: ModelConfig, batch: int = 16) -> torch.Tensor:
+    """The nearest-neighbour map's patch features of ``images`` (the memory's source)."""
+    return torch.cat([backbone.with_patches(backbone.to_network_input(torch.from_numpy(images[i : i + batch])),
+                                            config.neighbor_stride)[1] for i in range(0, len(images), batch)])
 
 
 def default_run_name(out: str) -> str:

@@ -129,7 +129,11 @@ def test_bundle_json_fields(parts, bundle_dir):
 def _content_hash(bundle_dir: str) -> str:
     """sha256 of the model file, the pool's tensors and names, and the config + calibration JSON."""
     with open(os.path.join(bundle_dir, BUNDLE_FILE)) as f:
-        meta = json.load(f)
+        return _content_hash_of(bundle_dir, json.load(f))
+
+
+def _content_hash_of(bundle_dir: str, meta: dict) -> str:
+    """``_content_hash`` with ``meta`` in place of the directory's ``bundle.json``."""
     with open(os.path.join(bundle_dir, MODEL_FILE), "rb") as f:
         digest = hashlib.sha256(f.read())
     with open(os.path.join(bundle_dir, PROMPTS_FILE), "rb") as f:
@@ -168,6 +172,22 @@ def test_version_is_a_content_hash(parts, bundle_dir, tmp_path):
     assert changed["version"] == _content_hash(str(tmp_path / "changed"))
     restored = write_bundle(str(tmp_path / "restored"), CONFIG, backbone, model, pool, calibration, TRAINING)
     assert restored["version"] == version
+
+
+def test_a_bundle_from_before_neighbor_stride_loads_with_its_stride_16_memory(parts, tmp_path):
+    """Older releases wrote no ``neighbor_stride`` (their patch memory is on OneNIP's stride-16 grid);
+    such a bundle still verifies and reads as stride 16, a new one as stride 8."""
+    out = str(tmp_path / "old")
+    write_bundle(out, CONFIG, *parts, TRAINING)
+    path = os.path.join(out, BUNDLE_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    assert meta["config"].pop("neighbor_stride") == 8
+    meta["version"] = _content_hash_of(out, meta)  # what the older writer hashed: the config without the key
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    old = load_bundle(out)
+    assert old.config.neighbor_stride == 16 and old.version == meta["version"]
 
 
 def test_bundle_holds_no_pickle(bundle_dir, monkeypatch):

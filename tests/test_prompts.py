@@ -118,12 +118,14 @@ def test_select_prompts_covers_the_clusters_of_a_class():
 
 
 def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
-    feats = torch.randn(7, 8, 3, 3)
+    feats, patch_feats = torch.randn(7, 8, 3, 3), torch.randn(7, 8, 6, 6)  # patches on a grid twice as fine
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
-    pool = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=2, memory_per_class=0)
-    assert pool.class_index.tolist() == [0, 0, 1, 1]
-    assert pool.memory.shape == (7 * 9, 8) and (pool.memory_class == 1).sum() == 4 * 9
-    capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, prompts_per_class=1,
+    pool = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, patch_feats, prompts_per_class=2,
+                      memory_per_class=0)
+    assert pool.class_index.tolist() == [0, 0, 1, 1] and pool.features.shape == (4, 8, 3, 3)
+    assert pool.memory.shape == (7 * 36, 8) and (pool.memory_class == 1).sum() == 4 * 36
+    assert torch.equal(pool.memory[:36], patch_feats[0].permute(1, 2, 0).reshape(36, 8))
+    capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, patch_feats, prompts_per_class=1,
                         memory_per_class=10)
     assert (capped.memory_class == 0).sum() == 10 and (capped.memory_class == 1).sum() == 10
     assert len(subsample(100, 10, seed=3).unique()) == 10 and torch.equal(subsample(5, 10), torch.arange(5))
@@ -145,8 +147,9 @@ def test_neighbor_distances_match_brute_force_within_the_class():
 
 
 def test_a_class_is_removed_and_added_back_with_consistent_indices():
-    pool = build_pool(["a", "b", "c"], [f"i{k}" for k in range(6)], torch.tensor([0, 0, 1, 1, 2, 2]),
-                      torch.randn(6, 8, 2, 2), prompts_per_class=1, memory_per_class=0)
+    feats = torch.randn(6, 8, 2, 2)
+    pool = build_pool(["a", "b", "c"], [f"i{k}" for k in range(6)], torch.tensor([0, 0, 1, 1, 2, 2]), feats, feats,
+                      prompts_per_class=1, memory_per_class=0)
     without = pool.without_class("b")
     assert without.class_names == ["a", "c"] and without.class_index.tolist() == [0, 1]
     assert without.memory_class.unique().tolist() == [0, 1] and len(without.memory) == 16

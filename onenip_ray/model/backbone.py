@@ -59,11 +59,16 @@ class FrozenBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (N,3,H,W) → fused features (N, channels, H/16, W/16)."""
-        grid = (images.shape[-2] // 16, images.shape[-1] // 16)
+        return _fuse(self.body(images), images.shape[-2:])
+
+    @torch.no_grad()
+    def with_patches(self, images: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused features and, from the same forward pass, the nearest-neighbour map's patch
+        features at ``stride`` (N, channels, H/stride, W/stride): finer stages area-averaged onto that
+        grid, coarser ones bilinear-upsampled; at stride 16 the fused features themselves."""
         maps = self.body(images)
-        fused = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=True)
-                 for m in maps]
-        return torch.cat(fused, dim=1)
+        fused = _fuse(maps, images.shape[-2:])
+        return fused, fused if stride == 16 else _patch_grid(maps, images.shape[-2:], stride)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load ImageNet weights given with timm names or ``efficientnet_pytorch`` names.
@@ -82,6 +87,28 @@ class FrozenBackbone(nn.Module):
         if bad:
             raise ValueError(f"backbone weights for {self.name} have wrong shapes for {bad[:3]}")
         self.body.load_state_dict(picked, strict=True)
+
+
+def _fuse(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Stage outputs resized to the stride-16 grid (bilinear, ``align_corners=True``: the official neck)."""
+    grid = (size[0] // 16, size[1] // 16)
+    return torch.cat([m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=True)
+                      for m in maps], dim=1)
+
+
+def _patch_grid(maps: list[torch.Tensor], size: tuple[int, int], stride: int) -> torch.Tensor:
+    """Stage outputs on the stride-``stride`` grid: finer stages averaged over stride × stride
+    pixels (no aliasing of small defects), coarser ones bilinear-upsampled."""
+    grid = (size[0] // stride, size[1] // stride)
+    out = []
+    for m in maps:
+        factor = m.shape[-1] // grid[1]
+        if factor > 1:
+            m = F.avg_pool2d(m, kernel_size=factor, stride=factor)
+        elif m.shape[-2:] != grid:
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=True)
+        out.append(m)
+    return torch.cat(out, dim=1)
 
 
 def _truncate_after_last_stage(body: nn.Module, modules: list[str]) -> None:

@@ -92,6 +92,20 @@ def test_fusion_concatenates_resized_stage_maps(lite0, probe):
     assert torch.equal(fused[:, -112:], maps[3])  # already on the stride-16 grid
 
 
+def test_patch_features_average_finer_stages_and_upsample_coarser_ones(lite0, probe):
+    """The nearest-neighbour map's stride-8 patches come from the same pass: stages at stride 2 and 4
+    averaged over each 8 × 8 cell, stride 8 as is, stride 16 bilinear-upsampled; stride 16 = the fused features."""
+    maps = lite0.body(probe)
+    fused, patch_feats = lite0.with_patches(probe, 8)
+    assert torch.equal(fused, lite0(probe)) and patch_feats.shape == (2, 192, 8, 8)
+    assert torch.allclose(patch_feats[:, :16], torch.nn.functional.avg_pool2d(maps[0], 4), atol=1e-6)
+    assert torch.equal(patch_feats[:, 40:80], maps[2])
+    up = torch.nn.functional.interpolate(maps[3], size=(8, 8), mode="bilinear", align_corners=True)
+    assert torch.allclose(patch_feats[:, -112:], up, atol=1e-6)
+    same_grid = lite0.with_patches(probe, 16)
+    assert torch.equal(same_grid[0], same_grid[1])
+
+
 def test_blocks_after_last_used_stage_are_truncated(lite0):
     assert len(timm.create_model(LITE0, pretrained=False).blocks) == 7
     assert len(lite0.body.blocks) == 5
