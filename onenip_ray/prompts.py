@@ -142,6 +142,11 @@ def subsample(count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
+# Query patches per distance matrix: 512 × 100,000 memory patches = 205 MB (a whole stride-8 image
+# at 320 px, 1,600 patches, would be 640 MB).
+QUERY_BLOCK = 512
+
+
 def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_class: torch.Tensor,
                        class_index: torch.Tensor, chunk: int = 1) -> torch.Tensor:
     """Per patch, the L2 distance to the nearest memory patch of the image's class: (N, h, w).
@@ -161,7 +166,8 @@ def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_clas
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
             query = patches(features[r])
-            out[r] = nearest_distance(query, bank, torch.cdist(query, bank).argmin(dim=1)).view(len(r), h, w)
+            nearest = torch.cat([torch.cdist(block, bank).argmin(dim=1) for block in query.split(QUERY_BLOCK)])
+            out[r] = nearest_distance(query, bank, nearest).view(len(r), h, w)
     return out
 
 

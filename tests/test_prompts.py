@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from onenip_ray import prompts
 from onenip_ray.prompts import (
     PromptPool,
     build_pool,
@@ -144,6 +145,16 @@ def test_neighbor_distances_match_brute_force_within_the_class():
                 expected = (bank - feats[n, :, y, x]).norm(dim=1).min()
                 assert torch.isclose(got[n, y, x], expected, atol=1e-5)
     assert torch.equal(neighbor_distances(feats, memory, memory_class, torch.tensor([2, 2, 2])), torch.zeros(3, 2, 2))
+
+
+def test_query_blocks_do_not_change_the_distances(monkeypatch):
+    """Query patches go through the distance matrix in blocks (bounded memory); the result is the same."""
+    g = torch.Generator().manual_seed(3)
+    feats, memory = torch.randn(2, 4, 3, 3, generator=g), torch.randn(30, 4, generator=g)
+    memory_class, classes = torch.tensor([0] * 15 + [1] * 15), torch.tensor([0, 1])
+    whole = neighbor_distances(feats, memory, memory_class, classes)
+    monkeypatch.setattr(prompts, "QUERY_BLOCK", 2)
+    assert torch.equal(neighbor_distances(feats, memory, memory_class, classes), whole)
 
 
 def test_a_class_is_removed_and_added_back_with_consistent_indices():
