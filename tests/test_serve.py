@@ -356,6 +356,15 @@ def _stats(base: str) -> dict:
     return response.json()
 
 
+def _stats_once(base: str) -> dict | None:
+    """``/v1/stats``, or None where Serve's proxy dropped the request with its backpressure 503."""
+    response = requests.get(f"{base}/v1/stats", timeout=30)
+    if response.status_code == 503 and "backpressure" in response.text:
+        return None
+    assert response.status_code == 200, (response.status_code, response.headers, response.text)
+    return response.json()
+
+
 def _start_upload(url: str, declared: int, sent: bytes) -> socket.socket:
     """A raw-body POST that declares ``declared`` bytes, sends ``sent`` and then stalls."""
     parsed = urlparse(url)
@@ -384,11 +393,13 @@ def test_a_full_replica_answers_503_and_stalled_uploads_time_out(service, tiny_b
     try:
         png = next(iter(images.values()))
         url = f"{service}/strict/v1/score"
-        # first request to a new app: until the proxy's router has its replica list, Serve counts
-        # requests as queued, and this app's Serve queue (one capacity: 2) would reject the third
-        assert _stats(f"{service}/strict")["capacity"] == 2
+        # first requests to a new app: until the proxy's router has its replica list, Serve counts
+        # requests as queued, and this app's Serve queue (capacity 2) drops the next with its own
+        # 503 ("dropped due to backpressure"): poll until the app answers before filling it
+        assert _wait_for(lambda: _stats_once(f"{service}/strict"), "the new app to answer")["capacity"] == 2
         stalled = [_start_upload(url, len(png), png[:100]) for _ in range(2)]
-        _wait_for(lambda: _stats(f"{service}/strict")["in_progress"] == 2, "2 admitted uploads")
+        # until the replica takes the two uploads, the proxy counts them as queued: same 503, same poll
+        _wait_for(lambda: (_stats_once(f"{service}/strict") or {}).get("in_progress") == 2, "2 admitted uploads")
         full = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=30)
         assert full.status_code == 503 and full.headers["Retry-After"] == "1", full.text
         assert "replica full: 2 requests in progress or queued (max_queued_requests=0)" in full.json()["error"]
