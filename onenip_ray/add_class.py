@@ -21,6 +21,7 @@ import torch
 from . import storage
 from .bundle import Bundle, commit_bundle, load_bundle, write_bundle
 from .calibration import Calibration, CalibrationMaps, class_calibration, route_floors, score_normals
+from .config import TrainConfig
 from .data.images import ImageError, decode_image, resize_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .inputs import list_inputs
@@ -82,7 +83,7 @@ def add_class(
     bundle = load_bundle(bundle_uri, endpoint)
     train_cfg = bundle.meta.get("training", {}).get("config", {})
     k = prompts_per_class or int(train_cfg.get("prompts_per_class", 4))
-    memory_cap = int(train_cfg.get("memory_per_class", 0)) if memory_per_class is None else memory_per_class
+    memory_cap = _memory_cap(train_cfg) if memory_per_class is None else memory_per_class
     fpr = bundle.calibration.target_fpr if target_fpr is None else target_fpr
     base, per_class = bundle.pool, dict(bundle.calibration.per_class)
     if class_name in base.class_names:
@@ -115,6 +116,13 @@ def add_class(
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
             "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
             "route_floor": floors[class_name]}
+
+
+def _memory_cap(train_cfg: dict[str, Any]) -> int:
+    """The bundle's training cap, at most today's default: bundles trained before the memory became a
+    coreset hold random 100,000-patch memories, and a coreset that large takes minutes per fold."""
+    trained, default = int(train_cfg.get("memory_per_class", 0)), TrainConfig.memory_per_class
+    return min(trained, default) if trained > 0 else 0
 
 
 def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray,

@@ -119,7 +119,8 @@ def _add_add_class(ac: argparse.ArgumentParser) -> None:
     ac.add_argument("--prompts-per-class", type=int, default=None,
                     help="prompt images for the class (default: as the bundle was trained)")
     ac.add_argument("--memory-per-class", type=int, default=None,
-                    help="normal patches kept for the class (default: as the bundle was trained)")
+                    help="normal patches kept for the class (default: as the bundle was trained, at most the "
+                         "training default)")
     ac.add_argument("--target-fpr", type=float, default=None,
                     help="false-positive rate of the class's threshold (default: the bundle's)")
     _options(ac, T, "seed")

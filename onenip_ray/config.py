@@ -139,8 +139,8 @@ class TrainConfig:
     target_fpr: float = flag(0.05, "false-positive rate the per-class thresholds aim at")
     prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval "
                                      "descriptors)")
-    memory_per_class: int = flag(100_000, "normal patches kept per class for the nearest-neighbour map (0 = all; "
-                                          "above: a random subset)")
+    memory_per_class: int = flag(16_000, "normal patches kept per class for the nearest-neighbour map (0 = all; "
+                                         "above: a greedy coreset)")
     checkpoint_every: int = flag(1, "checkpoint every N epochs (0 = only at the end)")
     max_failures: int = flag(2, "worker-group restarts from the latest checkpoint")
     loader_workers: int = flag(0, "DataLoader processes for anomaly synthesis per trainer")

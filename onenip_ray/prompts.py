@@ -1,8 +1,8 @@
 """The prompt pool: normal images per class as backbone features, plus class-agnostic retrieval.
 
 Two things per class: ``k`` prompt images (``features``; OneNIP's visual prompts, chosen to cover
-the class's variation) and a **memory** of normal patch features (``memory``; every training
-normal's patches, up to a cap) for the nearest-neighbour map that is fused
+the class's variation) and a **memory** of normal patch features (``memory``; the training
+normals' patches, a coreset of them above a cap) for the nearest-neighbour map that is fused
 with OneNIP's maps.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
                seed: int = 0) -> PromptPool:
     """The pool from the normal images of every class: ``prompts_per_class`` covering prompts
     (``select_prompts`` on ``features``) and the ``patch_features`` of all of them as memory
-    (``subsample`` to the cap)."""
+    (a ``subsample`` coreset above the cap)."""
     ids, index, prompt_feats, memory, memory_class = [], [], [], [], []
     for c in range(len(class_names)):
         rows = torch.nonzero(class_index == c).flatten()
@@ -93,7 +93,7 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
         index.append(torch.full((len(chosen),), c))
         prompt_feats.append(features[chosen])
         bank = patches(patch_features[rows])
-        memory.append(bank[subsample(len(bank), memory_per_class, seed + c)])
+        memory.append(bank[subsample(bank, memory_per_class, seed + c)])
         memory_class.append(torch.full((len(memory[-1]),), c))
     return PromptPool(list(class_names), ids, torch.cat(index), torch.cat(prompt_feats).float(),
                       torch.cat(memory).float(), torch.cat(memory_class))
@@ -135,11 +135,30 @@ def patches(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def subsample(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Indices of at most ``size`` of ``count`` memory patches: all, or a seeded random subset."""
+# Dimensions of the seeded random projection the memory coreset measures distances in.
+CORESET_DIM = 64
+
+
+def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices of at most ``size`` rows of ``bank`` (M, C) as the memory: all, or a coreset chosen
+    greedily, each next patch the one farthest from those chosen (k-center, as in PatchCore), with
+    distances in a seeded random projection to ``CORESET_DIM`` dimensions. It keeps the rare
+    normal patches a random subset drops: on macaroni1, 5 % of the patches chosen so gave image
+    AUROC 0.889 against 0.848 for a random 35 % (README)."""
+    count = len(bank)
     if size <= 0 or size >= count:
         return torch.arange(count)
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    generator = torch.Generator().manual_seed(seed)
+    x = bank.float() @ torch.randn(bank.shape[1], CORESET_DIM, generator=generator).to(bank.device)
+    sq = (x * x).sum(1)
+    chosen = torch.empty(size, dtype=torch.int64)
+    chosen[0] = int(torch.randint(count, (1,), generator=generator))
+    nearest = sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distance to the nearest chosen patch
+    for i in range(1, size):
+        j = int(nearest.argmax())
+        chosen[i] = j
+        torch.minimum(nearest, sq - 2.0 * (x @ x[j]) + sq[j], out=nearest)
+    return chosen.sort().values
 
 
 # Query patches per distance matrix: 512 × 100,000 memory patches = 205 MB (a whole stride-8 image

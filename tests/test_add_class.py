@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from onenip_ray.add_class import add_class, views_of_one
+from onenip_ray.add_class import _memory_cap, add_class, views_of_one
 from onenip_ray.bundle import load_bundle
 from onenip_ray.cli import main
+from onenip_ray.config import TrainConfig
 from onenip_ray.formats import UNKNOWN_CLASS
 from onenip_ray.scoring import Scorer
 
@@ -109,3 +110,10 @@ def test_an_image_of_no_known_class_is_flagged_unknown(tiny_bundle, tiny_dataset
     # a caller-given class is trusted: no unknown flag
     given = scorer.score_bytes([(n, d, "disc") for n, d, _ in checkers[:2]])
     assert all(r["class_name"] == "disc" for r in given)
+
+
+def test_the_memory_cap_follows_the_bundle_up_to_todays_default():
+    default = TrainConfig.memory_per_class
+    assert _memory_cap({"memory_per_class": 5000}) == 5000
+    assert _memory_cap({"memory_per_class": 100_000}) == default  # a pre-coreset bundle: not a 100,000 coreset
+    assert _memory_cap({"memory_per_class": 0}) == 0 and _memory_cap({}) == 0  # all patches

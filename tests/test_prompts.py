@@ -129,7 +129,18 @@ def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
     capped = build_pool(["a", "b"], [f"img{i}" for i in range(7)], labels, feats, patch_feats, prompts_per_class=1,
                         memory_per_class=10)
     assert (capped.memory_class == 0).sum() == 10 and (capped.memory_class == 1).sum() == 10
-    assert len(subsample(100, 10, seed=3).unique()) == 10 and torch.equal(subsample(5, 10), torch.arange(5))
+    assert torch.equal(subsample(torch.randn(5, 8), 10), torch.arange(5))
+
+
+def test_the_memory_coreset_keeps_rare_patches_a_random_subset_would_drop():
+    g = torch.Generator().manual_seed(4)
+    common = 0.05 * torch.randn(2000, 16, generator=g)  # one dense mode of normal patches
+    rare = 3.0 * torch.eye(16)[:5]  # five rare normal patches, far from it and from each other
+    bank = torch.cat([common, rare])
+    chosen = subsample(bank, 20, seed=3)
+    assert len(chosen.unique()) == 20 and torch.equal(chosen, chosen.sort().values)
+    assert set(range(2000, 2005)) <= set(chosen.tolist())  # every rare patch is kept (random: 20/2005 each)
+    assert torch.equal(chosen, subsample(bank, 20, seed=3))  # seeded: the same memory every time
 
 
 def test_neighbor_distances_match_brute_force_within_the_class():
