@@ -161,8 +161,8 @@ def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     return chosen.sort().values
 
 
-# Query patches per distance matrix: 512 × 100,000 memory patches = 205 MB (a whole stride-8 image
-# at 320 px, 1,600 patches, would be 640 MB).
+# Query patches per distance matrix: bounds its size for large memories (512 × 100,000 patches, a
+# bundle from before the coreset, = 205 MB where a whole stride-8 image at 320 px would be 640 MB).
 QUERY_BLOCK = 512
 
 
