@@ -3,9 +3,11 @@
 The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
 its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
 threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
-Every normal is scored by a pool built from the *other* normals (k-fold, at most 5 folds), so no
-image is calibrated against itself; a single normal is calibrated on shifted and re-lit views of
-itself. The result is a new bundle version (new content hash); the source bundle is untouched.
+Every normal is scored by a pool of the *other* normals (k-fold, at most 5 folds), so no image is
+calibrated against itself: their prompts, and the memory's patches that came from them (one coreset
+of all normals, built once, so a fold costs no coreset of its own). A single normal is calibrated on
+shifted and re-lit views of itself. The result is a new bundle version (new content hash); the source
+bundle is untouched.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .data.images import ImageError, decode_image, resize_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .inputs import list_inputs
 from .predictor import Predictor
-from .prompts import PromptPool, build_pool
+from .prompts import PromptPool, descriptors, patches, select_prompts, subsample
 
 MIN_NORMALS = 1
 RECOMMENDED_NORMALS = 8
@@ -97,11 +99,7 @@ def add_class(
     feats, patch_feats = (torch.cat(parts) for parts in zip(*(predictor.features(images[i : i + 16])
                                                                for i in range(0, len(images), 16))))
 
-    def pool_of(rows: np.ndarray) -> PromptPool:
-        one = build_pool([class_name], [uris[i] for i in rows], torch.zeros(len(rows), dtype=torch.int64), feats[rows],
-                         patch_feats[rows], k, memory_cap, seed)
-        return base.with_class(class_name, one.prompt_ids, one.features, one.memory)
-
+    pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed)
     cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
     per_class[class_name] = cal
     pool = pool_of(np.arange(len(images)))
@@ -116,6 +114,24 @@ def add_class(
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
             "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
             "route_floor": floors[class_name]}
+
+
+def _pool_maker(base: PromptPool, class_name: str, uris: list[str], feats: torch.Tensor, patch_feats: torch.Tensor,
+                k: int, memory_cap: int, seed: int) -> Callable[[np.ndarray], PromptPool]:
+    """``pool_of(rows)``: ``base`` with the class as the normals ``rows`` give it, their ``k`` covering
+    prompts and their patches of the class's memory (one coreset of all normals, as ``build_pool``
+    keeps it in training)."""
+    bank = patches(patch_feats)
+    kept = subsample(bank, memory_cap, seed)
+    kept_image = kept // (len(bank) // len(feats))
+
+    def pool_of(rows: np.ndarray) -> PromptPool:
+        rows = torch.as_tensor(rows)
+        chosen = rows[select_prompts(descriptors(feats[rows]), k)].tolist()
+        memory = bank[kept[torch.isin(kept_image, rows)]]
+        return base.with_class(class_name, [uris[i] for i in chosen], feats[chosen].float(), memory.float())
+
+    return pool_of
 
 
 def _memory_cap(train_cfg: dict[str, Any]) -> int:

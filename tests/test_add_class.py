@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from onenip_ray.add_class import _memory_cap, add_class, views_of_one
 from onenip_ray.bundle import load_bundle
@@ -117,3 +118,32 @@ def test_the_memory_cap_follows_the_bundle_up_to_todays_default():
     assert _memory_cap({"memory_per_class": 5000}) == 5000
     assert _memory_cap({"memory_per_class": 100_000}) == default  # a pre-coreset bundle: not a 100,000 coreset
     assert _memory_cap({"memory_per_class": 0}) == 0 and _memory_cap({}) == 0  # all patches
+
+
+def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, checker_dir, tmp_path, monkeypatch):
+    """One coreset of all normals; a fold's pool keeps only the other normals' patches of it."""
+    import onenip_ray.add_class as module
+
+    folds, score = [], module.score_normals
+
+    def spy(predictor, cls, images, *args):
+        c = predictor.pool.class_names.index(cls)
+        folds.append((images, predictor.pool.memory[predictor.pool.memory_class == c].clone()))
+        return score(predictor, cls, images, *args)
+
+    monkeypatch.setattr(module, "score_normals", spy)
+    add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b2"), memory_per_class=300)
+    final = load_bundle(str(tmp_path / "b2"))
+    memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
+    assert len(memory) == 300 and len(folds) == 5 and sum(len(images) for images, _ in folds) == 8
+    predictor = final.predictor()
+    for images, fold_memory in folds:
+        own = predictor.features(images)[1].permute(0, 2, 3, 1).reshape(-1, memory.shape[1])
+        assert 0 < len(fold_memory) < len(memory)
+        assert not (_distance(fold_memory, own) < 1e-6).any()  # none of the held-out images' patches
+        assert (_distance(fold_memory, memory) < 1e-6).all()  # all from the final coreset
+
+
+def _distance(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Each row's distance to its nearest ``bank`` row, exact (no matrix-product cancellation)."""
+    return torch.cdist(rows, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
