@@ -35,6 +35,7 @@ _EXPORTS = {
     "run_training": "train",
     "evaluate": "evaluate",
     "add_class": "add_class",
+    "set_threshold": "set_threshold",
     "export_bundle": "export",
     "publish": "publish",
     "run_batch_scoring": "batch",

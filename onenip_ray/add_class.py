@@ -11,8 +11,6 @@ bundle is untouched.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -21,8 +19,8 @@ import numpy as np
 import torch
 
 from . import storage
-from .bundle import Bundle, commit_bundle, load_bundle, write_bundle
-from .calibration import Calibration, CalibrationMaps, class_calibration, route_floors, score_normals
+from .bundle import check_new_uri, load_bundle, write_version
+from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .config import TrainConfig
 from .data.images import ImageError, decode_image, resize_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
@@ -78,8 +76,7 @@ def add_class(
     endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out_uri``: the bundle at ``bundle_uri`` plus (or with a replaced) ``class_name``."""
-    if storage.canonical_uri(out_uri).rstrip("/") == storage.canonical_uri(bundle_uri).rstrip("/"):
-        raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
+    check_new_uri(bundle_uri, out_uri)
     if not class_name or class_name != class_name.strip():
         raise ValueError(f"invalid class name {class_name!r}")
     bundle = load_bundle(bundle_uri, endpoint)
@@ -110,7 +107,7 @@ def add_class(
              "prompts": k,
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
-    meta = _write_new_version(bundle, pool, calibration, added, out_uri, endpoint)
+    meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
             "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
             "route_floor": floors[class_name]}
@@ -156,21 +153,6 @@ def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray,
         predictor.set_pool(pool_of(np.setdiff1d(np.arange(len(images)), held)))
         parts.append(score_normals(predictor, class_name, images[held], synthesizer, rng))
     return _normals_first(parts)
-
-
-def _write_new_version(bundle: Bundle, pool: PromptPool, calibration: Calibration, added: dict[str, Any], out_uri: str,
-                       endpoint: str | None) -> dict[str, Any]:
-    """The bundle's weights with ``pool`` and ``calibration``, ``added`` appended to its training
-    record, committed to ``out_uri``; returns its ``bundle.json``."""
-    training = dict(bundle.meta.get("training", {}))
-    training["added_classes"] = [*training.get("added_classes", []), added]
-    local = tempfile.mkdtemp(prefix="onenip-add-class-")
-    try:
-        meta = write_bundle(local, bundle.config, bundle.backbone, bundle.model, pool, calibration, training)
-        commit_bundle(local, out_uri, endpoint)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    return meta
 
 
 def _normals_first(parts: list[CalibrationMaps]) -> CalibrationMaps:

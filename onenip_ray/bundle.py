@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -182,3 +184,25 @@ def load_bundle(uri: str, endpoint: str | None = None, pool: PromptPool | None =
 def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> None:
     """Publish a written bundle; ``bundle.json`` lands last so a readable bundle is complete."""
     storage.commit_dir(local_dir, out_uri, endpoint=endpoint, marker=BUNDLE_FILE)
+
+
+def check_new_uri(bundle_uri: str, out_uri: str) -> None:
+    """A new version goes beside its source: ``out_uri`` must differ from ``bundle_uri``."""
+    if storage.canonical_uri(out_uri).rstrip("/") == storage.canonical_uri(bundle_uri).rstrip("/"):
+        raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
+
+
+def write_version(bundle: Bundle, pool: PromptPool, calibration: Calibration, change: str, record: dict[str, Any],
+                  out_uri: str, endpoint: str | None = None) -> dict[str, Any]:
+    """A new version of ``bundle`` at ``out_uri``: its weights with ``pool`` and ``calibration``, and
+    ``record`` appended to the training summary's ``change`` list (e.g. ``added_classes``); returns
+    its ``bundle.json``."""
+    training = dict(bundle.meta.get("training", {}))
+    training[change] = [*training.get(change, []), record]
+    local = tempfile.mkdtemp(prefix="onenip-bundle-")
+    try:
+        meta = write_bundle(local, bundle.config, bundle.backbone, bundle.model, pool, calibration, training)
+        commit_bundle(local, out_uri, endpoint)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return meta

@@ -10,8 +10,10 @@ class's own prompts and memory, give an upper prediction bound for one more norm
 exceeds it with probability ``target_fpr`` under a normal model of the scores. It widens by
 itself when there are few normals (n = 5: t = 2.13 at 5 %; n = 500: 1.65) instead of taking the
 maximum of a handful as a quantile would. ``MIN_NORMALS`` (2) is the least it accepts; 5 or more
-are recommended. The calibrated ``score = sigmoid((raw − threshold) / scale)`` is exactly 0.5 at
-the threshold, ``scale`` the normals' spread.
+are recommended. A class may carry its own target (``retargeted``; ``onenip set-threshold``): the
+same bound from the stored normal statistics. The calibrated
+``score = sigmoid((raw − threshold) / scale)`` is exactly 0.5 at the threshold, ``scale`` the
+normals' spread.
 
 Routing floor (unknown products): a class's ``route_floor`` lies halfway between the lowest
 retrieval similarity of its normals and the highest similarity of another class's prompt to its
@@ -20,7 +22,7 @@ floor of its nearest class resembles no class in the pool.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -48,6 +50,17 @@ class ClassCalibration:
     num_images: int
     normal_similarity_min: float  # lowest retrieval similarity of the normals to their own prompts
     route_floor: float = 0.0  # retrieval similarity below this = an unknown product
+    target_fpr: float | None = None  # the class's own target false-positive rate; None: the bundle's
+
+    def retargeted(self, target_fpr: float) -> "ClassCalibration":
+        """This class with the threshold the same rule gives at ``target_fpr`` (same normals)."""
+        return replace(self, threshold_raw=bound(self.normal_mean, self.normal_std, self.num_images, target_fpr),
+                       target_fpr=target_fpr)
+
+    def to_dict(self) -> dict:
+        """As stored in ``bundle.json``; no ``target_fpr`` key without an own target (so bundles written
+        before it keep their content hash)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "target_fpr" and v is None)}
 
 
 @dataclass
@@ -66,7 +79,7 @@ class Calibration:
                 "fusion_auroc": self.fusion_auroc,
                 "rule": f"threshold_raw = mean + t(1-{self.target_fpr}; n-1) * sd * sqrt(1+1/n) "
                         "of the calibration normals' scores",
-                "per_class": {k: asdict(v) for k, v in self.per_class.items()}}
+                "per_class": {k: v.to_dict() for k, v in self.per_class.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":

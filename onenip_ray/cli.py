@@ -127,6 +127,15 @@ def _add_add_class(ac: argparse.ArgumentParser) -> None:
     ac.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
+def _add_set_threshold(st: argparse.ArgumentParser) -> None:
+    st.add_argument("--bundle", required=True, help="source model bundle (local or s3://); left untouched")
+    st.add_argument("--target-fpr", type=float, required=True,
+                    help="false-positive rate the classes' thresholds aim at (see evaluate's threshold_sweep)")
+    st.add_argument("--classes", default="", help="comma-separated classes to re-threshold (default: all)")
+    st.add_argument("--out", required=True, help="the new bundle (local or s3://); must differ from --bundle")
+    st.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
+
+
 def _add_export(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--bundle", required=True, help="model bundle (local or s3://)")
     ex.add_argument("--format", default=GRAPH_FORMATS[0], choices=GRAPH_FORMATS,
@@ -220,6 +229,8 @@ COMMAND_FLAGS = {
     "info": ("print backbone channels, feature grid and parameter count as JSON", _add_model_flags),
     "train": ("train with Ray Train and write a model bundle", _add_train),
     "add-class": ("add (or --replace) a product class from a few good images; writes a new bundle", _add_add_class),
+    "set-threshold": ("re-threshold classes at another target false-positive rate; writes a new bundle",
+                      _add_set_threshold),
     "export": ("export a bundle to ONNX / OpenVINO; written only if it matches PyTorch on real images", _add_export),
     "evaluate": ("evaluate a bundle on labelled test splits; writes metrics.json", _add_evaluate),
     "score": ("nightly batch scoring with Ray Data into OUTPUT/run_date=YYYY-MM-DD/ (Parquet)", _add_score),
@@ -289,6 +300,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
                       runtime=args.runtime)
     return {"metrics": os.path.join(args.out, METRICS_FILE), "mean": report["mean"],
             "routing_accuracy": report["routing_accuracy"], "per_class": report["per_class"]}
+
+
+def cmd_set_threshold(args: argparse.Namespace) -> dict:
+    from .set_threshold import set_threshold
+
+    return set_threshold(args.bundle, args.out, args.target_fpr, _classes(args.classes) or None,
+                         endpoint=args.s3_endpoint)
 
 
 def cmd_add_class(args: argparse.Namespace) -> dict:
@@ -403,7 +421,8 @@ def cmd_report(args: argparse.Namespace) -> dict:
                         endpoint=args.s3_endpoint, gallery_size=args.gallery_size)
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "export": cmd_export,
+COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "set-threshold": cmd_set_threshold,
+            "export": cmd_export,
             "evaluate": cmd_evaluate,
             "score": cmd_score, "serve": cmd_serve, "publish": cmd_publish, "report": cmd_report}
 

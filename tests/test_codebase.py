@@ -23,7 +23,7 @@ LAYERS = (
      "model.build"},  # the pure model
     {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO
     {"predictor", "calibration", "bundle", "engines", "training_data", "visualization"},  # inference
-    {"scoring", "train", "evaluate", "add_class", "export", "publish"},  # operations
+    {"scoring", "train", "evaluate", "add_class", "set_threshold", "export", "publish"},  # operations
     {"batch", "nightly", "serve", "serve_args", "report"},  # applications
     {"cli", "__init__"},
 )

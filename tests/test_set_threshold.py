@@ -1,0 +1,68 @@
+"""`onenip set-threshold`: a class's operating point changed without retraining."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from onenip_ray.bundle import load_bundle
+from onenip_ray.calibration import bound
+from onenip_ray.cli import main
+from onenip_ray.evaluate import evaluate
+from onenip_ray.scoring import Scorer
+
+
+def _digest(folder: str) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def test_one_class_is_rethresholded_and_the_rest_is_untouched(tiny_bundle, tiny_dataset, tmp_path, capsys):
+    source = load_bundle(tiny_bundle)
+    cls, other = source.classes[0], source.classes[1]
+    before = _digest(tiny_bundle)
+    out = str(tmp_path / "b2")
+    assert main(["set-threshold", "--bundle", tiny_bundle, "--classes", cls, "--target-fpr", "0.3", "--out", out]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert _digest(tiny_bundle) == before
+    new = load_bundle(out)
+    assert result["version"] == new.version != source.version and result["from_version"] == source.version
+    old_cal, new_cal = source.calibration.per_class[cls], new.calibration.per_class[cls]
+    assert new_cal.target_fpr == 0.3 and new_cal.threshold_raw == result["thresholds"][cls]
+    assert new_cal.threshold_raw == bound(old_cal.normal_mean, old_cal.normal_std, old_cal.num_images, 0.3)
+    assert new_cal.threshold_raw < old_cal.threshold_raw  # a higher false-positive rate: a lower threshold
+    assert new.calibration.per_class[other] == source.calibration.per_class[other]
+    assert new.meta["training"]["threshold_changes"][-1]["classes"] == [cls]
+    # the deployed threshold is what scoring and evaluation use
+    report = evaluate(out, [("mvtec", str(tiny_dataset))], str(tmp_path / "eval"), classes=[cls])
+    assert report["per_class"][cls]["target_fpr"] == 0.3
+    sweep = report["threshold_sweep"][cls]["0.3"]
+    assert report["per_class"][cls]["threshold_recall"] == sweep["threshold_recall"]
+    png = cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
+    row = Scorer(new, batch_size=1).score_bytes([("x.png", png, cls)])[0]
+    assert row["threshold_raw"] == new_cal.threshold_raw
+    assert row["is_anomalous"] == (row["score_raw"] > new_cal.threshold_raw)
+
+
+def test_bad_requests_are_refused(tiny_bundle, tmp_path, capsys):
+    out = str(tmp_path / "b2")
+    args = ["set-threshold", "--bundle", tiny_bundle, "--out", out]
+    assert main([*args, "--classes", "nope", "--target-fpr", "0.1"]) == 2
+    assert "no class 'nope'" in capsys.readouterr().err
+    assert main([*args, "--target-fpr", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert main(["set-threshold", "--bundle", tiny_bundle, "--target-fpr", "0.1", "--out", tiny_bundle]) == 2
+    assert "--out must differ" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
+def test_a_bundle_without_own_targets_keeps_its_stored_calibration():
+    """No ``target_fpr`` key unless a class has its own target: earlier bundles keep their hash."""
+    from onenip_ray.calibration import ClassCalibration
+
+    cal = ClassCalibration(threshold_raw=3.0, score_scale=1.0, normal_median=2.0, normal_mean=2.0, normal_std=0.5,
+                           map_low=1.0, num_images=10, normal_similarity_min=0.9)
+    assert "target_fpr" not in cal.to_dict()
+    assert cal.retargeted(0.2).to_dict()["target_fpr"] == 0.2
