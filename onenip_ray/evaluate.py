@@ -28,6 +28,8 @@ from .training_data import load_images
 BRANCHES = {"onenip": 0.0, "neighbor": 1.0}
 # Other target false-positive rates of the same threshold rule: what each would have given here.
 SWEEP_FPR = (0.01, 0.05, 0.1, 0.2, 0.3)
+# Per-class facts, not metrics: no mean of them.
+NOT_AVERAGED = ("num_images", "target_fpr")
 
 
 def evaluate(
@@ -152,7 +154,7 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
                                for b in BRANCHES if acc[b]}
     return {
         "per_class": results,
-        "mean": summarize({c: {k: v for k, v in m.items() if k != "num_images"} for c, m in results.items()}),
+        "mean": summarize({c: {k: v for k, v in m.items() if k not in NOT_AVERAGED} for c, m in results.items()}),
         "routing_accuracy": _routing_accuracy(rows),
         "threshold_sweep": sweeps,
         "branches": None if predictor is None else {

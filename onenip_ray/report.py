@@ -65,7 +65,7 @@ METRIC_COLUMNS = (
     ("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I-F1max"),
     ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_aupro", "AUPRO"),
     ("threshold_precision", "precision@thr"), ("threshold_recall", "recall@thr"),
-    ("threshold_f1", "F1@thr"), ("threshold_fpr", "FPR@thr"),
+    ("threshold_f1", "F1@thr"), ("threshold_fpr", "FPR@thr"), ("target_fpr", "target FPR"),
 )
 CONFUSION_KEYS = ("TP", "FP", "FN", "TN")
 GALLERY_ROLES = (("image", "image"), ("overlay", "overlay"), ("heatmap", "heat map"), ("mask", "ground truth"))
