@@ -73,6 +73,11 @@ class Calibration:
     neighbor_scale: float = 1.0
     fusion_auroc: dict[str, float] | None = None  # calibration pixel AUROC per candidate "α,β"
 
+    def target_of(self, cls: str) -> float:
+        """The false-positive rate class ``cls``'s threshold aims at: its own, else the bundle's."""
+        own = self.per_class[cls].target_fpr
+        return self.target_fpr if own is None else own
+
     def to_dict(self) -> dict:
         return {"rec_scale": self.rec_scale, "target_fpr": self.target_fpr, "alpha": self.alpha,
                 "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale,

@@ -145,7 +145,7 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
         cal = model.calibration.per_class[cls]
         results[cls] = class_metrics(labels, scores, masks, np.stack(acc["maps"]))
         results[cls].update(_at_threshold(labels, scores, cal.threshold_raw))
-        results[cls]["target_fpr"] = model.calibration.target_fpr if cal.target_fpr is None else cal.target_fpr
+        results[cls]["target_fpr"] = model.calibration.target_of(cls)
         sweeps[cls] = _threshold_sweep(labels, scores, cal)
         results[cls]["num_images"] = int(len(labels))
         routed = [r["routed_class"] for r in rows if r["class_name"] == cls]

@@ -235,6 +235,7 @@ def load_model(bundle_uri: str, args: ServeArgs, run_id: str, release_root: str 
         "release_root": release_root,
         "classes": model.classes,
         "thresholds": model.meta["thresholds"],
+        "target_fpr": {c: model.calibration.target_of(c) for c in model.classes},
         "image_size": model.config.image_size,
         "backbone": model.meta["backbone"]["name"],
         "runtime": args.runtime,

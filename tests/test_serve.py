@@ -28,6 +28,7 @@ from PIL import Image
 from onenip_ray import storage
 from onenip_ray.bundle import read_meta
 from onenip_ray.cli import _is_loopback, build_parser, main
+from onenip_ray.config import TrainConfig
 from onenip_ray.formats import BUNDLE_FILE
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, Pointer, publish, read_pointer
 from onenip_ray.schema import RESULT_COLUMNS
@@ -299,6 +300,7 @@ def test_model_health_and_docs(service, scorer):
     model = requests.get(f"{service}/v1/model", timeout=10).json()
     assert model["model_version"] == scorer.spec.model_version and model["classes"] == list(CLASSES)
     assert model["thresholds"] == {c: scorer.spec.class_calibration(c).threshold_raw for c in CLASSES}
+    assert model["target_fpr"] == {c: TrainConfig.target_fpr for c in CLASSES}
     assert model["image_size"] == scorer.spec.image_size and model["backbone"] and model["device"] == "cpu"
     assert requests.get(f"{service}/healthz",
                         timeout=10).json() == {"status": "ok", "model_version": model["model_version"]}

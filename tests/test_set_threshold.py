@@ -34,6 +34,7 @@ def test_one_class_is_rethresholded_and_the_rest_is_untouched(tiny_bundle, tiny_
     assert new_cal.threshold_raw == bound(old_cal.normal_mean, old_cal.normal_std, old_cal.num_images, 0.3)
     assert new_cal.threshold_raw < old_cal.threshold_raw  # a higher false-positive rate: a lower threshold
     assert new.calibration.per_class[other] == source.calibration.per_class[other]
+    assert new.calibration.target_of(cls) == 0.3 and new.calibration.target_of(other) == source.calibration.target_fpr
     assert new.meta["training"]["threshold_changes"][-1]["classes"] == [cls]
     # the deployed threshold is what scoring and evaluation use
     report = evaluate(out, [("mvtec", str(tiny_dataset))], str(tmp_path / "eval"), classes=[cls])
