@@ -98,6 +98,8 @@ def add_class(
 
     pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed)
     cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
+    if fpr != bundle.calibration.target_fpr:  # the class aims at its own target
+        cal = replace(cal, target_fpr=fpr)
     per_class[class_name] = cal
     pool = pool_of(np.arange(len(images)))
     floors = route_floors(pool, {c: v.normal_similarity_min for c, v in per_class.items()})

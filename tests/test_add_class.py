@@ -55,6 +55,7 @@ def test_add_class_writes_a_new_version_and_leaves_the_source_untouched(tiny_bun
     assert set(added.calibration.per_class) == set(added.classes)
     checker = added.calibration.per_class["checker"]
     assert checker.num_images == 8 and checker.threshold_raw > checker.normal_mean
+    assert added.calibration.target_of("checker") == source.calibration.target_fpr
     assert added.meta["training"]["added_classes"][-1]["normals"] == 8
     # the trained weights are shared: only the pool and the calibration change
     for key, value in source.model.state_dict().items():
@@ -147,3 +148,11 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
 def _distance(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Each row's distance to its nearest ``bank`` row, exact (no matrix-product cancellation)."""
     return torch.cdist(rows, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+
+def test_a_class_added_at_its_own_target_records_it(tiny_bundle, checker_dir, tmp_path):
+    out = str(tmp_path / "b2")
+    add_class(tiny_bundle, "checker", str(checker_dir), out, target_fpr=0.2)
+    added = load_bundle(out)
+    assert added.calibration.target_of("checker") == 0.2
+    assert added.calibration.target_of(added.classes[0]) == added.calibration.target_fpr != 0.2
