@@ -13,7 +13,7 @@ import torch
 
 from . import storage
 from .bundle import Bundle
-from .calibration import ClassCalibration, bound, calibrated_score
+from .calibration import ClassCalibration, calibrated_score
 from .config import EVALUATE_BATCH_SIZE
 from .data.images import decode_mask, resize_mask, to_network_input
 from .data.layouts import Sample, read_datasets
@@ -173,7 +173,7 @@ def _threshold_sweep(labels: np.ndarray, scores: np.ndarray, cal: ClassCalibrati
     """The operating point of the same threshold rule at each of ``SWEEP_FPR``."""
     sweep = {}
     for fpr in SWEEP_FPR:
-        t = bound(cal.normal_mean, cal.normal_std, cal.num_images, fpr)
+        t = cal.retargeted(fpr).threshold_raw
         sweep[str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores, t)}
     return sweep
 
