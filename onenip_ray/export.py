@@ -85,7 +85,7 @@ class ScoreGraph(nn.Module):
                 memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        feats, patch_feats = self.backbone.with_patches(image, cfg.neighbor_stride)
+        feats, patch_feats = self.backbone.with_patches(image, cfg.neighbor_stride, cfg.neighbor_coarse_weight)
         prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
         distances = nearest_distances(patch_feats, memory, memory_sqnorm, prompt_class[prompt_index])

@@ -84,7 +84,8 @@ class Predictor:
 
     def features_of(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``features`` of network inputs (N, 3, S, S)."""
-        return self.backbone.with_patches(inputs, self.config.neighbor_stride)
+        return self.backbone.with_patches(inputs, self.config.neighbor_stride,
+                                         self.config.neighbor_coarse_weight)
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, given_class: torch.Tensor | None = None) -> Prediction[torch.Tensor]:

@@ -334,7 +334,8 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
 def _patch_features(backbone, images: np.ndarray, config: ModelConfig, batch: int = 16) -> torch.Tensor:
     """The nearest-neighbour map's patch features of ``images`` (the memory's source)."""
     return torch.cat([backbone.with_patches(backbone.to_network_input(torch.from_numpy(images[i : i + batch])),
-                                            config.neighbor_stride)[1] for i in range(0, len(images), batch)])
+                                            config.neighbor_stride, config.neighbor_coarse_weight)[1]
+                      for i in range(0, len(images), batch)])
 
 
 def default_run_name(out: str) -> str:

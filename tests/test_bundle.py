@@ -175,19 +175,22 @@ def test_version_is_a_content_hash(parts, bundle_dir, tmp_path):
 
 
 def test_a_bundle_from_before_neighbor_stride_loads_with_its_stride_16_memory(parts, tmp_path):
-    """Older releases wrote no ``neighbor_stride`` (their patch memory is on OneNIP's stride-16 grid);
-    such a bundle still verifies and reads as stride 16, a new one as stride 8."""
+    """Older releases wrote no ``neighbor_stride`` (their patch memory is on OneNIP's stride-16 grid)
+    nor ``neighbor_coarse_weight`` (every stage at weight 1); such a bundle still verifies and reads
+    as stride 16 and weight 1, a new one as stride 8 and weight 0.5."""
     out = str(tmp_path / "old")
     write_bundle(out, CONFIG, *parts, TRAINING)
     path = os.path.join(out, BUNDLE_FILE)
     with open(path) as f:
         meta = json.load(f)
     assert meta["config"].pop("neighbor_stride") == 8
+    assert meta["config"].pop("neighbor_coarse_weight") == 0.5
     meta["version"] = _content_hash_of(out, meta)  # what the older writer hashed: the config without the key
     with open(path, "w") as f:
         json.dump(meta, f)
     old = load_bundle(out)
-    assert old.config.neighbor_stride == 16 and old.version == meta["version"]
+    assert old.config.neighbor_stride == 16 and old.config.neighbor_coarse_weight == 1.0
+    assert old.version == meta["version"]
 
 
 def test_bundle_holds_no_pickle(bundle_dir, monkeypatch):

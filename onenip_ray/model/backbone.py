@@ -62,13 +62,19 @@ class FrozenBackbone(nn.Module):
         return _fuse(self.body(images), images.shape[-2:])
 
     @torch.no_grad()
-    def with_patches(self, images: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_patches(self, images: torch.Tensor, stride: int,
+                     coarse_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused features and, from the same forward pass, the nearest-neighbour map's patch
         features at ``stride`` (N, channels, H/stride, W/stride): finer stages area-averaged onto that
-        grid, coarser ones bilinear-upsampled; at stride 16 the fused features themselves."""
+        grid, coarser ones bilinear-upsampled (at stride 16 the fused features), the last stage's
+        channels times ``coarse_weight``."""
         maps = self.body(images)
         fused = _fuse(maps, images.shape[-2:])
-        return fused, fused if stride == 16 else _patch_grid(maps, images.shape[-2:], stride)
+        patch_feats = fused if stride == 16 else _patch_grid(maps, images.shape[-2:], stride)
+        if coarse_weight != 1.0:
+            last = self.stage_channels[-1]
+            patch_feats = torch.cat([patch_feats[:, :-last], patch_feats[:, -last:] * coarse_weight], dim=1)
+        return fused, patch_feats
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load ImageNet weights given with timm names or ``efficientnet_pytorch`` names.

@@ -106,6 +106,17 @@ def test_patch_features_average_finer_stages_and_upsample_coarser_ones(lite0, pr
     assert torch.equal(same_grid[0], same_grid[1])
 
 
+@pytest.mark.parametrize("stride", [8, 16])
+def test_coarse_weight_scales_only_the_last_stage_of_the_patches(lite0, probe, stride):
+    """``coarse_weight`` multiplies the stride-16 stage's 112 channels of the patch features and
+    leaves the finer stages and OneNIP's fused features as they are."""
+    fused, plain = lite0.with_patches(probe, stride)
+    fused_w, weighted = lite0.with_patches(probe, stride, 0.5)
+    assert torch.equal(fused_w, fused) and torch.equal(fused, lite0(probe))
+    assert torch.equal(weighted[:, :80], plain[:, :80])
+    assert torch.allclose(weighted[:, 80:], 0.5 * plain[:, 80:]) and not torch.allclose(weighted, plain)
+
+
 def test_blocks_after_last_used_stage_are_truncated(lite0):
     assert len(timm.create_model(LITE0, pretrained=False).blocks) == 7
     assert len(lite0.body.blocks) == 5

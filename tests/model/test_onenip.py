@@ -186,6 +186,8 @@ def test_model_config_validation():
         ModelConfig(alpha=1.5)
     with pytest.raises(ValueError, match="residual_init"):
         ModelConfig(residual_init=0.0)
+    with pytest.raises(ValueError, match="neighbor_coarse_weight"):
+        ModelConfig(neighbor_coarse_weight=0.0)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**TINY.to_dict(), "extra": 1})
     assert ModelConfig.from_dict(TINY.to_dict()) == TINY
