@@ -317,7 +317,7 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     train = data.train_index
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
-                      clean_features[train].cpu(), _patch_features(backbone, data.images[train], cfg.model),
+                      clean_features[train].cpu(), _patch_features(backbone, data.images[train], model.config),
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
