@@ -3,6 +3,7 @@
 The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
 its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
 threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
+A few normals also enter the memory rotated (``rotation_angles``), as in training.
 Every normal is scored by a pool of the *other* normals (k-fold, at most 5 folds), so no image is
 calibrated against itself: their prompts, and the memory's patches that came from them (one coreset
 of all normals, built once, so a fold costs no coreset of its own). A single normal is calibrated on
@@ -22,11 +23,11 @@ from . import storage
 from .bundle import check_new_uri, load_bundle, write_version
 from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .config import TrainConfig
-from .data.images import ImageError, decode_image, resize_image
+from .data.images import ImageError, decode_image, resize_image, rotate_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .inputs import list_inputs
 from .predictor import Predictor
-from .prompts import PromptPool, descriptors, patches, select_prompts, subsample
+from .prompts import PromptPool, descriptors, patches, rotation_angles, select_prompts, subsample
 
 MIN_NORMALS = 1
 RECOMMENDED_NORMALS = 8
@@ -71,6 +72,7 @@ def add_class(
     replace_class: bool = False,
     prompts_per_class: int | None = None,
     memory_per_class: int | None = None,
+    memory_rotation_images: int | None = None,
     target_fpr: float | None = None,
     seed: int = 133,
     endpoint: str | None = None,
@@ -83,6 +85,8 @@ def add_class(
     train_cfg = bundle.meta.get("training", {}).get("config", {})
     k = prompts_per_class or int(train_cfg.get("prompts_per_class", 4))
     memory_cap = _memory_cap(train_cfg) if memory_per_class is None else memory_per_class
+    rotation_budget = (int(train_cfg.get("memory_rotation_images", TrainConfig.memory_rotation_images))
+                       if memory_rotation_images is None else memory_rotation_images)
     fpr = bundle.calibration.target_fpr if target_fpr is None else target_fpr
     base, per_class = bundle.pool, dict(bundle.calibration.per_class)
     if class_name in base.class_names:
@@ -93,8 +97,11 @@ def add_class(
 
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
-    feats, patch_feats = (torch.cat(parts) for parts in zip(*(predictor.features(images[i : i + 16])
-                                                               for i in range(0, len(images), 16))))
+    feats, patch_feats = _features(predictor, images)
+    angles = rotation_angles(len(images), rotation_budget)
+    if angles:  # the memory also holds rotated copies, image-major within each angle
+        rotated = np.stack([rotate_image(image, angle) for angle in angles for image in images])
+        patch_feats = torch.cat([patch_feats, _features(predictor, rotated)[1]])
 
     pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed)
     cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
@@ -106,7 +113,7 @@ def add_class(
     per_class = {c: replace(v, route_floor=floors[c]) for c, v in per_class.items()}
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
     added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
-             "prompts": k,
+             "prompts": k, "memory_rotations": angles,
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
     meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
@@ -115,14 +122,20 @@ def add_class(
             "route_floor": floors[class_name]}
 
 
+def _features(predictor: Predictor, images: np.ndarray, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused and patch features of ``images``, ``batch`` at a time."""
+    return tuple(torch.cat(parts) for parts in zip(*(predictor.features(images[i : i + batch])
+                                                     for i in range(0, len(images), batch))))
+
+
 def _pool_maker(base: PromptPool, class_name: str, uris: list[str], feats: torch.Tensor, patch_feats: torch.Tensor,
                 k: int, memory_cap: int, seed: int) -> Callable[[np.ndarray], PromptPool]:
     """``pool_of(rows)``: ``base`` with the class as the normals ``rows`` give it, their ``k`` covering
-    prompts and their patches of the class's memory (one coreset of all normals, as ``build_pool``
-    keeps it in training)."""
+    prompts and their patches of the class's memory (one coreset of all normals and of their rotated
+    copies after them in ``patch_feats``, as ``build_pool`` keeps it in training)."""
     bank = patches(patch_feats)
     kept = subsample(bank, memory_cap, seed)
-    kept_image = kept // (len(bank) // len(feats))
+    kept_image = (kept // (len(bank) // len(patch_feats))) % len(feats)  # the normal a patch (or its copy) is of
 
     def pool_of(rows: np.ndarray) -> PromptPool:
         rows = torch.as_tensor(rows)

@@ -98,7 +98,8 @@ def _add_train(train: argparse.ArgumentParser) -> None:
     _options(train, T, "epochs", "steps_per_epoch", "batch_size", "lr", "lr_schedule", "warmup_fraction",
              "balance_classes", "backbone_weights", "textures", "num_workers", "use_gpu", "seed")
     _options(train, M, *MODEL_FLAGS[2:])
-    _options(train, T, "prompts_per_class", "memory_per_class", "calibration_fraction", "target_fpr")
+    _options(train, T, "prompts_per_class", "memory_per_class", "memory_rotation_images", "calibration_fraction",
+             "target_fpr")
     train.add_argument("--storage-path", default=None, help="Ray Train storage path (default ./runs/ray)")
     train.add_argument("--run-name", default=None, help="Ray Train run name (default onenip-<out basename>)")
     resume = train.add_mutually_exclusive_group()
@@ -121,6 +122,9 @@ def _add_add_class(ac: argparse.ArgumentParser) -> None:
     ac.add_argument("--memory-per-class", type=int, default=None,
                     help="normal patches kept for the class (default: as the bundle was trained, at most the "
                          "training default)")
+    ac.add_argument("--memory-rotation-images", type=int, default=None,
+                    help="rotated copies of few normals in the class's memory, up to this many images in all "
+                         "(default: as the bundle was trained, else the training default; 0 = none)")
     ac.add_argument("--target-fpr", type=float, default=None,
                     help="false-positive rate of the class's threshold (default: the bundle's)")
     _options(ac, T, "seed")
@@ -314,7 +318,8 @@ def cmd_add_class(args: argparse.Namespace) -> dict:
 
     return add_class(args.bundle, args.class_name, args.normals, args.out, replace_class=args.replace,
                      prompts_per_class=args.prompts_per_class, memory_per_class=args.memory_per_class,
-                     target_fpr=args.target_fpr, seed=args.seed, endpoint=args.s3_endpoint)
+                     memory_rotation_images=args.memory_rotation_images, target_fpr=args.target_fpr,
+                     seed=args.seed, endpoint=args.s3_endpoint)
 
 
 def cmd_score(args: argparse.Namespace) -> dict:

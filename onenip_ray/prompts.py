@@ -79,12 +79,30 @@ class PromptPool:
                           torch.cat([self.memory_class, torch.full((len(memory),), c)]))
 
 
+# Rotated copies of a class's few normals in its memory: up to this many pairs of angles, evenly
+# spaced up to ± this many degrees (``rotation_angles``).
+MAX_ROTATION_PAIRS = 4
+MAX_ROTATION = 40.0
+
+
+def rotation_angles(num_normals: int, budget: int) -> list[float]:
+    """Angles of the rotated copies of each of a class's ``num_normals`` normals in its memory:
+    p pairs ±40°·i/p (i = 1…p, at most 4 pairs) such that the normals and their copies number at
+    most ``budget`` images; none for a class of more than ``budget / 3`` normals (or ``budget`` 0).
+    Few normals' patches miss the poses normal parts take: macaroni1's image AUROC with 8 normals
+    0.702 without copies, 0.834 with ±10°…±40°; with 32 normals 0.828 and 0.875 with ±40° (README)."""
+    pairs = min(MAX_ROTATION_PAIRS, (budget // max(num_normals, 1) - 1) // 2) if budget > 0 else 0
+    return [sign * MAX_ROTATION * i / pairs for i in range(1, pairs + 1) for sign in (1, -1)]
+
+
 def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.Tensor, features: torch.Tensor,
                patch_features: torch.Tensor, prompts_per_class: int, memory_per_class: int,
-               seed: int = 0) -> PromptPool:
+               seed: int = 0, rotated_patches: torch.Tensor | None = None,
+               rotated_class: torch.Tensor | None = None) -> PromptPool:
     """The pool from the normal images of every class: ``prompts_per_class`` covering prompts
-    (``select_prompts`` on ``features``) and the ``patch_features`` of all of them as memory
-    (a ``subsample`` coreset above the cap)."""
+    (``select_prompts`` on ``features``) and the ``patch_features`` of all of them, plus the
+    ``rotated_patches`` of their rotated copies (class ``rotated_class``), as memory (a
+    ``subsample`` coreset above the cap)."""
     ids, index, prompt_feats, memory, memory_class = [], [], [], [], []
     for c in range(len(class_names)):
         rows = torch.nonzero(class_index == c).flatten()
@@ -93,6 +111,8 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
         index.append(torch.full((len(chosen),), c))
         prompt_feats.append(features[chosen])
         bank = patches(patch_features[rows])
+        if rotated_patches is not None and bool((rotated_class == c).any()):
+            bank = torch.cat([bank, patches(rotated_patches[rotated_class == c])])
         memory.append(bank[subsample(bank, memory_per_class, seed + c)])
         memory_class.append(torch.full((len(memory[-1]),), c))
     return PromptPool(list(class_names), ids, torch.cat(index), torch.cat(prompt_feats).float(),

@@ -31,13 +31,14 @@ from . import storage
 from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
+from .data.images import rotate_image
 from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .formats import BUNDLE_FILE
 from .model.build import build_backbone, build_onenip
 from .model.loss import training_losses
 from .predictor import Predictor
-from .prompts import build_pool
+from .prompts import build_pool, rotation_angles
 from .training_data import TrainingSet, build_training_set, parse_data_roots
 
 STATE_FILE = "state.pt"
@@ -316,9 +317,12 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     model.eval()
     train = data.train_index
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
+    rotated, rotated_class = rotated_normals(data.images[train], data.class_ids[train], cfg.memory_rotation_images)
     pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
                       clean_features[train].cpu(), _patch_features(backbone, data.images[train], model.config),
-                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed)
+                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed,
+                      _patch_features(backbone, rotated, model.config) if len(rotated) else None,
+                      torch.from_numpy(rotated_class))
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
     for c, name in enumerate(data.class_names):
@@ -328,6 +332,17 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
     write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
+
+
+def rotated_normals(images: np.ndarray, class_ids: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rotated copies (``rotation_angles``) of each class's normals for its memory, and their class."""
+    copies, copy_class = [], []
+    for c in np.unique(class_ids):
+        own = images[class_ids == c]
+        for angle in rotation_angles(len(own), budget):
+            copies += [rotate_image(image, angle) for image in own]
+            copy_class += [c] * len(own)
+    return (np.stack(copies) if copies else images[:0]), np.array(copy_class, dtype=np.int64)
 
 
 @torch.inference_mode()

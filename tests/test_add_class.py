@@ -13,6 +13,7 @@ from onenip_ray.add_class import _memory_cap, add_class, views_of_one
 from onenip_ray.bundle import load_bundle
 from onenip_ray.cli import main
 from onenip_ray.config import TrainConfig
+from onenip_ray.data.images import rotate_image
 from onenip_ray.formats import UNKNOWN_CLASS
 from onenip_ray.scoring import Scorer
 
@@ -122,7 +123,8 @@ def test_the_memory_cap_follows_the_bundle_up_to_todays_default():
 
 
 def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, checker_dir, tmp_path, monkeypatch):
-    """One coreset of all normals; a fold's pool keeps only the other normals' patches of it."""
+    """One coreset of all normals and their rotated copies; a fold's pool keeps only the other
+    normals' patches of it (neither a held-out image's patches nor those of its copies)."""
     import onenip_ray.add_class as module
 
     folds, score = [], module.score_normals
@@ -137,12 +139,25 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     final = load_bundle(str(tmp_path / "b2"))
     memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
     assert len(memory) == 300 and len(folds) == 5 and sum(len(images) for images, _ in folds) == 8
+    angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
+    assert angles == [10, -10, 20, -20, 30, -30, 40, -40]  # 8 normals: at most 4 pairs
     predictor = final.predictor()
     for images, fold_memory in folds:
-        own = predictor.features(images)[1].permute(0, 2, 3, 1).reshape(-1, memory.shape[1])
+        copies = np.stack([rotate_image(image, angle) for angle in angles for image in images])
+        own = torch.cat([predictor.features(images)[1], predictor.features(copies)[1]])
+        own = own.permute(0, 2, 3, 1).reshape(-1, memory.shape[1])
         assert 0 < len(fold_memory) < len(memory)
         assert not (_distance(fold_memory, own) < 1e-6).any()  # none of the held-out images' patches
         assert (_distance(fold_memory, memory) < 1e-6).all()  # all from the final coreset
+
+
+def test_rotated_copies_can_be_turned_off(tiny_bundle, checker_dir, tmp_path):
+    with_copies = add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b2"), memory_per_class=0)
+    without = add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b3"), memory_per_class=0,
+                        memory_rotation_images=0)
+    patches_of = lambda out: load_bundle(out).meta["training"]["added_classes"][-1]["memory_patches"]  # noqa: E731
+    assert patches_of(with_copies["bundle"]) == 9 * patches_of(without["bundle"])  # 8 normals, each 8 copies
+    assert with_copies["version"] != without["version"]
 
 
 def _distance(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

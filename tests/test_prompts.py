@@ -16,6 +16,7 @@ from onenip_ray.prompts import (
     descriptors,
     neighbor_distances,
     retrieve,
+    rotation_angles,
     select_prompts,
     subsample,
 )
@@ -130,6 +131,24 @@ def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
                         memory_per_class=10)
     assert (capped.memory_class == 0).sum() == 10 and (capped.memory_class == 1).sum() == 10
     assert torch.equal(subsample(torch.randn(5, 8), 10), torch.arange(5))
+
+
+def test_few_normals_get_rotated_copies_within_the_budget():
+    assert rotation_angles(8, 72) == [10, -10, 20, -20, 30, -30, 40, -40]  # 8 normals + 64 copies = 72
+    assert rotation_angles(1, 72) == rotation_angles(8, 72)  # at most 4 pairs
+    assert rotation_angles(12, 72) == [20, -20, 40, -40]  # 60 images
+    assert rotation_angles(24, 72) == [40, -40] and rotation_angles(25, 72) == []
+    assert rotation_angles(200, 72) == [] and rotation_angles(8, 0) == []
+
+
+def test_rotated_patches_join_their_class_memory_only():
+    feats, patch_feats = torch.randn(5, 8, 3, 3), torch.randn(5, 8, 2, 2)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    rotated = torch.randn(4, 8, 2, 2)
+    pool = build_pool(["a", "b"], [f"img{i}" for i in range(5)], labels, feats, patch_feats, prompts_per_class=1,
+                      memory_per_class=0, rotated_patches=rotated, rotated_class=torch.tensor([0, 0, 0, 0]))
+    assert (pool.memory_class == 0).sum() == (2 + 4) * 4 and (pool.memory_class == 1).sum() == 3 * 4
+    assert torch.equal(pool.memory[8:24], rotated.permute(0, 2, 3, 1).reshape(16, 8))
 
 
 def test_the_memory_coreset_keeps_rare_patches_a_random_subset_would_drop():

@@ -194,6 +194,20 @@ def test_epoch_order_balances_classes_whatever_their_size():
     assert sorted(plain.tolist()) == list(range(240))
 
 
+def test_only_classes_with_few_normals_get_rotated_copies():
+    from onenip_ray.data.images import rotate_image
+    from onenip_ray.train import rotated_normals
+
+    images = np.random.default_rng(0).integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    class_ids = np.array([1] * 4 + [0] * 26)  # class 1: 4 normals; class 0: 26, more than 72 / 3
+    copies, copy_class = rotated_normals(images, class_ids, 72)
+    assert copies.shape == (4 * 8, 16, 16, 3) and copy_class.tolist() == [1] * 32
+    assert np.array_equal(copies[0], rotate_image(images[0], 10))
+    assert np.array_equal(copies[5], rotate_image(images[1], -10))
+    none, none_class = rotated_normals(images, class_ids, 0)
+    assert none.shape == (0, 16, 16, 3) and none_class.shape == (0,)
+
+
 def test_lr_schedule_warms_up_then_decays_for_short_and_long_runs():
     from onenip_ray.train import lr_factor
 

@@ -142,6 +142,14 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
+def rotate_image(img: np.ndarray, degrees: float) -> np.ndarray:
+    """``img`` rotated by ``degrees`` (counter-clockwise) about its centre, same size, the corners
+    filled by reflection."""
+    height, width = img.shape[:2]
+    rotation = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+    return cv2.warpAffine(img, rotation, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Resize a bool mask to ``size``×``size`` with nearest-neighbour sampling; stays bool."""
     return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -16,6 +16,7 @@ from onenip_ray.data.images import (
     decode_mask,
     resize_image,
     resize_mask,
+    rotate_image,
     to_network_input,
 )
 
@@ -160,6 +161,16 @@ def test_resize_image_uses_area_when_shrinking_and_linear_when_enlarging():
     large = resize_image(img, 100)
     np.testing.assert_array_equal(large, cv2.resize(img, (100, 100), interpolation=cv2.INTER_LINEAR))
     assert resize_image(_rgb_test_image(32, 48), 40).shape == (40, 40, 3)
+
+
+def test_rotate_image_turns_about_the_centre_and_keeps_the_size():
+    img = np.random.default_rng(0).integers(1, 256, (48, 64, 3), dtype=np.uint8)
+    square = img[:, :48]
+    assert np.array_equal(rotate_image(square, 90), np.rot90(square))  # counter-clockwise, exactly
+    assert np.array_equal(rotate_image(square, -90), np.rot90(square, -1))
+    turned = rotate_image(img, 30)
+    assert turned.shape == img.shape and turned.dtype == np.uint8
+    assert not np.array_equal(turned, img) and turned.min() > 0  # corners reflected, not black
 
 
 def test_resize_mask_stays_bool():
