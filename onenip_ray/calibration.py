@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.stats import t as student_t
 
+from .config import TrainConfig
 from .data.synthesis import AnomalySynthesizer
 from .metrics import pixel_auroc
 from .model.anomaly_map import Maps, fuse, image_scores
@@ -136,7 +137,7 @@ def calibrate(
     normals: dict[str, np.ndarray],
     synthesizer: AnomalySynthesizer,
     seed: int = 0,
-    target_fpr: float = 0.05,
+    target_fpr: float = TrainConfig.target_fpr,
 ) -> Calibration:
     """Fit the map scales, fusion weights and per-class thresholds on held-out normals; sets them
     on ``predictor``."""

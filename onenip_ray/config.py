@@ -144,7 +144,7 @@ class TrainConfig:
     use_gpu: bool = flag(False, "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
     calibration_fraction: float = flag(0.1, "training normals held out for thresholds (at least 5, at most half a "
                                             "class)")
-    target_fpr: float = flag(0.05, "false-positive rate the per-class thresholds aim at")
+    target_fpr: float = flag(0.1, "false-positive rate the per-class thresholds aim at")
     prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval "
                                      "descriptors)")
     memory_per_class: int = flag(16_000, "normal patches kept per class for the nearest-neighbour map (0 = all; "

@@ -27,7 +27,7 @@ from .training_data import load_images
 # Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
 BRANCHES = {"onenip": 0.0, "neighbor": 1.0}
 # Other target false-positive rates of the same threshold rule: what each would have given here.
-SWEEP_FPR = (0.01, 0.05, 0.1, 0.2, 0.3)
+SWEEP_FPR = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3)
 # Per-class facts, not metrics: no mean of them.
 NOT_AVERAGED = ("num_images", "target_fpr")
 

@@ -318,6 +318,9 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     train = data.train_index
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     rotated, rotated_class = rotated_normals(data.images[train], data.class_ids[train], cfg.memory_rotation_images)
+    counts = np.bincount(data.class_ids[train], minlength=len(data.class_names))
+    summary["memory_rotations"] = {name: rotation_angles(int(n), cfg.memory_rotation_images)
+                                   for name, n in zip(data.class_names, counts)}
     pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
                       clean_features[train].cpu(), _patch_features(backbone, data.images[train], model.config),
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed,

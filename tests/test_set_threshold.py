@@ -13,6 +13,7 @@ from onenip_ray.calibration import bound
 from onenip_ray.cli import main
 from onenip_ray.evaluate import evaluate
 from onenip_ray.scoring import Scorer
+from onenip_ray.set_threshold import set_threshold
 
 
 def _digest(folder: str) -> dict[str, str]:
@@ -67,3 +68,23 @@ def test_a_bundle_without_own_targets_keeps_its_stored_calibration():
                            map_low=1.0, num_images=10, normal_similarity_min=0.9)
     assert "target_fpr" not in cal.to_dict()
     assert cal.retargeted(0.2).to_dict()["target_fpr"] == 0.2
+
+
+def test_all_classes_move_the_bundle_target_that_added_classes_aim_at(tiny_bundle, tmp_path):
+    from onenip_ray.add_class import add_class
+
+    out = str(tmp_path / "b2")
+    result = set_threshold(tiny_bundle, out, 0.3)
+    new, source = load_bundle(out), load_bundle(tiny_bundle)
+    assert new.calibration.target_fpr == 0.3 and result["target_fpr"] == 0.3
+    for cls, cal in new.calibration.per_class.items():
+        old = source.calibration.per_class[cls]
+        assert cal.target_fpr is None and new.calibration.target_of(cls) == 0.3  # no own target: the bundle's
+        assert cal.threshold_raw == bound(old.normal_mean, old.normal_std, old.num_images, 0.3)
+    rng = np.random.default_rng(0)
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(normals / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    added = load_bundle(add_class(out, "noise", str(normals), str(tmp_path / "b3"))["bundle"])
+    assert added.calibration.target_of("noise") == 0.3

@@ -48,6 +48,8 @@ def test_in_process_training_writes_a_bundle_that_loads_and_scores(trained, tiny
     assert training["workers"] == 1
     # 12 normals per class, 10 % held out for calibration → 1 per class
     assert training["train_images"] == 14 and training["calibration_images"] == 10  # 5 held out per class
+    # 7 memory normals per class: each also rotated ±10°…±40° (7 × 9 = 63 images within the budget)
+    assert training["memory_rotations"] == {c: [10, -10, 20, -20, 30, -30, 40, -40] for c in ("disc", "stripes")}
     assert all(math.isfinite(training["history"][0][k]) for k in ("loss", "mse", "dice"))
     assert meta["classes"] == ["disc", "stripes"] and set(meta["thresholds"]) == {"disc", "stripes"}
 
@@ -92,7 +94,7 @@ def test_evaluate_writes_metrics_and_one_row_per_test_image(trained, tiny_datase
     sweep = written["threshold_sweep"]["disc"]
     assert [sweep[k]["threshold_raw"] for k in ("0.01", "0.05", "0.1", "0.2")] == sorted(
         (sweep[k]["threshold_raw"] for k in ("0.01", "0.05", "0.1", "0.2")), reverse=True)
-    assert sweep["0.05"]["threshold_raw"] == pytest.approx(meta["thresholds"]["disc"])
+    assert sweep[str(TrainConfig.target_fpr)]["threshold_raw"] == pytest.approx(meta["thresholds"]["disc"])
 
     table = pq.read_table(tmp_path / "eval" / "predictions.parquet")
     assert table.num_rows == 12
