@@ -72,8 +72,16 @@ def test_a_single_normal_is_calibrated_on_views_of_itself(tiny_bundle, checker_d
     (one / "a.png").write_bytes((checker_dir / "00.png").read_bytes())
     result = add_class(tiny_bundle, "checker", str(one), str(tmp_path / "b1"))
     cal = load_bundle(str(tmp_path / "b1")).calibration.per_class["checker"]
-    assert result["normals"] == 1 and cal.num_images == len(views_of_one(np.zeros((8, 8, 3), np.uint8)))
+    assert result["normals"] == 1 and cal.num_images == len(views_of_one(np.zeros((8, 8, 3), np.uint8))) == 8
     assert np.isfinite(cal.threshold_raw)
+
+
+def test_a_single_normals_views_are_rotated_between_the_memorys_copies():
+    image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+    views = views_of_one(image)
+    assert views.shape == (8, 32, 32, 3) and views.dtype == np.uint8
+    assert not any(np.array_equal(v, image) for v in views)  # no view is the memory's image itself
+    assert np.array_equal(views[0], np.clip(rotate_image(image, 5).astype(np.float32) * 0.95, 0, 255).astype(np.uint8))
 
 
 def test_bad_input_is_refused_with_a_clear_message(tiny_bundle, checker_dir, tmp_path, capsys):
