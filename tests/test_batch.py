@@ -123,13 +123,16 @@ def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
 @pytest.fixture(scope="module")
 def sensitive_bundle(tiny_bundle, tmp_path_factory) -> str:
     """The tiny bundle with the ``disc`` threshold lowered to its map floor: disc images are
-    anomalous (overlays get written), ``stripes`` keeps its calibrated threshold."""
+    anomalous (overlays get written); ``stripes`` at the rule's strict target 0.01, so some of its
+    images pass (at the default target 0.1 every input exceeded its threshold)."""
     out = str(tmp_path_factory.mktemp("sensitive") / "bundle")
     bundle = load_bundle(tiny_bundle)  # rewritten, not edited in place: loading verifies the content hash
     cal = bundle.calibration
     disc = dataclasses.replace(cal.per_class["disc"], threshold_raw=cal.per_class["disc"].map_low)
     write_bundle(out, bundle.config, bundle.backbone, bundle.model, bundle.pool,
-                 dataclasses.replace(cal, per_class={**cal.per_class, "disc": disc}), bundle.meta["training"])
+                 dataclasses.replace(cal, per_class={**cal.per_class, "disc": disc,
+                                                     "stripes": cal.per_class["stripes"].retargeted(0.01)}),
+                 bundle.meta["training"])
     return out
 
 
