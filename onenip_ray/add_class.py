@@ -27,7 +27,7 @@ from .data.images import ImageError, decode_image, resize_image, rotate_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .inputs import list_inputs
 from .predictor import Predictor
-from .prompts import PromptPool, descriptors, patches, rotation_angles, select_prompts, subsample
+from .prompts import PromptPool, class_memory_weight, descriptors, patches, rotation_angles, select_prompts, subsample
 
 MIN_NORMALS = 1
 RECOMMENDED_NORMALS = 8
@@ -107,7 +107,9 @@ def add_class(
         rotated = np.stack([rotate_image(image, angle) for angle in angles for image in images])
         patch_feats = torch.cat([patch_feats, _features(predictor, rotated)[1]])
 
-    pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed)
+    # a coreset of few normals and their copies is weighed by density, as in training (``build_pool``)
+    weighted = bool(angles) and 0 < memory_cap < patches(patch_feats).shape[0]
+    pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed, weighted)
     cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
     if fpr != bundle.calibration.target_fpr:  # the class aims at its own target
         cal = replace(cal, target_fpr=fpr)
@@ -118,6 +120,7 @@ def add_class(
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
     added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
              "prompts": k, "memory_rotations": angles,
+             "memory_density_weights": weighted,
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
     meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
@@ -133,10 +136,11 @@ def _features(predictor: Predictor, images: np.ndarray, batch: int = 16) -> tupl
 
 
 def _pool_maker(base: PromptPool, class_name: str, uris: list[str], feats: torch.Tensor, patch_feats: torch.Tensor,
-                k: int, memory_cap: int, seed: int) -> Callable[[np.ndarray], PromptPool]:
+                k: int, memory_cap: int, seed: int, weighted: bool) -> Callable[[np.ndarray], PromptPool]:
     """``pool_of(rows)``: ``base`` with the class as the normals ``rows`` give it, their ``k`` covering
     prompts and their patches of the class's memory (one coreset of all normals and of their rotated
-    copies after them in ``patch_feats``, as ``build_pool`` keeps it in training)."""
+    copies after them in ``patch_feats``, as ``build_pool`` keeps it in training; ``density_weights``
+    of each pool's memory where ``weighted``)."""
     bank = patches(patch_feats)
     kept = subsample(bank, memory_cap, seed)
     kept_image = (kept // (len(bank) // len(patch_feats))) % len(feats)  # the normal a patch (or its copy) is of
@@ -144,8 +148,9 @@ def _pool_maker(base: PromptPool, class_name: str, uris: list[str], feats: torch
     def pool_of(rows: np.ndarray) -> PromptPool:
         rows = torch.as_tensor(rows)
         chosen = rows[select_prompts(descriptors(feats[rows]), k)].tolist()
-        memory = bank[kept[torch.isin(kept_image, rows)]]
-        return base.with_class(class_name, [uris[i] for i in chosen], feats[chosen].float(), memory.float())
+        memory = bank[kept[torch.isin(kept_image, rows)]].float()
+        return base.with_class(class_name, [uris[i] for i in chosen], feats[chosen].float(), memory,
+                               class_memory_weight(memory, weighted))
 
     return pool_of
 

@@ -123,8 +123,9 @@ def _add_add_class(ac: argparse.ArgumentParser) -> None:
                     help="normal patches kept for the class (default: as the bundle was trained, at most the "
                          "training default)")
     ac.add_argument("--memory-rotation-images", type=int, default=None,
-                    help="rotated copies of few normals in the class's memory, up to this many images in all "
-                         "(default: as the bundle was trained, else the training default; 0 = none)")
+                    help="rotated copies of few normals in the class's memory, up to this many images in all, "
+                         "and density weights on its coreset (default: as the bundle was trained, else the "
+                         "training default; 0 = neither)")
     ac.add_argument("--target-fpr", type=float, default=None,
                     help="false-positive rate of the class's threshold (default: the bundle's)")
     _options(ac, T, "seed")

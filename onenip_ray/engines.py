@@ -181,20 +181,24 @@ class TorchEngine:
         return pred.numpy(time.perf_counter() - start)
 
 
-def memory_inputs(pool: PromptPool) -> tuple[np.ndarray, np.ndarray]:
-    """The patch memory as the graph takes it: (K, Mmax, C) per class, zero-padded, and the squared
-    norms (K, Mmax) with +inf on padding rows (never nearest; a class without memory gets a zero map)."""
+def memory_inputs(pool: PromptPool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patch memory as the graph takes it: (K, Mmax, C) per class, zero-padded, the squared
+    norms (K, Mmax) with +inf on padding rows (never nearest; a class without memory gets a zero map)
+    and the patches' weights (K, Mmax), 1 on padding."""
     memory, memory_class = pool.memory.float().numpy(), pool.memory_class.numpy()
+    memory_weight = pool.memory_weight.float().numpy()
     classes, channels = len(pool.class_names), pool.features.shape[1]
     counts = np.bincount(memory_class, minlength=classes) if len(memory_class) else np.zeros(classes, np.int64)
     width = max(1, int(counts.max()))
     padded = np.zeros((classes, width, channels), np.float32)
     sqnorm = np.full((classes, width), np.inf, np.float32)
+    weight = np.ones((classes, width), np.float32)
     for c in range(classes):
         rows = memory[memory_class == c]
         padded[c, : len(rows)] = rows
         sqnorm[c, : len(rows)] = (rows.astype(np.float64) ** 2).sum(1)
-    return padded, sqnorm
+        weight[c, : len(rows)] = memory_weight[memory_class == c]
+    return padded, sqnorm, weight
 
 
 def fusion_input(config: ModelConfig, calibration: Calibration) -> np.ndarray:
@@ -214,11 +218,12 @@ class GraphEngine:
         self.batch: int | None = None if model.export["batch"] == "dynamic" else int(model.export["batch"])
         pool = model.pool
         tokens, descriptors = self._run(PROMPT_GRAPH, {"prompt_features": pool.features.float().numpy()})
-        memory, sqnorm = memory_inputs(pool)
-        self.pool_inputs = {
+        memory, sqnorm, weight = memory_inputs(pool)
+        self.pool_inputs = {  # an export written before the weights has no "memory_weight" input (all 1)
             "prompt_tokens": tokens, "prompt_descriptors": descriptors,
             "prompt_class": pool.class_index.numpy().astype(np.int64),
-            "memory": memory, "memory_sqnorm": sqnorm, "fusion": fusion_input(model.config, model.calibration),
+            "memory": memory, "memory_sqnorm": sqnorm, "memory_weight": weight,
+            "fusion": fusion_input(model.config, model.calibration),
         }
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

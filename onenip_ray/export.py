@@ -82,13 +82,13 @@ class ScoreGraph(nn.Module):
 
     def forward(self, image: torch.Tensor, given_class: torch.Tensor, prompt_tokens: torch.Tensor,
                 prompt_descriptors: torch.Tensor, prompt_class: torch.Tensor, memory: torch.Tensor,
-                memory_sqnorm: torch.Tensor, fusion: torch.Tensor,
+                memory_sqnorm: torch.Tensor, memory_weight: torch.Tensor, fusion: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         feats, patch_feats = self.backbone.with_patches(image, cfg.neighbor_stride, cfg.neighbor_coarse_weight)
         prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
-        distances = nearest_distances(patch_feats, memory, memory_sqnorm, prompt_class[prompt_index])
+        distances = nearest_distances(patch_feats, memory, memory_sqnorm, memory_weight, prompt_class[prompt_index])
         neighbor = upsample(distances, cfg.image_size)
         alpha, scale, beta, neighbor_scale = fusion[0], fusion[1], fusion[2], fusion[3]
         fused = (1.0 - alpha) * maps.reconstruction + alpha * scale * maps.refiner
@@ -97,25 +97,29 @@ class ScoreGraph(nn.Module):
 
 
 def nearest_distances(features: torch.Tensor, memory: torch.Tensor, memory_sqnorm: torch.Tensor,
-                      class_index: torch.Tensor) -> torch.Tensor:
+                      memory_weight: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
     """``prompts.neighbor_distances`` as a graph: per patch, the L2 distance to the nearest memory
-    patch of the image's class (N, h, w), one image at a time (``scan``); memory (K, Mmax, C) per
-    class, squared norms +inf on padding rows (a class without memory gets zeros)."""
+    patch of the image's class times that patch's weight (N, h, w), one image at a time (``scan``);
+    memory (K, Mmax, C) per class, squared norms +inf on padding rows (a class without memory gets
+    zeros), weights (K, Mmax)."""
     from torch._higher_order_ops.scan import scan
 
     n, c, h, w = features.shape
 
     def one_image(carry, x):
-        bank, sqnorm = carry
+        bank, sqnorm, weight = carry
         query, cls = x
         rows, norms = bank.index_select(0, cls)[0], sqnorm.index_select(0, cls)[0]
         squared = (query * query).sum(1, keepdim=True) + norms[None, :] - 2.0 * (query @ rows.T)
-        dist = nearest_distance(query, rows, squared.argmin(1))  # measured directly, as the PyTorch path
+        nearest = squared.argmin(1)
+        dist = nearest_distance(query, rows, nearest)  # measured directly, as the PyTorch path
+        dist = dist * weight.index_select(0, cls)[0][nearest]
         dist = torch.where(torch.isinf(squared.amin(1)), torch.zeros_like(dist), dist)
-        return (bank.clone(), sqnorm.clone()), dist  # carried, not captured: OpenVINO's Scan needs it so
+        # carried, not captured: OpenVINO's Scan needs it so
+        return (bank.clone(), sqnorm.clone(), weight.clone()), dist
 
     queries = features.float().flatten(2).transpose(1, 2)  # (N, hw, C)
-    _, dist = scan(one_image, (memory, memory_sqnorm), (queries, class_index.unsqueeze(1)))
+    _, dist = scan(one_image, (memory, memory_sqnorm, memory_weight), (queries, class_index.unsqueeze(1)))
     return dist.view(n, h, w)
 
 
@@ -123,10 +127,11 @@ def _example_inputs(bundle: Bundle, batch: int) -> tuple[torch.Tensor, ...]:
     pool, size = bundle.pool, bundle.config.image_size
     with torch.inference_mode():
         tokens = bundle.model.encode(pool.features.float())
-    memory, sqnorm = memory_inputs(pool)
+    memory, sqnorm, weight = memory_inputs(pool)
     return (torch.zeros(batch, 3, size, size), torch.full((batch,), -1, dtype=torch.int64), tokens.clone(),
             descriptors(pool.features.float()), pool.class_index.to(torch.int64), torch.from_numpy(memory),
-            torch.from_numpy(sqnorm), torch.from_numpy(fusion_input(bundle.config, bundle.calibration)))
+            torch.from_numpy(sqnorm), torch.from_numpy(weight),
+            torch.from_numpy(fusion_input(bundle.config, bundle.calibration)))
 
 
 def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
@@ -137,10 +142,10 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
     # the graph input "class_index" is the given class (-1 = retrieve): its onenip-export/1 name, kept for
     # existing exports
     names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm",
-             "fusion"]
+             "memory_weight", "fusion"]
     shapes = {"image": {0: n} if n else None, "given_class": {0: n} if n else None, "prompt_tokens": {0: prompts},
               "prompt_descriptors": {0: prompts}, "prompt_class": {0: prompts}, "memory": {0: classes, 1: rows},
-              "memory_sqnorm": {0: classes, 1: rows}, "fusion": None}
+              "memory_sqnorm": {0: classes, 1: rows}, "memory_weight": {0: classes, 1: rows}, "fusion": None}
     example = _example_inputs(bundle, 2 if batch is None else batch)
     with warnings.catch_warnings():  # inputs sharing an axis (prompts, classes, memory rows) get one name: fine
         warnings.filterwarnings("ignore", message="# The axis name")
@@ -324,6 +329,7 @@ def _export_meta(bundle: Bundle, bundle_uri: str, fmt: str, fixed: int | None, w
                          "prompt_descriptors": "prompts graph output", "prompt_class": "(P,) int64",
                          "memory": "(K, Mmax, C) float32 per-class patch memory, zero-padded",
                          "memory_sqnorm": "(K, Mmax) float32 squared norms, +inf on padding",
+                         "memory_weight": "(K, Mmax) float32 weights of the distances to the memory patches",
                          "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] "
                                    "from bundle.json calibration"},
         "score_outputs": {"anomaly_map": "(N, S, S) float32 fused map", "score": "(N,) raw image score",

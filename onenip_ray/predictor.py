@@ -64,6 +64,7 @@ class Predictor:
             self.prompt_descriptors = descriptors(feats)
         self.pool_class = pool.class_index.to(self.device)
         self.memory, self.memory_class = pool.memory.to(self.device), pool.memory_class.to(self.device)
+        self.memory_weight = pool.memory_weight.to(self.device)
 
     def fuse(self, maps: Maps) -> torch.Tensor:
         """The fused anomaly map with this predictor's calibrated scales and weights."""
@@ -103,7 +104,8 @@ class Predictor:
                                                 given_class)
         class_index = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
-        neighbor = neighbor_distances(patch_feats, self.memory, self.memory_class, class_index)
+        neighbor = neighbor_distances(patch_feats, self.memory, self.memory_class, class_index,
+                                      memory_weight=self.memory_weight)
         maps.neighbor = upsample(neighbor, self.config.image_size)
         fused = self.fuse(maps)
         return Prediction(fused=fused, scores=image_scores(fused, self.config.score_pool), prompt_index=prompt_index,

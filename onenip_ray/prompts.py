@@ -19,7 +19,8 @@ from safetensors.torch import save as save_safetensors
 @dataclass
 class PromptPool:
     """``features`` (P, C, h, w) of P prompt images; ``class_index`` (P,) into ``class_names``;
-    ``memory`` (M, C) normal patch features with ``memory_class`` (M,)."""
+    ``memory`` (M, C) normal patch features with ``memory_class`` (M,) and ``memory_weight`` (M,),
+    the factor a distance to that patch is weighed by (1, or ``density_weights``)."""
 
     class_names: list[str]
     prompt_ids: list[str]
@@ -27,6 +28,7 @@ class PromptPool:
     features: torch.Tensor
     memory: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     memory_class: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    memory_weight: torch.Tensor | None = None  # None: all 1 (bundles written before the weights)
 
     def __post_init__(self) -> None:
         p = self.features.shape[0]
@@ -39,10 +41,19 @@ class PromptPool:
             raise ValueError("prompt pool: memory patches and their class indices disagree in length")
         if self.memory.numel() == 0:
             self.memory = torch.zeros(0, self.features.shape[1])
+        if self.memory_weight is None:
+            self.memory_weight = torch.ones(self.memory.shape[0])
+        if self.memory_weight.shape != (self.memory.shape[0],):
+            raise ValueError("prompt pool: memory patches and their weights disagree in length")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"features": self.features.contiguous().float(), "class_index": self.class_index.to(torch.int64),
-                "memory": self.memory.contiguous().float(), "memory_class": self.memory_class.to(torch.int64)}
+        """The stored tensors; ``memory_weight`` only where a weight is not 1, so a pool without
+        weights has the file and the content hash (bundle version) it had before they existed."""
+        out = {"features": self.features.contiguous().float(), "class_index": self.class_index.to(torch.int64),
+               "memory": self.memory.contiguous().float(), "memory_class": self.memory_class.to(torch.int64)}
+        if bool((self.memory_weight != 1).any()):
+            out["memory_weight"] = self.memory_weight.contiguous().float()
+        return out
 
     def to_bytes(self) -> bytes:
         meta = {"class_names": json.dumps(self.class_names), "prompt_ids": json.dumps(self.prompt_ids)}
@@ -53,7 +64,7 @@ class PromptPool:
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        extra = {k: tensors[k] for k in ("memory", "memory_class") if k in tensors}
+        extra = {k: tensors[k] for k in ("memory", "memory_class", "memory_weight") if k in tensors}
         return cls(class_names=json.loads(meta["class_names"]), prompt_ids=json.loads(meta["prompt_ids"]),
                    class_index=tensors["class_index"], features=tensors["features"], **extra)
 
@@ -67,16 +78,19 @@ class PromptPool:
         shift = lambda idx: idx - (idx > c).long()  # noqa: E731
         return PromptPool([n for n in self.class_names if n != name],
                           [i for i, k in zip(self.prompt_ids, keep.tolist()) if k], shift(self.class_index[keep]),
-                          self.features[keep], self.memory[keep_mem], shift(self.memory_class[keep_mem]))
+                          self.features[keep], self.memory[keep_mem], shift(self.memory_class[keep_mem]),
+                          self.memory_weight[keep_mem])
 
     def with_class(self, name: str, prompt_ids: list[str], features: torch.Tensor,
-                   memory: torch.Tensor) -> "PromptPool":
-        """This pool plus one class (appended last)."""
+                   memory: torch.Tensor, memory_weight: torch.Tensor | None = None) -> "PromptPool":
+        """This pool plus one class (appended last); its memory's weights default to 1."""
         c = len(self.class_names)
+        weight = torch.ones(len(memory)) if memory_weight is None else memory_weight.float()
         return PromptPool(self.class_names + [name], self.prompt_ids + list(prompt_ids),
                           torch.cat([self.class_index, torch.full((len(features),), c)]),
                           torch.cat([self.features, features]), torch.cat([self.memory, memory]),
-                          torch.cat([self.memory_class, torch.full((len(memory),), c)]))
+                          torch.cat([self.memory_class, torch.full((len(memory),), c)]),
+                          torch.cat([self.memory_weight, weight]))
 
 
 # Rotated copies of a class's few normals in its memory: up to this many pairs of angles, evenly
@@ -102,8 +116,8 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
     """The pool from the normal images of every class: ``prompts_per_class`` covering prompts
     (``select_prompts`` on ``features``) and the ``patch_features`` of all of them, plus the
     ``rotated_patches`` of their rotated copies (class ``rotated_class``), as memory (a
-    ``subsample`` coreset above the cap)."""
-    ids, index, prompt_feats, memory, memory_class = [], [], [], [], []
+    ``subsample`` coreset above the cap; ``density_weights`` for a class with copies)."""
+    ids, index, prompt_feats, memory, memory_class, memory_weight = [], [], [], [], [], []
     for c in range(len(class_names)):
         rows = torch.nonzero(class_index == c).flatten()
         chosen = rows[select_prompts(descriptors(features[rows]), prompts_per_class)]
@@ -111,12 +125,14 @@ def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.
         index.append(torch.full((len(chosen),), c))
         prompt_feats.append(features[chosen])
         bank = patches(patch_features[rows])
-        if rotated_patches is not None and bool((rotated_class == c).any()):
+        rotated = rotated_patches is not None and bool((rotated_class == c).any())
+        if rotated:
             bank = torch.cat([bank, patches(rotated_patches[rotated_class == c])])
         memory.append(bank[subsample(bank, memory_per_class, seed + c)])
         memory_class.append(torch.full((len(memory[-1]),), c))
+        memory_weight.append(class_memory_weight(memory[-1], rotated and len(memory[-1]) < len(bank)))
     return PromptPool(list(class_names), ids, torch.cat(index), torch.cat(prompt_feats).float(),
-                      torch.cat(memory).float(), torch.cat(memory_class))
+                      torch.cat(memory).float(), torch.cat(memory_class), torch.cat(memory_weight))
 
 
 def descriptors(features: torch.Tensor) -> torch.Tensor:
@@ -185,28 +201,59 @@ def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
 # bundle from before the coreset, = 205 MB where a whole stride-8 image at 320 px would be 640 MB).
 QUERY_BLOCK = 512
 
+# ``density_weights``: a memory patch's spacing is its mean distance to this many nearest others;
+# the weight's floor on the spacing, as a fraction of the memory's mean spacing.
+DENSITY_NEIGHBORS = 6
+DENSITY_FLOOR = 0.25
+
+
+def density_weights(memory: torch.Tensor) -> torch.Tensor:
+    """Per memory patch, s̄ / (s + 0.25·s̄): s its mean distance to its 6 nearest other patches, s̄
+    the mean of s. A distance to a patch where normal patches lie far apart counts less, one to a
+    patch in a dense region more, in the units of a plain distance. For the coreset of a few
+    normals and their rotated copies: macaroni1 from 8 normals 0.840 → 0.905 image AUROC (README)."""
+    k = min(DENSITY_NEIGHBORS, len(memory) - 1)
+    if k < 1:
+        return torch.ones(len(memory))
+    memory = memory.float()
+    spacing = torch.cat([torch.cdist(block, memory).topk(k + 1, dim=1, largest=False).values[:, 1:].mean(1)
+                         for block in memory.split(4 * QUERY_BLOCK)])
+    mean = spacing.mean()
+    return mean / (spacing + DENSITY_FLOOR * mean)
+
+
+def class_memory_weight(memory: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """A class memory's weights: ``density_weights`` where ``weighted`` (a coreset of a class's
+    normals and their rotated copies, i.e. a class with few normals), else all 1."""
+    return density_weights(memory) if weighted else torch.ones(len(memory))
+
 
 def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_class: torch.Tensor,
-                       class_index: torch.Tensor, chunk: int = 1) -> torch.Tensor:
-    """Per patch, the L2 distance to the nearest memory patch of the image's class: (N, h, w).
-    A class without memory gives zeros. Computed in float32 (also under bf16 autocast), ``chunk``
-    images per distance matrix: with 1, an image's map does not depend on the batch it came in.
-    The matrix product only picks the nearest patch; its distance is then measured directly
-    (``nearest_distance``), so it carries no cancellation error (which differs between BLAS
-    libraries and would keep exported graphs from matching this to 1e-3)."""
+                       class_index: torch.Tensor, chunk: int = 1,
+                       memory_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per patch, the L2 distance to the nearest memory patch of the image's class, times that
+    patch's ``memory_weight`` (default 1): (N, h, w). A class without memory gives zeros. Computed
+    in float32 (also under bf16 autocast), ``chunk`` images per distance matrix: with 1, an image's
+    map does not depend on the batch it came in. The matrix product only picks the nearest patch;
+    its distance is then measured directly (``nearest_distance``), so it carries no cancellation
+    error (which differs between BLAS libraries and would keep exported graphs from matching this
+    to 1e-3)."""
     n, c, h, w = features.shape
     features = features.float()
     out = torch.zeros(n, h, w, device=features.device)
     for cls in class_index.unique().tolist():
-        bank = memory[memory_class == cls].float()
+        in_class = memory_class == cls
+        bank = memory[in_class].float()
         if not len(bank):
             continue
+        weight = None if memory_weight is None else memory_weight[in_class].float()
         rows = torch.nonzero(class_index == cls).flatten()
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
             query = patches(features[r])
             nearest = torch.cat([torch.cdist(block, bank).argmin(dim=1) for block in query.split(QUERY_BLOCK)])
-            out[r] = nearest_distance(query, bank, nearest).view(len(r), h, w)
+            dist = nearest_distance(query, bank, nearest)
+            out[r] = (dist if weight is None else dist * weight[nearest]).view(len(r), h, w)
     return out
 
 

@@ -326,6 +326,8 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
                       cfg.prompts_per_class, cfg.memory_per_class, cfg.seed,
                       _patch_features(backbone, rotated, model.config) if len(rotated) else None,
                       torch.from_numpy(rotated_class))
+    summary["memory_density_weights"] = [name for c, name in enumerate(data.class_names)
+                                         if bool((pool.memory_weight[pool.memory_class == c] != 1).any())]
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     calib = {}
     for c, name in enumerate(data.class_names):

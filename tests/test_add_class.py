@@ -15,6 +15,7 @@ from onenip_ray.cli import main
 from onenip_ray.config import TrainConfig
 from onenip_ray.data.images import rotate_image
 from onenip_ray.formats import UNKNOWN_CLASS
+from onenip_ray.prompts import density_weights
 from onenip_ray.scoring import Scorer
 
 
@@ -138,8 +139,10 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     folds, score = [], module.score_normals
 
     def spy(predictor, cls, images, *args):
-        c = predictor.pool.class_names.index(cls)
-        folds.append((images, predictor.pool.memory[predictor.pool.memory_class == c].clone()))
+        in_class = predictor.pool.memory_class == predictor.pool.class_names.index(cls)
+        folds.append((images, predictor.pool.memory[in_class].clone()))
+        # the fold's coreset of few normals and copies is weighed by its own density, as in training
+        assert torch.allclose(predictor.pool.memory_weight[in_class], density_weights(folds[-1][1]))
         return score(predictor, cls, images, *args)
 
     monkeypatch.setattr(module, "score_normals", spy)
@@ -149,6 +152,10 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     assert len(memory) == 300 and len(folds) == 5 and sum(len(images) for images, _ in folds) == 8
     angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
     assert angles == [10, -10, 20, -20, 30, -30, 40, -40]  # 8 normals: at most 4 pairs
+    assert final.meta["training"]["added_classes"][-1]["memory_density_weights"]
+    weight = final.pool.memory_weight[final.pool.memory_class == final.classes.index("checker")]
+    assert torch.allclose(weight, density_weights(memory))
+    assert (final.pool.memory_weight[final.pool.memory_class != final.classes.index("checker")] == 1).all()
     predictor = final.predictor()
     for images, fold_memory in folds:
         copies = np.stack([rotate_image(image, angle) for angle in angles for image in images])
@@ -163,8 +170,9 @@ def test_rotated_copies_can_be_turned_off(tiny_bundle, checker_dir, tmp_path):
     with_copies = add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b2"), memory_per_class=0)
     without = add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b3"), memory_per_class=0,
                         memory_rotation_images=0)
-    patches_of = lambda out: load_bundle(out).meta["training"]["added_classes"][-1]["memory_patches"]  # noqa: E731
-    assert patches_of(with_copies["bundle"]) == 9 * patches_of(without["bundle"])  # 8 normals, each 8 copies
+    added = lambda out: load_bundle(out).meta["training"]["added_classes"][-1]  # noqa: E731
+    assert added(with_copies["bundle"])["memory_patches"] == 9 * added(without["bundle"])["memory_patches"]
+    assert not added(with_copies["bundle"])["memory_density_weights"]  # no coreset: all patches, weight 1
     assert with_copies["version"] != without["version"]
 
 

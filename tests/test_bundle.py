@@ -138,8 +138,11 @@ def _content_hash_of(bundle_dir: str, meta: dict) -> str:
         digest = hashlib.sha256(f.read())
     with open(os.path.join(bundle_dir, PROMPTS_FILE), "rb") as f:
         pool = PromptPool.from_bytes(f.read())
-    digest.update(save_safetensors({"features": pool.features, "class_index": pool.class_index, "memory": pool.memory,
-                                    "memory_class": pool.memory_class}))
+    tensors = {"features": pool.features, "class_index": pool.class_index, "memory": pool.memory,
+               "memory_class": pool.memory_class}
+    if (pool.memory_weight != 1).any():
+        tensors["memory_weight"] = pool.memory_weight
+    digest.update(save_safetensors(tensors))
     digest.update(json.dumps([pool.class_names, pool.prompt_ids]).encode())
     digest.update(json.dumps([meta["config"], meta["calibration"]], sort_keys=True).encode())
     return digest.hexdigest()[:16]

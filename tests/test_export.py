@@ -68,7 +68,7 @@ def test_export_writes_graphs_and_checks_parity(onnx_export):
     graph = onnx.load(str(Path(out, "score.onnx")))
     inputs = [i.name for i in graph.graph.input]
     assert inputs == ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory",
-                      "memory_sqnorm", "fusion"]
+                      "memory_sqnorm", "memory_weight", "fusion"]
     assert not any("threshold" in i.name for i in graph.graph.initializer)  # thresholds stay in bundle.json
 
 
@@ -98,11 +98,12 @@ def test_onnxruntime_scorer_gives_the_torch_rows(tiny_bundle, onnx_export, tiny_
 
 
 def test_a_changed_prompt_pool_runs_on_the_same_graph(tiny_bundle, onnx_export, tiny_dataset):
-    """The pool is a graph input: a pool without one class (as ``add-class`` would change it) gives
-    PyTorch's scores with that pool, no re-export."""
+    """The pool is a graph input: a pool without one class (as ``add-class`` would change it), its
+    memory weighed, gives PyTorch's scores with that pool, no re-export."""
     out, _ = onnx_export
     bundle = load_bundle(tiny_bundle)
     smaller = bundle.pool.without_class("stripes")
+    smaller.memory_weight = 0.5 + torch.rand(len(smaller.memory), generator=torch.Generator().manual_seed(0))
     spec = ScoringSpec.from_bundle(bundle)
     x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i,
                   img in enumerate(tiny_images(tiny_dataset)[:6])])
@@ -276,3 +277,21 @@ def test_serve_replica_loads_the_exported_runtime(onnx_export, tiny_bundle, tiny
     row = scorer.score_bytes([("x.png", data, None)])[0]
     ref = Scorer.from_uri(tiny_bundle).score_bytes([("x.png", data, None)])[0]
     assert abs(row["score_raw"] - ref["score_raw"]) < TOLERANCE
+
+
+def test_the_graphs_nearest_distances_are_the_predictors():
+    """``export.nearest_distances`` (the graph's form: padded per-class memory, weights) equals
+    ``prompts.neighbor_distances`` with the same weighed memory, run eagerly."""
+    from onenip_ray.engines import memory_inputs
+    from onenip_ray.export import nearest_distances
+    from onenip_ray.prompts import PromptPool, neighbor_distances
+
+    g = torch.Generator().manual_seed(7)
+    pool = PromptPool(["a", "b"], ["a0", "b0"], torch.tensor([0, 1]), torch.randn(2, 4, 2, 2, generator=g),
+                      torch.randn(15, 4, generator=g), torch.tensor([0] * 9 + [1] * 6),
+                      0.5 + torch.rand(15, generator=g))
+    feats, classes = torch.randn(3, 4, 3, 3, generator=g), torch.tensor([1, 0, 1])
+    memory, sqnorm, weight = (torch.from_numpy(a) for a in memory_inputs(pool))
+    got = nearest_distances(feats, memory, sqnorm, weight, classes)
+    expected = neighbor_distances(feats, pool.memory, pool.memory_class, classes, memory_weight=pool.memory_weight)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -22,7 +22,7 @@ from onenip_ray.prompts import (
 )
 
 
-def _pool() -> PromptPool:
+def _pool(**memory) -> PromptPool:
     g = torch.Generator().manual_seed(0)
     return PromptPool(
         class_names=["bottle", "cable"],
@@ -30,6 +30,7 @@ def _pool() -> PromptPool:
                     "/data/cable/train/good/007.png"],
         class_index=torch.tensor([0, 1, 1]),
         features=torch.randn(3, 8, 4, 4, generator=g),
+        **memory,
     )
 
 
@@ -45,7 +46,7 @@ def test_pool_bytes_round_trip(tmp_path):
     path = tmp_path / "prompts.safetensors"
     path.write_bytes(data)
     with safe_open(str(path), framework="pt") as f:
-        assert set(f.keys()) == {"features", "class_index", "memory", "memory_class"}
+        assert set(f.keys()) == {"features", "class_index", "memory", "memory_class"}  # no weights: none stored
         meta = f.metadata()
     assert json.loads(meta["class_names"]) == ["bottle", "cable"]
     assert json.loads(meta["prompt_ids"]) == pool.prompt_ids
@@ -100,14 +101,57 @@ def test_retrieve_respects_the_class_restriction():
 
 
 def test_memory_round_trips_and_an_old_pool_without_memory_loads():
-    pool = _pool()
-    pool.memory, pool.memory_class = torch.randn(5, 8), torch.tensor([0, 0, 1, 1, 1])
+    pool = _pool(memory=torch.randn(5, 8), memory_class=torch.tensor([0, 0, 1, 1, 1]))
     back = PromptPool.from_bytes(pool.to_bytes())
     assert torch.equal(back.memory, pool.memory) and back.memory_class.tolist() == [0, 0, 1, 1, 1]
     old = save_safetensors({"features": pool.features, "class_index": pool.class_index},
                            metadata={"class_names": json.dumps(pool.class_names),
                                      "prompt_ids": json.dumps(pool.prompt_ids)})
     assert PromptPool.from_bytes(old).memory.shape == (0, 8)
+
+
+def test_memory_weights_round_trip_and_a_pool_without_them_weighs_1():
+    pool = _pool(memory=torch.randn(5, 8), memory_class=torch.tensor([0, 0, 1, 1, 1]),
+                 memory_weight=torch.tensor([1.0, 2.0, 0.5, 0.25, 1.5]))
+    assert "memory_weight" in pool.tensors()  # stored, and so part of the bundle version
+    assert torch.equal(PromptPool.from_bytes(pool.to_bytes()).memory_weight, pool.memory_weight)
+    tensors = {k: v for k, v in pool.tensors().items() if k != "memory_weight"}
+    old = save_safetensors(tensors, metadata={"class_names": json.dumps(pool.class_names),
+                                              "prompt_ids": json.dumps(pool.prompt_ids)})
+    assert torch.equal(PromptPool.from_bytes(old).memory_weight, torch.ones(5))
+    without = pool.without_class("bottle")
+    assert torch.equal(without.memory_weight, pool.memory_weight[2:])
+    back = without.with_class("bottle", ["x"], pool.features[:1], pool.memory[:2], pool.memory_weight[:2])
+    assert torch.equal(back.memory_weight, torch.tensor([0.5, 0.25, 1.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="weights"):
+        PromptPool(pool.class_names, pool.prompt_ids, pool.class_index, pool.features, pool.memory,
+                   pool.memory_class, torch.ones(4))
+
+
+def test_density_weights_favour_dense_memory_regions():
+    """A distance to a patch among close neighbours counts more than one to a patch where normal
+    patches lie far apart; the mean weight stays near 1 (the units of a plain distance)."""
+    g = torch.Generator().manual_seed(5)
+    dense = 0.1 * torch.randn(50, 4, generator=g)
+    sparse = 10.0 + 3.0 * torch.randn(50, 4, generator=g)
+    weight = prompts.density_weights(torch.cat([dense, sparse]))
+    assert weight[:50].min() > weight[50:].max()
+    assert 0.5 < float(weight.mean()) < 2.0
+    assert torch.equal(prompts.density_weights(torch.randn(1, 4)), torch.ones(1))
+
+
+def test_neighbor_distances_are_weighed_by_the_nearest_patchs_weight():
+    g = torch.Generator().manual_seed(6)
+    feats, memory = torch.randn(2, 4, 3, 3, generator=g), torch.randn(12, 4, generator=g)
+    memory_class, classes = torch.tensor([0] * 6 + [1] * 6), torch.tensor([1, 0])
+    weight = torch.rand(12, generator=g) + 0.5
+    plain = neighbor_distances(feats, memory, memory_class, classes)
+    weighed = neighbor_distances(feats, memory, memory_class, classes, memory_weight=weight)
+    for n, c in enumerate(classes.tolist()):
+        bank, w = memory[memory_class == c], weight[memory_class == c]
+        query = feats[n].permute(1, 2, 0).reshape(-1, 4)
+        nearest = torch.cdist(query, bank).argmin(1)
+        assert torch.allclose(weighed[n].flatten(), plain[n].flatten() * w[nearest])
 
 
 def test_select_prompts_covers_the_clusters_of_a_class():
@@ -149,6 +193,18 @@ def test_rotated_patches_join_their_class_memory_only():
                       memory_per_class=0, rotated_patches=rotated, rotated_class=torch.tensor([0, 0, 0, 0]))
     assert (pool.memory_class == 0).sum() == (2 + 4) * 4 and (pool.memory_class == 1).sum() == 3 * 4
     assert torch.equal(pool.memory[8:24], rotated.permute(0, 2, 3, 1).reshape(16, 8))
+    assert torch.equal(pool.memory_weight, torch.ones(len(pool.memory)))  # all patches kept: no weights
+
+
+def test_a_coreset_of_few_normals_and_their_copies_is_weighed_by_density():
+    feats, patch_feats = torch.randn(5, 8, 3, 3), torch.randn(5, 8, 4, 4)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    rotated = torch.randn(4, 8, 4, 4)
+    pool = build_pool(["a", "b"], [f"img{i}" for i in range(5)], labels, feats, patch_feats, prompts_per_class=1,
+                      memory_per_class=40, rotated_patches=rotated, rotated_class=torch.tensor([0, 0, 0, 0]))
+    a, b = pool.memory_class == 0, pool.memory_class == 1
+    assert torch.allclose(pool.memory_weight[a], prompts.density_weights(pool.memory[a]))
+    assert torch.equal(pool.memory_weight[b], torch.ones(40))  # a coreset, but no copies: many normals
 
 
 def test_the_memory_coreset_keeps_rare_patches_a_random_subset_would_drop():

@@ -50,6 +50,7 @@ def test_in_process_training_writes_a_bundle_that_loads_and_scores(trained, tiny
     assert training["train_images"] == 14 and training["calibration_images"] == 10  # 5 held out per class
     # 7 memory normals per class: each also rotated ±10°…±40° (7 × 9 = 63 images within the budget)
     assert training["memory_rotations"] == {c: [10, -10, 20, -20, 30, -30, 40, -40] for c in ("disc", "stripes")}
+    assert training["memory_density_weights"] == []  # 63 × 64 patches are all kept: no coreset to weigh
     assert all(math.isfinite(training["history"][0][k]) for k in ("loss", "mse", "dice"))
     assert meta["classes"] == ["disc", "stripes"] and set(meta["thresholds"]) == {"disc", "stripes"}
 
