@@ -149,9 +149,9 @@ class TrainConfig:
                                      "descriptors)")
     memory_per_class: int = flag(16_000, "normal patches kept per class for the nearest-neighbour map (0 = all; "
                                          "above: a greedy coreset)")
-    memory_rotation_images: int = flag(160, "a class with few normals also gets rotated copies of them (±10° to "
-                                           "±40°) in its patch memory, up to this many images in all, and density "
-                                           "weights on its coreset (0 = neither)")
+    memory_rotation_images: int = flag(160, "a class with few normals also gets rotated copies of them (5° to "
+                                           "10° apart, up to ±40°) in its patch memory, up to this many images in "
+                                           "all, and density weights on its coreset (0 = neither)")
     checkpoint_every: int = flag(1, "checkpoint every N epochs (0 = only at the end)")
     max_failures: int = flag(2, "worker-group restarts from the latest checkpoint")
     loader_workers: int = flag(0, "DataLoader processes for anomaly synthesis per trainer")

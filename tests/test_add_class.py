@@ -151,7 +151,7 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
     assert len(memory) == 300 and len(folds) == 5 and sum(len(images) for images, _ in folds) == 8
     angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
-    assert angles == [10, -10, 20, -20, 30, -30, 40, -40]  # 8 normals: at most 4 pairs
+    assert angles == [5 * i * sign for i in range(1, 9) for sign in (1, -1)]  # 8 normals: 8 pairs, 5° apart
     assert final.meta["training"]["added_classes"][-1]["memory_density_weights"]
     weight = final.pool.memory_weight[final.pool.memory_class == final.classes.index("checker")]
     assert torch.allclose(weight, density_weights(memory))
@@ -171,7 +171,7 @@ def test_rotated_copies_can_be_turned_off(tiny_bundle, checker_dir, tmp_path):
     without = add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b3"), memory_per_class=0,
                         memory_rotation_images=0)
     added = lambda out: load_bundle(out).meta["training"]["added_classes"][-1]  # noqa: E731
-    assert added(with_copies["bundle"])["memory_patches"] == 9 * added(without["bundle"])["memory_patches"]
+    assert added(with_copies["bundle"])["memory_patches"] == 17 * added(without["bundle"])["memory_patches"]
     assert not added(with_copies["bundle"])["memory_density_weights"]  # no coreset: all patches, weight 1
     assert with_copies["version"] != without["version"]
 

@@ -179,7 +179,8 @@ def test_build_pool_keeps_k_prompts_and_all_patches_per_class():
 
 def test_few_normals_get_rotated_copies_within_the_budget():
     assert rotation_angles(8, 72) == [10, -10, 20, -20, 30, -30, 40, -40]  # 8 normals + 64 copies = 72
-    assert rotation_angles(1, 72) == rotation_angles(8, 72)  # at most 4 pairs
+    assert rotation_angles(8, 160) == [5 * i * sign for i in range(1, 9) for sign in (1, -1)]  # at most 8 pairs
+    assert rotation_angles(1, 160) == rotation_angles(8, 72)  # a single normal: at most 4 pairs
     assert rotation_angles(12, 72) == [20, -20, 40, -40]  # 60 images
     assert rotation_angles(24, 72) == [40, -40] and rotation_angles(25, 72) == []
     assert rotation_angles(200, 72) == [] and rotation_angles(8, 0) == []
