@@ -186,23 +186,25 @@ def test_few_normals_get_rotated_copies_within_the_budget():
     assert rotation_angles(200, 72) == [] and rotation_angles(8, 0) == []
 
 
+def _pool_with_copies(grid: int, memory_per_class: int) -> tuple[PromptPool, torch.Tensor]:
+    """Class a: 2 normals and 4 rotated copies; class b: 3 normals; patch grids ``grid``×``grid``."""
+    feats, patch_feats = torch.randn(5, 8, 3, 3), torch.randn(5, 8, grid, grid)
+    rotated = torch.randn(4, 8, grid, grid)
+    pool = build_pool(["a", "b"], [f"img{i}" for i in range(5)], torch.tensor([0, 0, 1, 1, 1]), feats, patch_feats,
+                      prompts_per_class=1, memory_per_class=memory_per_class, rotated_patches=rotated,
+                      rotated_class=torch.tensor([0, 0, 0, 0]))
+    return pool, rotated
+
+
 def test_rotated_patches_join_their_class_memory_only():
-    feats, patch_feats = torch.randn(5, 8, 3, 3), torch.randn(5, 8, 2, 2)
-    labels = torch.tensor([0, 0, 1, 1, 1])
-    rotated = torch.randn(4, 8, 2, 2)
-    pool = build_pool(["a", "b"], [f"img{i}" for i in range(5)], labels, feats, patch_feats, prompts_per_class=1,
-                      memory_per_class=0, rotated_patches=rotated, rotated_class=torch.tensor([0, 0, 0, 0]))
+    pool, rotated = _pool_with_copies(2, memory_per_class=0)
     assert (pool.memory_class == 0).sum() == (2 + 4) * 4 and (pool.memory_class == 1).sum() == 3 * 4
     assert torch.equal(pool.memory[8:24], rotated.permute(0, 2, 3, 1).reshape(16, 8))
     assert torch.equal(pool.memory_weight, torch.ones(len(pool.memory)))  # all patches kept: no weights
 
 
 def test_a_coreset_of_few_normals_and_their_copies_is_weighed_by_density():
-    feats, patch_feats = torch.randn(5, 8, 3, 3), torch.randn(5, 8, 4, 4)
-    labels = torch.tensor([0, 0, 1, 1, 1])
-    rotated = torch.randn(4, 8, 4, 4)
-    pool = build_pool(["a", "b"], [f"img{i}" for i in range(5)], labels, feats, patch_feats, prompts_per_class=1,
-                      memory_per_class=40, rotated_patches=rotated, rotated_class=torch.tensor([0, 0, 0, 0]))
+    pool, _ = _pool_with_copies(4, memory_per_class=40)
     a, b = pool.memory_class == 0, pool.memory_class == 1
     assert torch.allclose(pool.memory_weight[a], prompts.density_weights(pool.memory[a]))
     assert torch.equal(pool.memory_weight[b], torch.ones(40))  # a coreset, but no copies: many normals
