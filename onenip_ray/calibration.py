@@ -1,17 +1,19 @@
 """Per-class thresholds, map statistics and routing floors from normal images (no test labels).
 
 Fusion weights (``fusion="calibrated"``): the refiner weight α and the nearest-neighbour weight β,
-each in {0, 0.25, 0.5, 0.75, 1}, maximise pixel AUROC on the calibration normals and their
-synthetic-anomaly copies (known masks; no test data). A branch earns its weight on these images.
+each in {0, 0.25, 0.5, 0.75, 1}, by pixel AUROC on the calibration normals and their
+synthetic-anomaly copies (known masks; no test data). A mix of the two branches wins only where
+it beats the better branch alone by ``FUSION_MARGIN``, so the fused map is never worse than the
+best single branch on this data and a branch that adds nothing gets weight 0.
 
-Threshold rule (documented in the README): the calibration normals' image scores, scored with the
-class's own prompts and memory, give an upper prediction bound for one more normal image,
-``threshold_raw = mean + t(1 − target_fpr; n − 1) · sd · √(1 + 1/n)`` (Student t), so a normal
-exceeds it with probability ``target_fpr`` under a normal model of the scores. It widens by
-itself when there are few normals (n = 5: t = 2.13 at 5 %; n = 500: 1.65) instead of taking the
-maximum of a handful as a quantile would. ``MIN_NORMALS`` (2) is the least it accepts; 5 or more
-are recommended. A class may carry its own target (``retargeted``; ``onenip set-threshold``): the
-same bound from the stored normal statistics. The calibrated
+Threshold rule: from a class's ``n`` calibration scores, the threshold is the score at rank
+``(n + 1)(1 − target)`` (interpolated between neighbouring scores): a fresh normal exceeds it with
+probability ``target`` whatever the scores' distribution (conformal). With too few normals for
+that rank (n < 1/target − 1, e.g. 8 at 10 %) it is the Student-t prediction bound of the log
+scores, ``mean + t(1 − target; n − 1) · sd · √(1 + 1/n)`` (sd floored at 0.02). ``fpr_interval``
+is the range (5 % … 95 %) the false-positive rate on fresh normals lies in for ``n`` scores: the
+price of few normals. Bundles without stored scores keep the bound of the raw scores. A class may
+carry its own target (``retargeted``; ``onenip set-threshold``). The calibrated
 ``score = sigmoid((raw − threshold) / scale)`` is exactly 0.5 at the threshold, ``scale`` the
 normals' spread.
 
@@ -26,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+from scipy.stats import beta as beta_dist
+from scipy.stats import norm
 from scipy.stats import t as student_t
 
 from .config import TrainConfig
@@ -36,8 +40,11 @@ from .predictor import Predictor
 from .prompts import PromptPool, descriptors
 
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+FUSION_MARGIN = 0.01  # a mix of the branches must beat the better branch alone by this (criterion units)
 MIN_NORMALS = 2
 NO_OTHER_CLASS_SIMILARITY = 0.5
+FPR_INTERVAL = (0.05, 0.95)  # quantiles of the achieved false-positive rate ``fpr_interval`` reports
+LEGACY_RULE = "bound"  # bundles without stored normal scores: the prediction bound of the raw scores
 
 
 @dataclass
@@ -48,20 +55,29 @@ class ClassCalibration:
     normal_mean: float
     normal_std: float
     map_low: float  # median fused-map value on normals: heat maps start here
-    num_images: int
+    num_images: int  # calibration scores the threshold comes from
     normal_similarity_min: float  # lowest retrieval similarity of the normals to their own prompts
     route_floor: float = 0.0  # retrieval similarity below this = an unknown product
     target_fpr: float | None = None  # the class's own target false-positive rate; None: the bundle's
+    normal_scores: list[float] | None = None  # the calibration scores, sorted; None: bundles before them
 
     def retargeted(self, target_fpr: float) -> "ClassCalibration":
         """This class with the threshold the same rule gives at ``target_fpr`` (same normals)."""
-        return replace(self, threshold_raw=bound(self.normal_mean, self.normal_std, self.num_images, target_fpr),
-                       target_fpr=target_fpr)
+        if self.normal_scores is None:
+            threshold = bound(self.normal_mean, self.normal_std, self.num_images, target_fpr)
+        else:
+            threshold = threshold_for(np.asarray(self.normal_scores), target_fpr)
+        return replace(self, threshold_raw=threshold, target_fpr=target_fpr)
+
+    def rule(self, target_fpr: float) -> str:
+        """``quantile`` or ``bound``: which threshold rule this class's scores allow at ``target_fpr``."""
+        return LEGACY_RULE if self.normal_scores is None else threshold_rule(self.num_images, target_fpr)
 
     def to_dict(self) -> dict:
-        """As stored in ``bundle.json``; no ``target_fpr`` key without an own target (so bundles written
-        before it keep their content hash)."""
-        return {k: v for k, v in asdict(self).items() if not (k == "target_fpr" and v is None)}
+        """As stored in ``bundle.json``; no ``target_fpr`` / ``normal_scores`` key where None (so
+        bundles written before them keep their content hash)."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in ("target_fpr", "normal_scores") and v is None)}
 
 
 @dataclass
@@ -83,8 +99,8 @@ class Calibration:
         return {"rec_scale": self.rec_scale, "target_fpr": self.target_fpr, "alpha": self.alpha,
                 "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale,
                 "fusion_auroc": self.fusion_auroc,
-                "rule": f"threshold_raw = mean + t(1-{self.target_fpr}; n-1) * sd * sqrt(1+1/n) "
-                        "of the calibration normals' scores",
+                "rule": f"threshold_raw = the calibration normals' score at rank (n+1)(1-{self.target_fpr}); "
+                        "below that many normals mean + t(1-target; n-1) * sd * sqrt(1+1/n) of their log scores",
                 "per_class": {k: v.to_dict() for k, v in self.per_class.items()}}
 
     @classmethod
@@ -151,10 +167,8 @@ def calibrate(
     fusion_auroc = None
     if predictor.config.fusion == "calibrated":
         fusion_auroc = _fusion_auroc(scored, predictor)
-        valid = {k: v for k, v in fusion_auroc.items() if np.isfinite(v)}
-        if valid:  # ties go to the weights nearest (α 0.5, β 0.5)
-            best = max(valid, key=lambda k: (valid[k], -sum(abs(float(w) - 0.5) for w in k.split(","))))
-            predictor.alpha, predictor.neighbor_weight = (float(w) for w in best.split(","))
+        if any(np.isfinite(v) for v in fusion_auroc.values()):
+            predictor.alpha, predictor.neighbor_weight = choose_fusion(fusion_auroc)
     else:
         predictor.neighbor_weight = 0.0
     per_class = {cls: class_calibration(predictor, m, target_fpr) for cls, m in scored.items()}
@@ -171,8 +185,8 @@ def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr:
     if scored.num_normals < MIN_NORMALS:
         raise ValueError(f"calibration needs at least {MIN_NORMALS} normal images per class, got {scored.num_normals}")
     fused = predictor.fuse(scored.maps(slice(0, scored.num_normals)))
-    s = image_scores(fused, predictor.config.score_pool).numpy().astype(np.float64)
-    threshold = prediction_bound(s, target_fpr)
+    s = np.sort(image_scores(fused, predictor.config.score_pool).numpy().astype(np.float64))
+    threshold = threshold_for(s, target_fpr)
     spread = float(np.quantile(s, 0.9) - np.quantile(s, 0.1))
     return ClassCalibration(
         threshold_raw=threshold,
@@ -183,7 +197,40 @@ def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr:
         map_low=float(np.median(fused.flatten(1).median(dim=1).values.numpy())),
         num_images=int(len(s)),
         normal_similarity_min=float(scored.similarity.min()),
+        normal_scores=[float(v) for v in s],
     )
+
+
+def threshold_rule(n: int, target_fpr: float) -> str:
+    """``quantile`` where ``n`` scores have a rank ``(n + 1)(1 − target)``, else ``bound``."""
+    return "quantile" if (n + 1) * (1.0 - target_fpr) <= n else "bound"
+
+
+def threshold_for(scores: np.ndarray, target_fpr: float) -> float:
+    """The threshold of the module docstring's rule from a class's calibration scores."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if threshold_rule(n, target_fpr) == "quantile":
+        rank = (n + 1) * (1.0 - target_fpr)  # 1-based, interpolated between neighbouring scores
+        low = int(np.floor(rank))
+        return float(s[low - 1] if low >= n else s[low - 1] + (rank - low) * (s[low] - s[low - 1]))
+    if s.min() > 0:
+        logs = np.log(s)
+        return float(np.exp(bound(float(logs.mean()), float(logs.std(ddof=1)), n, target_fpr, floor=0.02)))
+    return prediction_bound(s, target_fpr)
+
+
+def fpr_interval(n: int, target_fpr: float, rule: str | None = None) -> tuple[float, float]:
+    """Where the false-positive rate on fresh normals lies (``FPR_INTERVAL`` quantiles) for a
+    threshold from ``n`` calibration scores: exact for ``quantile`` (a Beta distribution), under
+    normal (log-)scores for ``bound`` (by simulation; the rate does not depend on their mean or sd)."""
+    rule = rule or threshold_rule(n, target_fpr)
+    if rule == "quantile":
+        rank = (n + 1) * (1.0 - target_fpr)
+        return tuple(float(beta_dist.ppf(q, n + 1 - rank, rank)) for q in FPR_INTERVAL)
+    draws = np.random.default_rng(0).standard_normal((4000, n))
+    t = draws.mean(1) + student_t.ppf(1.0 - target_fpr, n - 1) * draws.std(1, ddof=1) * np.sqrt(1.0 + 1.0 / n)
+    return tuple(float(v) for v in np.quantile(norm.sf(t), FPR_INTERVAL))
 
 
 def prediction_bound(scores: np.ndarray, target_fpr: float) -> float:
@@ -192,9 +239,10 @@ def prediction_bound(scores: np.ndarray, target_fpr: float) -> float:
     return bound(float(np.mean(scores)), float(np.std(scores, ddof=1)), len(scores), target_fpr)
 
 
-def bound(mean: float, std: float, n: int, target_fpr: float) -> float:
-    """``prediction_bound`` from the normals' mean, standard deviation and count."""
-    sd = max(std, 0.02 * abs(mean), 1e-6)
+def bound(mean: float, std: float, n: int, target_fpr: float, floor: float | None = None) -> float:
+    """``prediction_bound`` from the normals' mean, standard deviation and count; the spread is
+    floored at ``floor`` (default 2 % of the mean)."""
+    sd = max(std, 0.02 * abs(mean) if floor is None else floor, 1e-6)
     return mean + float(student_t.ppf(1.0 - target_fpr, n - 1)) * sd * float(np.sqrt(1.0 + 1.0 / n))
 
 
@@ -228,6 +276,29 @@ def _fusion_auroc(scored: dict[str, CalibrationMaps], predictor: Predictor) -> d
             pooled = torch.nn.functional.avg_pool2d(fused.unsqueeze(1), 4)[:, 0].numpy()
             out[f"{a},{b}"] = pixel_auroc(target, pooled)
     return out
+
+
+def choose_fusion(auroc: dict[str, float]) -> tuple[float, float]:
+    """(α, β) from the calibration pixel AUROC per candidate ``"α,β"``: the best, but a mix of
+    OneNIP and the nearest neighbour only where it beats the better branch alone (β = 1, or β = 0 at
+    its best α) by ``FUSION_MARGIN``. Ties go to the nearest neighbour alone, then to the weights
+    nearest (0.5, 0.5); the nearest neighbour alone is stored as α 0.5, β 1."""
+    valid = {k: v for k, v in auroc.items() if np.isfinite(v)}
+
+    def weights(k: str) -> tuple[float, ...]:
+        return tuple(float(w) for w in k.split(","))
+
+    def preference(k: str):
+        a, b = weights(k)
+        return valid[k], b == 1.0, -abs(a - 0.5) - abs(b - 0.5)
+
+    best = max(valid, key=preference)
+    singles = [k for k in valid if weights(k)[1] in (0.0, 1.0)]
+    best_single = max(singles, key=preference)
+    if best not in singles and valid[best] < valid[best_single] + FUSION_MARGIN:
+        best = best_single
+    a, b = weights(best)
+    return (0.5 if b == 1.0 else a), b
 
 
 def calibrated_score(raw: np.ndarray | float, cal: ClassCalibration, threshold: float | None = None) -> np.ndarray:

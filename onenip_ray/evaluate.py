@@ -13,7 +13,7 @@ import torch
 
 from . import storage
 from .bundle import Bundle
-from .calibration import ClassCalibration, calibrated_score
+from .calibration import Calibration, ClassCalibration, calibrated_score, fpr_interval
 from .config import EVALUATE_BATCH_SIZE
 from .data.images import decode_mask, resize_mask, to_network_input
 from .data.layouts import Sample, read_datasets
@@ -155,6 +155,7 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
     return {
         "per_class": results,
         "mean": summarize({c: {k: v for k, v in m.items() if k not in NOT_AVERAGED} for c, m in results.items()}),
+        "thresholds": {cls: _threshold_basis(model.calibration, cls) for cls in sorted(per_class)},
         "routing_accuracy": _routing_accuracy(rows),
         "threshold_sweep": sweeps,
         "branches": None if predictor is None else {
@@ -162,6 +163,16 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
             "mean": {b: summarize({c: r[b] for c, r in branch_results.items()}) for b in BRANCHES},
             "weights": {"alpha": predictor.alpha, "neighbor_weight": predictor.neighbor_weight}},
     }
+
+
+def _threshold_basis(calibration: Calibration, cls: str) -> dict[str, Any]:
+    """What class ``cls``'s threshold rests on: its calibration scores, the rule they allow and the
+    range the false-positive rate on fresh normals lies in for that many (``fpr_interval``)."""
+    cal = calibration.per_class[cls]
+    target = calibration.target_of(cls)
+    rule = cal.rule(target)
+    return {"calibration_normals": cal.num_images, "rule": rule,
+            "expected_fpr": list(fpr_interval(cal.num_images, target, rule))}
 
 
 def _routing_accuracy(rows: list[dict[str, Any]]) -> float:

@@ -1,11 +1,22 @@
-"""Threshold rule (a prediction bound that works with 5 normals as with 500) and routing floors."""
+"""Threshold rule (a quantile of the normals, a log-score bound for few), fusion choice and routing floors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import gumbel_r, lognorm
 
-from onenip_ray.calibration import prediction_bound, route_floors
+from onenip_ray.calibration import (
+    FUSION_MARGIN,
+    ClassCalibration,
+    bound,
+    choose_fusion,
+    fpr_interval,
+    prediction_bound,
+    route_floors,
+    threshold_for,
+    threshold_rule,
+)
 from onenip_ray.prompts import PromptPool
 
 
@@ -20,6 +31,65 @@ def test_prediction_bound_holds_its_false_positive_rate_for_any_sample_size(n):
         threshold = prediction_bound(calib, 0.05)
         rates.append(np.mean(rng.normal(10.0, 1.0, 2000) > threshold))
     assert abs(np.mean(rates) - 0.05) < 0.01, np.mean(rates)
+
+
+# Skewed score distributions like a max-pooled map's (Gumbel) or a distance's (log-normal):
+# (draw n scores, false-positive rate of a threshold).
+SKEWED = {
+    "gumbel": (lambda rng, n: gumbel_r.rvs(10.0, 1.0, size=n, random_state=rng), lambda t: gumbel_r.sf(t, 10.0, 1.0)),
+    "lognormal": (lambda rng, n: lognorm.rvs(0.5, scale=10.0, size=n, random_state=rng),
+                  lambda t: lognorm.sf(t, 0.5, scale=10.0)),
+}
+# Mean achieved false-positive rate over draws within this of the target: the quantile rule is
+# exact in expectation (Monte-Carlo error only); the log-score bound of 5 normals is off by up to 2 %.
+FPR_TOLERANCE = {5: 0.025, 20: 0.01, 50: 0.01, 500: 0.005}
+
+
+@pytest.mark.parametrize("n", [5, 20, 50, 500])
+@pytest.mark.parametrize("kind", sorted(SKEWED))
+def test_threshold_keeps_its_false_positive_rate_on_skewed_scores(n, kind):
+    """Fresh normals drawn from the same distribution as the n calibration scores exceed the
+    threshold target_fpr of the time on average, and in ~90 % of the draws the achieved rate lies
+    in the reported ``fpr_interval``."""
+    draw, false_positive_rate = SKEWED[kind]
+    rng = np.random.default_rng(n)
+    rates = np.array([false_positive_rate(threshold_for(draw(rng, n), 0.1)) for _ in range(1000)])
+    assert abs(rates.mean() - 0.1) < FPR_TOLERANCE[n], rates.mean()
+    low, high = fpr_interval(n, 0.1)
+    assert low < 0.1 < high
+    inside = np.mean((rates >= low) & (rates <= high))
+    assert 0.8 < inside < 0.97, inside
+
+
+def test_the_rule_is_a_quantile_where_the_normals_allow_it():
+    assert threshold_rule(8, 0.1) == "bound" and threshold_rule(9, 0.1) == "quantile"
+    assert threshold_rule(98, 0.01) == "bound" and threshold_rule(99, 0.01) == "quantile"
+    scores = np.arange(1.0, 20.0)  # 19 scores: rank (19 + 1) · 0.9 = 18
+    assert threshold_for(scores, 0.1) == 18.0
+    assert threshold_for(scores, 0.125) == pytest.approx(17.5)  # rank 17.5: half-way
+    assert threshold_for(np.arange(1.0, 10.0), 0.1) == 9.0  # rank 9 of 9: the largest
+    narrow, wide = fpr_interval(500, 0.1), fpr_interval(20, 0.1)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0] > 0
+
+
+def test_fusion_weighs_a_branch_in_only_where_it_helps():
+    """A branch that adds nothing (an untrained OneNIP) gets weight 0: the nearest neighbour alone
+    (β = 1) wins unless a mix beats it by FUSION_MARGIN; a useful mix still wins."""
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # OneNIP alone at chance; every mix a little better than the nearest neighbour alone (0.95)
+    useless = {f"{a},{b}": 0.5 if b == 0 else 0.95 + (0.5 * FUSION_MARGIN if b < 1 else 0) for a in grid for b in grid}
+    assert choose_fusion(useless) == (0.5, 1.0)
+    helpful = dict(useless, **{"0.5,0.5": 0.95 + 2 * FUSION_MARGIN})
+    assert choose_fusion(helpful) == (0.5, 0.5)
+    onenip_only = {f"{a},{b}": 0.9 - 0.3 * b for a in grid for b in grid}
+    assert choose_fusion(onenip_only)[1] == 0.0  # the nearest neighbour adds nothing: its weight 0
+
+
+def test_a_bundle_without_stored_scores_keeps_the_bound_of_its_raw_scores():
+    old = ClassCalibration(threshold_raw=12.0, score_scale=1.0, normal_median=10.0, normal_mean=10.0, normal_std=1.0,
+                           map_low=0.0, num_images=20, normal_similarity_min=0.9)
+    assert "normal_scores" not in old.to_dict() and old.rule(0.1) == "bound"
+    assert old.retargeted(0.2).threshold_raw == bound(10.0, 1.0, 20, 0.2)
 
 
 def test_prediction_bound_keeps_a_margin_when_normals_score_alike():

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from onenip_ray.bundle import load_bundle
-from onenip_ray.calibration import bound
+from onenip_ray.calibration import threshold_for
 from onenip_ray.cli import main
 from onenip_ray.evaluate import evaluate
 from onenip_ray.scoring import Scorer
@@ -32,7 +32,7 @@ def test_one_class_is_rethresholded_and_the_rest_is_untouched(tiny_bundle, tiny_
     assert result["version"] == new.version != source.version and result["from_version"] == source.version
     old_cal, new_cal = source.calibration.per_class[cls], new.calibration.per_class[cls]
     assert new_cal.target_fpr == 0.3 and new_cal.threshold_raw == result["thresholds"][cls]
-    assert new_cal.threshold_raw == bound(old_cal.normal_mean, old_cal.normal_std, old_cal.num_images, 0.3)
+    assert new_cal.threshold_raw == threshold_for(old_cal.normal_scores, 0.3)  # the same normals' scores
     assert new_cal.threshold_raw < old_cal.threshold_raw  # a higher false-positive rate: a lower threshold
     assert new.calibration.per_class[other] == source.calibration.per_class[other]
     assert new.calibration.target_of(cls) == 0.3 and new.calibration.target_of(other) == source.calibration.target_fpr
@@ -40,6 +40,9 @@ def test_one_class_is_rethresholded_and_the_rest_is_untouched(tiny_bundle, tiny_
     # the deployed threshold is what scoring and evaluation use
     report = evaluate(out, [("mvtec", str(tiny_dataset))], str(tmp_path / "eval"), classes=[cls])
     assert report["per_class"][cls]["target_fpr"] == 0.3
+    basis = report["thresholds"][cls]  # what the threshold rests on, beside the (numeric) metrics
+    assert basis["calibration_normals"] == new_cal.num_images and basis["rule"] == new_cal.rule(0.3)
+    assert basis["expected_fpr"][0] < 0.3 < basis["expected_fpr"][1]
     sweep = report["threshold_sweep"][cls]["0.3"]
     assert report["per_class"][cls]["threshold_recall"] == sweep["threshold_recall"]
     png = cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
@@ -80,7 +83,7 @@ def test_all_classes_move_the_bundle_target_that_added_classes_aim_at(tiny_bundl
     for cls, cal in new.calibration.per_class.items():
         old = source.calibration.per_class[cls]
         assert cal.target_fpr is None and new.calibration.target_of(cls) == 0.3  # no own target: the bundle's
-        assert cal.threshold_raw == bound(old.normal_mean, old.normal_std, old.num_images, 0.3)
+        assert cal.threshold_raw == threshold_for(old.normal_scores, 0.3)
     rng = np.random.default_rng(0)
     normals = tmp_path / "normals"
     normals.mkdir()
