@@ -3,21 +3,20 @@
 The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
 its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
 threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
-A few normals also enter the memory rotated (``rotation_angles``), as in training.
-Every normal is scored by a pool of the *other* normals (k-fold, at most 5 folds), so no image is
-calibrated against itself: their prompts, and the memory's patches that came from them (one coreset
-of all normals, built once, so a fold costs no coreset of its own). A single normal is calibrated on
+A few normals also enter the memory rotated (``rotation_angles``), as in training (``enrol``).
+Every normal is scored by a pool of the *other* normals (``enrolment.score_out_of_fold``, the path
+training's final step takes), so no image is calibrated against itself: their prompts, and the
+memory's patches that came from them (one coreset of all normals, built once, so a fold costs no
+coreset of its own). A single normal is calibrated on
 rotated and re-lit views of itself. The result is a new bundle version (new content hash); the source
 bundle is untouched.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import storage
 from .bundle import check_new_uri, load_bundle, write_version
@@ -25,13 +24,12 @@ from .calibration import CalibrationMaps, class_calibration, route_floors, score
 from .config import TrainConfig
 from .data.images import ImageError, decode_image, resize_image, rotate_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
+from .enrolment import Enrolment, calibration_rows, enrol, score_out_of_fold
 from .inputs import list_inputs
 from .predictor import Predictor
-from .prompts import PromptPool, class_memory_weight, descriptors, patches, rotation_angles, select_prompts, subsample
 
 MIN_NORMALS = 1
 RECOMMENDED_NORMALS = 8
-MAX_FOLDS = 5
 
 
 def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list[str], np.ndarray]:
@@ -101,58 +99,25 @@ def add_class(
 
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
-    feats, patch_feats = _features(predictor, images)
-    angles = rotation_angles(len(images), rotation_budget)
-    if angles:  # the memory also holds rotated copies, image-major within each angle
-        rotated = np.stack([rotate_image(image, angle) for angle in angles for image in images])
-        patch_feats = torch.cat([patch_feats, _features(predictor, rotated)[1]])
-
-    # a coreset of few normals and their copies is weighed by density, as in training (``build_pool``)
-    weighted = bool(angles) and 0 < memory_cap < patches(patch_feats).shape[0]
-    pool_of = _pool_maker(base, class_name, uris, feats, patch_feats, k, memory_cap, seed, weighted)
-    cal = class_calibration(predictor, _score_held_out(predictor, class_name, images, pool_of, seed), fpr)
+    enrolment = enrol(predictor.backbone, predictor.config, class_name, uris, images, k, memory_cap, rotation_budget,
+                      seed)
+    cal = class_calibration(predictor, _score_held_out(predictor, enrolment, images, seed), fpr)
     if fpr != bundle.calibration.target_fpr:  # the class aims at its own target
         cal = replace(cal, target_fpr=fpr)
     per_class[class_name] = cal
-    pool = pool_of(np.arange(len(images)))
+    pool = enrolment.pool(base)
     floors = route_floors(pool, {c: v.normal_similarity_min for c, v in per_class.items()})
     per_class = {c: replace(v, route_floor=floors[c]) for c, v in per_class.items()}
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
     added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
-             "prompts": k, "memory_rotations": angles,
-             "memory_density_weights": weighted,
+             "prompts": k, "memory_rotations": enrolment.rotations,
+             "memory_density_weights": enrolment.weighted,
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
     meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
             "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
             "route_floor": floors[class_name]}
-
-
-def _features(predictor: Predictor, images: np.ndarray, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused and patch features of ``images``, ``batch`` at a time."""
-    return tuple(torch.cat(parts) for parts in zip(*(predictor.features(images[i : i + batch])
-                                                     for i in range(0, len(images), batch))))
-
-
-def _pool_maker(base: PromptPool, class_name: str, uris: list[str], feats: torch.Tensor, patch_feats: torch.Tensor,
-                k: int, memory_cap: int, seed: int, weighted: bool) -> Callable[[np.ndarray], PromptPool]:
-    """``pool_of(rows)``: ``base`` with the class as the normals ``rows`` give it, their ``k`` covering
-    prompts and their patches of the class's memory (one coreset of all normals and of their rotated
-    copies after them in ``patch_feats``, as ``build_pool`` keeps it in training; ``density_weights``
-    of each pool's memory where ``weighted``)."""
-    bank = patches(patch_feats)
-    kept = subsample(bank, memory_cap, seed)
-    kept_image = (kept // (len(bank) // len(patch_feats))) % len(feats)  # the normal a patch (or its copy) is of
-
-    def pool_of(rows: np.ndarray) -> PromptPool:
-        rows = torch.as_tensor(rows)
-        chosen = rows[select_prompts(descriptors(feats[rows]), k)].tolist()
-        memory = bank[kept[torch.isin(kept_image, rows)]].float()
-        return base.with_class(class_name, [uris[i] for i in chosen], feats[chosen].float(), memory,
-                               class_memory_weight(memory, weighted))
-
-    return pool_of
 
 
 def _memory_cap(train_cfg: dict[str, Any]) -> int:
@@ -162,28 +127,14 @@ def _memory_cap(train_cfg: dict[str, Any]) -> int:
     return min(trained, default) if trained > 0 else 0
 
 
-def _score_held_out(predictor: Predictor, class_name: str, images: np.ndarray,
-                    pool_of: Callable[[np.ndarray], PromptPool], seed: int) -> CalibrationMaps:
-    """Maps of every normal (and its synthetic copy) scored by a pool of the *other* normals (k-fold);
-    a single normal is scored through ``views_of_one`` by a pool of itself."""
+def _score_held_out(predictor: Predictor, enrolment: Enrolment, images: np.ndarray, seed: int) -> CalibrationMaps:
+    """Maps of every normal (and its synthetic copy) scored out of fold (``score_out_of_fold``); a
+    single normal is scored through ``views_of_one`` by a pool of itself."""
     synthesizer = AnomalySynthesizer(predictor.config.image_size, TextureSource.procedural(seed))
     rng = np.random.default_rng(seed)
     if len(images) == 1:
-        predictor.set_pool(pool_of(np.array([0])))
-        return score_normals(predictor, class_name, views_of_one(images[0]), synthesizer, rng)
-    folds = np.array_split(rng.permutation(len(images)), min(MAX_FOLDS, len(images)))
-    parts = []
-    for held in folds:
-        predictor.set_pool(pool_of(np.setdiff1d(np.arange(len(images)), held)))
-        parts.append(score_normals(predictor, class_name, images[held], synthesizer, rng))
-    return _normals_first(parts)
-
-
-def _normals_first(parts: list[CalibrationMaps]) -> CalibrationMaps:
-    """Fold results joined as one class's maps: all normals, then all synthetic copies."""
-    def join(key: str) -> np.ndarray:
-        normals = [getattr(p, key)[: p.num_normals] for p in parts]
-        return np.concatenate(normals + [getattr(p, key)[p.num_normals :] for p in parts])
-
-    return CalibrationMaps(join("reconstruction"), join("refiner"), join("neighbor"), join("masks"),
-                           np.concatenate([p.similarity for p in parts]), sum(p.num_normals for p in parts))
+        predictor.set_pool(enrolment.pool())
+        views = views_of_one(images[0])
+        return score_normals(predictor, enrolment.name, views, np.ones(len(views), bool), synthesizer, rng)
+    scored = calibration_rows(np.ones(len(images), bool), rng)
+    return score_out_of_fold(predictor, enrolment, images, np.ones(len(images), bool), synthesizer, rng, scored)

@@ -1,12 +1,17 @@
 """Per-class thresholds, map statistics and routing floors from normal images (no test labels).
 
+Every calibration normal is scored out of fold (``enrolment.score_out_of_fold``): by prompts and
+a memory built without it. *Fresh* normals are those the trained model never saw (held out of
+training; all of an added class's).
+
 Fusion weights (``fusion="calibrated"``): the refiner weight α and the nearest-neighbour weight β,
-each in {0, 0.25, 0.5, 0.75, 1}, by pixel AUROC on the calibration normals and their
-synthetic-anomaly copies (known masks; no test data). A mix of the two branches wins only where
+each in {0, 0.25, 0.5, 0.75, 1}, by pixel AUROC on the fresh normals and their synthetic-anomaly
+copies (known masks; no test data). A mix of the two branches wins only where
 it beats the better branch alone by ``FUSION_MARGIN``, so the fused map is never worse than the
 best single branch on this data and a branch that adds nothing gets weight 0.
 
-Threshold rule: from a class's ``n`` calibration scores, the threshold is the score at rank
+Threshold rule: from a class's ``n`` calibration scores (all its out-of-fold normals where the
+fused map is the nearest neighbour alone, else its fresh ones), the threshold is the score at rank
 ``(n + 1)(1 − target)`` (interpolated between neighbouring scores): a fresh normal exceeds it with
 probability ``target`` whatever the scores' distribution (conformal). With too few normals for
 that rank (n < 1/target − 1, e.g. 8 at 10 %) it is the Student-t prediction bound of the log
@@ -60,6 +65,7 @@ class ClassCalibration:
     route_floor: float = 0.0  # retrieval similarity below this = an unknown product
     target_fpr: float | None = None  # the class's own target false-positive rate; None: the bundle's
     normal_scores: list[float] | None = None  # the calibration scores, sorted; None: bundles before them
+    normal_similarities: list[float] | None = None  # the normals' retrieval similarities, sorted (drift reference)
 
     def retargeted(self, target_fpr: float) -> "ClassCalibration":
         """This class with the threshold the same rule gives at ``target_fpr`` (same normals)."""
@@ -74,10 +80,10 @@ class ClassCalibration:
         return LEGACY_RULE if self.normal_scores is None else threshold_rule(self.num_images, target_fpr)
 
     def to_dict(self) -> dict:
-        """As stored in ``bundle.json``; no ``target_fpr`` / ``normal_scores`` key where None (so
-        bundles written before them keep their content hash)."""
+        """As stored in ``bundle.json``; no ``target_fpr`` / ``normal_scores`` / ``normal_similarities``
+        key where None (so bundles written before them keep their content hash)."""
         return {k: v for k, v in asdict(self).items()
-                if not (k in ("target_fpr", "normal_scores") and v is None)}
+                if not (k in ("target_fpr", "normal_scores", "normal_similarities") and v is None)}
 
 
 @dataclass
@@ -113,28 +119,65 @@ class Calibration:
 
 @dataclass
 class CalibrationMaps:
-    """A class's calibration images scored with its own prompts: normals first, then their
-    synthetic-anomaly copies."""
+    """A class's calibration normals, each scored out of fold (by prompts and a memory built
+    without it), then a synthetic-anomaly copy of each ``fresh`` one (a normal the trained model
+    never saw), in order."""
 
     reconstruction: np.ndarray
     refiner: np.ndarray
     neighbor: np.ndarray
     masks: np.ndarray
     similarity: np.ndarray  # retrieval similarity of the normals
-    num_normals: int
+    fresh: np.ndarray  # (normals,) bool
 
-    def maps(self, rows: slice | None = None) -> Maps:
-        rows = rows or slice(None)
+    @property
+    def num_normals(self) -> int:
+        return len(self.fresh)
+
+    def maps(self, rows: np.ndarray | slice | None = None) -> Maps:
+        rows = slice(None) if rows is None else rows
         return Maps(torch.from_numpy(self.reconstruction[rows]), torch.from_numpy(self.refiner[rows]),
                     torch.from_numpy(self.neighbor[rows]))
 
+    def fresh_rows(self) -> np.ndarray:
+        """The fresh normals and their copies: the rows that judge the trained model's branch."""
+        return np.concatenate([np.flatnonzero(self.fresh), np.arange(self.num_normals, len(self.masks))])
 
-def score_normals(predictor: Predictor, cls: str, images: np.ndarray, synthesizer: AnomalySynthesizer,
-                  rng: np.random.Generator, batch_size: int = 16) -> CalibrationMaps:
-    """Maps of ``images`` (normals of ``cls``) and of a synthetic-anomaly copy of each."""
-    pairs = [synthesizer(img, rng) for img in images]
-    batch_images = np.concatenate([images, np.stack([p[0] for p in pairs])])
-    masks = np.concatenate([np.zeros((len(images), *images.shape[1:3]), bool), np.stack([p[1] > 0 for p in pairs])])
+    def threshold_rows(self, neighbor_alone: bool) -> np.ndarray:
+        """The normals a threshold comes from: all where the fused map is the nearest neighbour
+        alone (out of fold for it), else the fresh ones (OneNIP was trained on the others)."""
+        rows = np.arange(self.num_normals) if neighbor_alone else np.flatnonzero(self.fresh)
+        return rows if len(rows) >= MIN_NORMALS else np.arange(self.num_normals)
+
+    def take(self, normals: np.ndarray) -> "CalibrationMaps":
+        """The normals at positions ``normals``, then their copies, in that order."""
+        copy_of = np.flatnonzero(self.fresh)  # normal of each copy
+        copies = self.num_normals + np.concatenate([np.flatnonzero(copy_of == i) for i in normals] + [[]]).astype(int)
+        rows = np.concatenate([normals, copies])
+        return CalibrationMaps(self.reconstruction[rows], self.refiner[rows], self.neighbor[rows], self.masks[rows],
+                               self.similarity[normals], self.fresh[normals])
+
+    @staticmethod
+    def join(parts: list["CalibrationMaps"]) -> "CalibrationMaps":
+        """Several batches of one class's normals as one: all normals, then all copies."""
+        def cat(key: str) -> np.ndarray:
+            normals = [getattr(p, key)[: p.num_normals] for p in parts]
+            return np.concatenate(normals + [getattr(p, key)[p.num_normals :] for p in parts])
+
+        return CalibrationMaps(cat("reconstruction"), cat("refiner"), cat("neighbor"), cat("masks"),
+                               np.concatenate([p.similarity for p in parts]), np.concatenate([p.fresh for p in parts]))
+
+
+def score_normals(predictor: Predictor, cls: str, images: np.ndarray, fresh: np.ndarray,
+                  synthesizer: AnomalySynthesizer, rng: np.random.Generator, batch_size: int = 16) -> CalibrationMaps:
+    """Maps of ``images`` (normals of ``cls``) by the predictor's pool, then of a synthetic-anomaly
+    copy of each ``fresh`` one."""
+    fresh = np.asarray(fresh, dtype=bool)
+    pairs = [synthesizer(img, rng) for img in images[fresh]]
+    copies = np.stack([p[0] for p in pairs]) if pairs else images[:0]
+    batch_images = np.concatenate([images, copies])
+    masks = np.concatenate([np.zeros((len(images), *images.shape[1:3]), bool),
+                            np.stack([p[1] > 0 for p in pairs]) if pairs else np.zeros((0, *images.shape[1:3]), bool)])
     rec, ref, nn, sim = [], [], [], []
     c = predictor.class_names.index(cls)
     for start in range(0, len(batch_images), batch_size):
@@ -145,22 +188,16 @@ def score_normals(predictor: Predictor, cls: str, images: np.ndarray, synthesize
         nn.append(pred.maps.neighbor.cpu().numpy())
         sim.append(pred.similarity.cpu().numpy())
     return CalibrationMaps(np.concatenate(rec), np.concatenate(ref), np.concatenate(nn), masks,
-                           np.concatenate(sim)[: len(images)], len(images))
+                           np.concatenate(sim)[: len(images)], fresh)
 
 
-def calibrate(
-    predictor: Predictor,
-    normals: dict[str, np.ndarray],
-    synthesizer: AnomalySynthesizer,
-    seed: int = 0,
-    target_fpr: float = TrainConfig.target_fpr,
-) -> Calibration:
-    """Fit the map scales, fusion weights and per-class thresholds on held-out normals; sets them
-    on ``predictor``."""
-    rng = np.random.default_rng(seed)
-    scored = {cls: score_normals(predictor, cls, images, synthesizer, rng) for cls, images in normals.items()}
-    rec = np.concatenate([m.reconstruction for m in scored.values()])
-    nn = np.concatenate([m.neighbor for m in scored.values()])
+def calibrate(predictor: Predictor, scored: dict[str, CalibrationMaps],
+              target_fpr: float = TrainConfig.target_fpr) -> Calibration:
+    """Fit the map scales, fusion weights and per-class thresholds on the classes' out-of-fold
+    calibration maps; sets them on ``predictor``, whose pool is the full one."""
+    fresh = {cls: m.fresh_rows() for cls, m in scored.items()}
+    rec = np.concatenate([m.reconstruction[fresh[cls]] for cls, m in scored.items()])
+    nn = np.concatenate([m.neighbor[fresh[cls]] for cls, m in scored.items()])
     predictor.rec_scale = float(rec.max() + rec.min()) / 2.0
     nn_mid = float(nn.max() + nn.min()) / 2.0
     predictor.neighbor_scale = predictor.rec_scale / nn_mid if nn_mid > 0 else 1.0
@@ -184,7 +221,8 @@ def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr:
     """Threshold, score scale, heat-map floor and routing floor of one class from its normals."""
     if scored.num_normals < MIN_NORMALS:
         raise ValueError(f"calibration needs at least {MIN_NORMALS} normal images per class, got {scored.num_normals}")
-    fused = predictor.fuse(scored.maps(slice(0, scored.num_normals)))
+    rows = scored.threshold_rows(predictor.neighbor_weight == 1.0)
+    fused = predictor.fuse(scored.maps(rows))
     s = np.sort(image_scores(fused, predictor.config.score_pool).numpy().astype(np.float64))
     threshold = threshold_for(s, target_fpr)
     spread = float(np.quantile(s, 0.9) - np.quantile(s, 0.1))
@@ -198,6 +236,7 @@ def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr:
         num_images=int(len(s)),
         normal_similarity_min=float(scored.similarity.min()),
         normal_scores=[float(v) for v in s],
+        normal_similarities=[float(v) for v in np.sort(scored.similarity)],
     )
 
 
@@ -260,12 +299,12 @@ def route_floors(pool: PromptPool, lowest_similarity: dict[str, float]) -> dict[
 
 
 def _fusion_auroc(scored: dict[str, CalibrationMaps], predictor: Predictor) -> dict[str, float]:
-    """Pixel AUROC of the fused map for each (α, β) of ``WEIGHT_GRID`` (maps pooled 4× to bound
-    cost); β only where the pool has a memory."""
-    masks = np.concatenate([m.masks for m in scored.values()])
+    """Pixel AUROC of the fused map on the fresh normals and their copies for each (α, β) of
+    ``WEIGHT_GRID`` (maps pooled 4× to bound cost); β only where the pool has a memory."""
+    masks = np.concatenate([m.masks[m.fresh_rows()] for m in scored.values()])
     if not masks.any():
         return {}
-    maps = Maps(*(torch.from_numpy(np.concatenate([getattr(m, k) for m in scored.values()]))
+    maps = Maps(*(torch.from_numpy(np.concatenate([getattr(m, k)[m.fresh_rows()] for m in scored.values()]))
                   for k in ("reconstruction", "refiner", "neighbor")))
     target = torch.nn.functional.avg_pool2d(torch.from_numpy(masks).float().unsqueeze(1), 4)[:, 0].numpy() > 0.5
     betas = WEIGHT_GRID if len(predictor.memory) else (0.0,)

@@ -142,8 +142,8 @@ class TrainConfig:
     backbone_weights: str | None = flag(None, "backbone weights file or URI (safetensors or torch state dict)")
     num_workers: int = flag(1, "Ray Train workers (0 = in-process, no cluster)")
     use_gpu: bool = flag(False, "one GPU per Ray Train worker (NCCL); default CPU (gloo)")
-    calibration_fraction: float = flag(0.1, "training normals held out for thresholds (at least 5, at most half a "
-                                            "class)")
+    calibration_fraction: float = flag(0.1, "training normals OneNIP does not train on (at least 5, at most half a "
+                                            "class): they weigh its branch in the fusion")
     target_fpr: float = flag(0.1, "false-positive rate the per-class thresholds aim at")
     prompts_per_class: int = flag(4, "prompt images per class, chosen to cover the class (k-center on retrieval "
                                      "descriptors)")

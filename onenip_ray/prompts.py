@@ -114,32 +114,6 @@ def rotation_angles(num_normals: int, budget: int) -> list[float]:
     return [sign * MAX_ROTATION * i / pairs for i in range(1, pairs + 1) for sign in (1, -1)]
 
 
-def build_pool(class_names: list[str], image_ids: list[str], class_index: torch.Tensor, features: torch.Tensor,
-               patch_features: torch.Tensor, prompts_per_class: int, memory_per_class: int,
-               seed: int = 0, rotated_patches: torch.Tensor | None = None,
-               rotated_class: torch.Tensor | None = None) -> PromptPool:
-    """The pool from the normal images of every class: ``prompts_per_class`` covering prompts
-    (``select_prompts`` on ``features``) and the ``patch_features`` of all of them, plus the
-    ``rotated_patches`` of their rotated copies (class ``rotated_class``), as memory (a
-    ``subsample`` coreset above the cap; ``density_weights`` for a class with copies)."""
-    ids, index, prompt_feats, memory, memory_class, memory_weight = [], [], [], [], [], []
-    for c in range(len(class_names)):
-        rows = torch.nonzero(class_index == c).flatten()
-        chosen = rows[select_prompts(descriptors(features[rows]), prompts_per_class)]
-        ids += [image_ids[i] for i in chosen.tolist()]
-        index.append(torch.full((len(chosen),), c))
-        prompt_feats.append(features[chosen])
-        bank = patches(patch_features[rows])
-        rotated = rotated_patches is not None and bool((rotated_class == c).any())
-        if rotated:
-            bank = torch.cat([bank, patches(rotated_patches[rotated_class == c])])
-        memory.append(bank[subsample(bank, memory_per_class, seed + c)])
-        memory_class.append(torch.full((len(memory[-1]),), c))
-        memory_weight.append(class_memory_weight(memory[-1], rotated and len(memory[-1]) < len(bank)))
-    return PromptPool(list(class_names), ids, torch.cat(index), torch.cat(prompt_feats).float(),
-                      torch.cat(memory).float(), torch.cat(memory_class), torch.cat(memory_weight))
-
-
 def descriptors(features: torch.Tensor) -> torch.Tensor:
     """Global retrieval descriptor: L2-normalised spatial mean of the backbone features."""
     return F.normalize(features.mean(dim=(2, 3)), dim=1)

@@ -6,7 +6,7 @@ anomalous copies go through the backbone. Synthesis runs in the DataLoader (``lo
 processes when asked). Rank 0 checkpoints model, optimiser, scheduler, epoch, history and RNG state
 every ``checkpoint_every`` epochs; a restarted worker group (``FailureConfig``) or a resubmitted
 run (same ``--run-name``) continues from the latest one. At the end rank 0 builds the prompt pool,
-calibrates the thresholds on the held-out normals and reports the bundle with the last checkpoint;
+calibrates the thresholds on its normals scored out of fold and reports the bundle with the last checkpoint;
 the driver commits it.
 """
 from __future__ import annotations
@@ -31,14 +31,13 @@ from . import storage
 from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
-from .data.images import rotate_image
 from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
+from .enrolment import calibration_rows, enrol, score_out_of_fold
 from .formats import BUNDLE_FILE
 from .model.build import build_backbone, build_onenip
 from .model.loss import training_losses
 from .predictor import Predictor
-from .prompts import build_pool, rotation_angles
 from .training_data import TrainingSet, build_training_set, parse_data_roots
 
 STATE_FILE = "state.pt"
@@ -228,8 +227,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         "calibration_images": int(len(data.calibration_index)), "precision": "bf16" if worker.use_bf16 else "fp32",
         "config": cfg.to_dict(),
     }
-    _report_final(cfg, worker, opt, lambda out: _write_final_bundle(out, cfg, backbone, opt.core, data, clean_features,
-                                                                     synthesizer, summary))
+    _report_final(cfg, worker, opt, lambda out: _write_final_bundle(out, cfg, backbone, opt.core, data, synthesizer,
+                                                                     summary))
 
 
 def _train_epoch(cfg: TrainConfig, worker: Worker, backbone, opt: Optimization, clean_features: torch.Tensor,
@@ -312,50 +311,32 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     return int(state["epoch"]) + 1, json.loads(state["history"])
 
 
-def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, clean_features: torch.Tensor,
-                        synthesizer, summary: dict) -> None:
+def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, synthesizer,
+                        summary: dict) -> None:
+    """Enrol every class from all its normals (``enrolment.enrol``), score up to
+    ``MAX_CALIBRATION_NORMALS`` of them out of fold (the held-out ones fresh) and calibrate."""
     model.eval()
-    train = data.train_index
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
-    rotated, rotated_class = rotated_normals(data.images[train], data.class_ids[train], cfg.memory_rotation_images)
-    counts = np.bincount(data.class_ids[train], minlength=len(data.class_names))
-    summary["memory_rotations"] = {name: rotation_angles(int(n), cfg.memory_rotation_images)
-                                   for name, n in zip(data.class_names, counts)}
-    pool = build_pool(data.class_names, data.ids(train), torch.from_numpy(data.class_ids[train]),
-                      clean_features[train].cpu(), _patch_features(backbone, data.images[train], model.config),
-                      cfg.prompts_per_class, cfg.memory_per_class, cfg.seed,
-                      _patch_features(backbone, rotated, model.config) if len(rotated) else None,
-                      torch.from_numpy(rotated_class))
-    summary["memory_density_weights"] = [name for c, name in enumerate(data.class_names)
-                                         if bool((pool.memory_weight[pool.memory_class == c] != 1).any())]
-    predictor = Predictor(backbone, model, pool, rec_scale=1.0)
-    calib = {}
-    for c, name in enumerate(data.class_names):
-        idx = data.calibration_index[data.class_ids[data.calibration_index] == c]
-        calib[name] = data.images[idx] if len(idx) else data.images[data.class_ids == c][:1]
+    rng = np.random.default_rng(cfg.seed)
+    fresh = np.isin(np.arange(len(data.images)), data.calibration_index)
+    enrolments, scored, pool = [], {}, None
+    predictor = None
     t0 = time.perf_counter()
-    calibration = calibrate(predictor, calib, synthesizer, seed=cfg.seed, target_fpr=cfg.target_fpr)
+    for c, name in enumerate(data.class_names):
+        rows = np.flatnonzero(data.class_ids == c)
+        enrolment = enrol(backbone, model.config, name, data.ids(rows), data.images[rows], cfg.prompts_per_class,
+                          cfg.memory_per_class, cfg.memory_rotation_images, cfg.seed + c)
+        enrolments.append(enrolment)
+        pool = enrolment.pool(pool)
+        predictor = predictor or Predictor(backbone, model, pool, rec_scale=1.0)
+        scored[name] = score_out_of_fold(predictor, enrolment, data.images[rows], fresh[rows], synthesizer, rng,
+                                         calibration_rows(fresh[rows], rng))
+    predictor.set_pool(pool)
+    calibration = calibrate(predictor, scored, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
+    summary["memory_rotations"] = {e.name: e.rotations for e in enrolments}
+    summary["memory_density_weights"] = [e.name for e in enrolments if e.weighted]
     write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
-
-
-def rotated_normals(images: np.ndarray, class_ids: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rotated copies (``rotation_angles``) of each class's normals for its memory, and their class."""
-    copies, copy_class = [], []
-    for c in np.unique(class_ids):
-        own = images[class_ids == c]
-        for angle in rotation_angles(len(own), budget):
-            copies += [rotate_image(image, angle) for image in own]
-            copy_class += [c] * len(own)
-    return (np.stack(copies) if copies else images[:0]), np.array(copy_class, dtype=np.int64)
-
-
-@torch.inference_mode()
-def _patch_features(backbone, images: np.ndarray, config: ModelConfig, batch: int = 16) -> torch.Tensor:
-    """The nearest-neighbour map's patch features of ``images`` (the memory's source)."""
-    return torch.cat([backbone.with_patches(backbone.to_network_input(torch.from_numpy(images[i : i + batch])),
-                                            config.neighbor_stride, config.neighbor_coarse_weight)[1]
-                      for i in range(0, len(images), batch)])
 
 
 def default_run_name(out: str) -> str:

@@ -134,7 +134,7 @@ def test_the_memory_cap_follows_the_bundle_up_to_todays_default():
 def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, checker_dir, tmp_path, monkeypatch):
     """One coreset of all normals and their rotated copies; a fold's pool keeps only the other
     normals' patches of it (neither a held-out image's patches nor those of its copies)."""
-    import onenip_ray.add_class as module
+    import onenip_ray.enrolment as module
 
     folds, score = [], module.score_normals
 
@@ -149,7 +149,7 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b2"), memory_per_class=300)
     final = load_bundle(str(tmp_path / "b2"))
     memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
-    assert len(memory) == 300 and len(folds) == 5 and sum(len(images) for images, _ in folds) == 8
+    assert len(memory) == 300 and len(folds) == 8 and sum(len(images) for images, _ in folds) == 8
     angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
     assert angles == [5 * i * sign for i in range(1, 9) for sign in (1, -1)]  # 8 normals: 8 pairs, 5° apart
     assert final.meta["training"]["added_classes"][-1]["memory_density_weights"]

@@ -24,7 +24,7 @@ from onenip_ray.bundle import (
     verify_bundle,
     write_bundle,
 )
-from onenip_ray.calibration import calibrate
+from onenip_ray.calibration import calibrate, score_normals
 from onenip_ray.config import ModelConfig
 from onenip_ray.data.images import to_network_input
 from onenip_ray.data.layouts import read_dataset
@@ -63,7 +63,10 @@ def parts(images):
     pool = PromptPool(["disc", "stripes"], ["disc/000.png", "stripes/000.png"], torch.tensor([0, 1]), feats)
     predictor = Predictor(backbone, model, pool, rec_scale=1.0)
     synth = AnomalySynthesizer(64, TextureSource.procedural(0, pool_size=4))
-    calibration = calibrate(predictor, {c: imgs[1:] for c, imgs in train.items()}, synth, seed=0)
+    rng = np.random.default_rng(0)
+    scored = {c: score_normals(predictor, c, imgs[1:], np.ones(len(imgs) - 1, bool), synth, rng)
+              for c, imgs in train.items()}
+    calibration = calibrate(predictor, scored)
     return backbone, model, pool, calibration
 
 

@@ -22,7 +22,7 @@ LAYERS = (
     {"model.backbone", "model.transformer", "model.refiner", "model.onenip", "model.loss", "model.anomaly_map",
      "model.build"},  # the pure model
     {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO
-    {"predictor", "calibration", "bundle", "engines", "training_data", "visualization"},  # inference
+    {"predictor", "calibration", "enrolment", "bundle", "engines", "training_data", "visualization"},  # inference
     {"scoring", "train", "evaluate", "add_class", "set_threshold", "export", "publish"},  # operations
     {"batch", "nightly", "serve", "serve_args", "report"},  # applications
     {"cli", "__init__"},

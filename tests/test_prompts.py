@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from onenip_ray import prompts
+from onenip_ray.enrolment import enrol_features
 from onenip_ray.prompts import (
     PromptPool,
-    build_pool,
     descriptors,
     neighbor_distances,
     retrieve,
@@ -161,6 +161,20 @@ def test_select_prompts_covers_the_clusters_of_a_class():
     chosen = select_prompts(F.normalize(points, dim=1), 3)
     assert sorted(i // 10 for i in chosen.tolist()) == [0, 1, 2]  # one prompt per cluster
     assert len(select_prompts(F.normalize(points, dim=1), 50)) == 30  # never more than the class has
+
+
+def build_pool(class_names, ids, labels, feats, patch_feats, prompts_per_class, memory_per_class, rotated_patches=None,
+               rotated_class=None) -> PromptPool:
+    """The pool of ``enrol_features`` per class, as training builds it (class ``c`` seeded ``c``)."""
+    pool = None
+    for c, name in enumerate(class_names):
+        rows = torch.nonzero(labels == c).flatten()
+        own = patch_feats[rows]
+        copies = rotated_patches[rotated_class == c] if rotated_patches is not None else own[:0]
+        angles = [float(a) for a in range(len(copies) // len(rows))]
+        pool = enrol_features(name, [ids[i] for i in rows], feats[rows], torch.cat([own, copies]), prompts_per_class,
+                              memory_per_class, c, angles).pool(pool)
+    return pool
 
 
 def test_build_pool_keeps_k_prompts_and_all_patches_per_class():

@@ -48,10 +48,11 @@ def test_in_process_training_writes_a_bundle_that_loads_and_scores(trained, tiny
     assert training["workers"] == 1
     # 12 normals per class, 10 % held out for calibration → 1 per class
     assert training["train_images"] == 14 and training["calibration_images"] == 10  # 5 held out per class
-    # 7 memory normals per class: each also rotated ±5°…±40° (7 × 17 = 119 images within the budget)
-    angles = [5 * i * sign for i in range(1, 9) for sign in (1, -1)]
-    assert training["memory_rotations"] == {c: angles for c in ("disc", "stripes")}
-    assert training["memory_density_weights"] == []  # 119 × 64 patches are all kept: no coreset to weigh
+    # all 12 normals per class enrol (train and calibration alike): each also rotated by 6 pairs
+    # ±40°·i/6 (12 × 13 = 156 images within the budget of 160)
+    angles = [40 * i / 6 * sign for i in range(1, 7) for sign in (1, -1)]
+    assert training["memory_rotations"] == {c: pytest.approx(angles) for c in ("disc", "stripes")}
+    assert training["memory_density_weights"] == []  # 156 × 64 patches are all kept: no coreset to weigh
     assert all(math.isfinite(training["history"][0][k]) for k in ("loss", "mse", "dice"))
     assert meta["classes"] == ["disc", "stripes"] and set(meta["thresholds"]) == {"disc", "stripes"}
 
@@ -196,20 +197,6 @@ def test_epoch_order_balances_classes_whatever_their_size():
     assert len(set(order[class_ids[order] == 0].tolist())) == 40  # every small-class image, cycled
     plain = epoch_order(data, 240, False, np.random.default_rng(0))
     assert sorted(plain.tolist()) == list(range(240))
-
-
-def test_only_classes_with_few_normals_get_rotated_copies():
-    from onenip_ray.data.images import rotate_image
-    from onenip_ray.train import rotated_normals
-
-    images = np.random.default_rng(0).integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
-    class_ids = np.array([1] * 4 + [0] * 26)  # class 1: 4 normals; class 0: 26, more than 72 / 3
-    copies, copy_class = rotated_normals(images, class_ids, 72)
-    assert copies.shape == (4 * 16, 16, 16, 3) and copy_class.tolist() == [1] * 64  # 8 pairs, 5° apart
-    assert np.array_equal(copies[0], rotate_image(images[0], 5))
-    assert np.array_equal(copies[5], rotate_image(images[1], -5))
-    none, none_class = rotated_normals(images, class_ids, 0)
-    assert none.shape == (0, 16, 16, 3) and none_class.shape == (0,)
 
 
 def test_lr_schedule_warms_up_then_decays_for_short_and_long_runs():
