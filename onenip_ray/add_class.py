@@ -28,7 +28,6 @@ from .enrolment import Enrolment, calibration_rows, enrol, score_out_of_fold
 from .inputs import list_inputs
 from .predictor import Predictor
 
-MIN_NORMALS = 1
 RECOMMENDED_NORMALS = 8
 
 
@@ -43,8 +42,8 @@ def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list
             bad.append(f"{u} ({exc})")
     if bad:
         raise ValueError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
-    if len(images) < MIN_NORMALS:
-        raise ValueError(f"{uri}: found {len(images)} normal images; a class needs at least {MIN_NORMALS} "
+    if not images:  # one image is enough: it calibrates through ``views_of_one``
+        raise ValueError(f"{uri}: found no normal images; a class needs at least one "
                          f"({RECOMMENDED_NORMALS} or more recommended, "
                          "20+ for a threshold near the target false-positive rate)")
     return uris, np.stack(images)

@@ -92,7 +92,7 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_bundle, checker_dir, tmp
     assert load_bundle(str(tmp_path / "r")).classes == ["stripes", "disc"] and replaced["added"] == "disc"
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=r"found 0 normal images; a class needs at least 1"):
+    with pytest.raises(ValueError, match=r"found no normal images; a class needs at least one"):
         add_class(tiny_bundle, "new", str(empty), str(tmp_path / "y"))
     broken = tmp_path / "broken"
     broken.mkdir()
