@@ -28,9 +28,13 @@ TINY = ModelConfig(image_size=64)
 HERE = Path(__file__).resolve().parent
 
 # bf16 autocast tolerance (documented in docs/training.md; the GPU path uses the same autocast):
-SCORE_RTOL = 5e-2  # image scores, relative (observed ≤ 0.8 % on the tiny model)
-# Pearson correlation of each image's fused / reconstruction / refiner map (observed ≥ 0.997)
+SCORE_RTOL = 5e-2  # image scores, relative (observed ≤ 3 % on the tiny model)
+# Pearson correlation of each image's reconstruction / refiner map (observed ≥ 0.998)
 MAP_MIN_CORRELATION = 0.99
+# ... of its nearest-neighbour map, and of the fused map, which is that map alone when fusion picks
+# it (observed ≥ 0.988): a normal image's map is nearly flat (sd 1.8 against a mean of 23), so the
+# bf16 rounding of its patch features is a larger share of the map's variance than for OneNIP's maps
+NEIGHBOR_MIN_CORRELATION = 0.98
 LOSS_RTOL = 5e-2  # training losses, relative
 
 
@@ -161,11 +165,13 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_bundle, tiny_dataset):
 
     assert torch.equal(fp32.prompt_index, bf16.prompt_index)  # same retrieved prompt for every image
     torch.testing.assert_close(bf16.scores.float(), fp32.scores, rtol=SCORE_RTOL, atol=0)
-    maps = {"fused": (fp32.fused, bf16.fused), "reconstruction": (fp32.maps.reconstruction, bf16.maps.reconstruction),
-            "refiner": (fp32.maps.refiner, bf16.maps.refiner)}
-    for name, (ref, low) in maps.items():
+    maps = {"reconstruction": (fp32.maps.reconstruction, bf16.maps.reconstruction, MAP_MIN_CORRELATION),
+            "refiner": (fp32.maps.refiner, bf16.maps.refiner, MAP_MIN_CORRELATION),
+            "neighbor": (fp32.maps.neighbor, bf16.maps.neighbor, NEIGHBOR_MIN_CORRELATION),
+            "fused": (fp32.fused, bf16.fused, NEIGHBOR_MIN_CORRELATION)}
+    for name, (ref, low, floor) in maps.items():
         worst = min(_correlation(ref[i], low[i]) for i in range(len(ref)))
-        assert worst > MAP_MIN_CORRELATION, (name, worst)
+        assert worst > floor, (name, worst)
     assert _correlation(fp32.scores, bf16.scores) > MAP_MIN_CORRELATION  # the ranking of images is kept
 
     # training losses (backbone + OneNIP under autocast, as in train_loop_per_worker)
