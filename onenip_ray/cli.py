@@ -11,6 +11,7 @@ import typing
 from dataclasses import fields
 
 from .config import (
+    DRIFT_REFERENCES,
     EVALUATE_BATCH_SIZE,
     GALLERY_SIZE,
     GRAPH_FORMATS,
@@ -229,6 +230,20 @@ def _add_report(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
 
 
+def _add_drift(dr: argparse.ArgumentParser) -> None:
+    dr.add_argument("--scores", required=True, help="the results table OUTPUT of `onenip score` (local or s3://)")
+    dr.add_argument("--days", type=int, required=True, help="nights in the window, ending at --until")
+    dr.add_argument("--until", type=_date, default=None,
+                    help="last night of the window (default: the latest committed)")
+    dr.add_argument("--reference", default=DRIFT_REFERENCES,
+                    help="comma-separated: calibration (the bundle's normals), trailing (previous nights), "
+                         "DATE..DATE (a fixed window of nights)")
+    dr.add_argument("--out", required=True, help="folder (local or s3://): drift.html, drift.json, alerts.json")
+    dr.add_argument("--alert-config", default=None, help="YAML mapping overriding alert rules (docs/drift.md)")
+    dr.add_argument("--bundle", default=None, help="bundle of the calibration reference (default: the latest night's)")
+    dr.add_argument("--s3-endpoint", default=None, help=S3_ENDPOINT_HELP)
+
+
 # Each command's one-line help and the function that adds its flags.
 COMMAND_FLAGS = {
     "info": ("print backbone channels, feature grid and parameter count as JSON", _add_model_flags),
@@ -242,6 +257,7 @@ COMMAND_FLAGS = {
     "serve": ("online scoring: start a local Ray and serve POST /v1/score until Ctrl-C", _add_serve),
     "publish": ("release a bundle: copy it to ROOT/versions/<version> and move ROOT's pointer to it", _add_publish),
     "report": ("static HTML report (metrics, ROC/PR curves, score histograms, heat-map gallery)", _add_report),
+    "drift": ("night over night: anomaly rates, score shift, unknown products, errors; alerts exit 3", _add_drift),
 }
 
 
@@ -427,10 +443,20 @@ def cmd_report(args: argparse.Namespace) -> dict:
                         endpoint=args.s3_endpoint, gallery_size=args.gallery_size)
 
 
+def cmd_drift(args: argparse.Namespace) -> dict:
+    from .drift import drift, load_rules
+    from .drift_report import write_drift
+
+    result = drift(args.scores, args.days, args.until, args.reference, load_rules(args.alert_config, args.s3_endpoint),
+                   args.bundle, args.s3_endpoint)
+    return write_drift(result, args.out, args.s3_endpoint)
+
+
 COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "set-threshold": cmd_set_threshold,
             "export": cmd_export,
             "evaluate": cmd_evaluate,
-            "score": cmd_score, "serve": cmd_serve, "publish": cmd_publish, "report": cmd_report}
+            "score": cmd_score, "serve": cmd_serve, "publish": cmd_publish, "report": cmd_report,
+            "drift": cmd_drift}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onenip {args.command}: error: {e}", file=sys.stderr)
         return EXIT_REJECTED
     print(json.dumps(result, indent=2, default=float))
-    return 0
+    return result.get("exit_code", 0) if isinstance(result, dict) else 0  # drift: 3 when it raised alerts
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ GRAPH_FORMATS = ("onnx", "openvino")  # ``onenip export --format``
 PARITY_IMAGES = 32  # real images an export is checked on against PyTorch
 EVALUATE_BATCH_SIZE = 16  # images per model batch in ``onenip evaluate`` and the report's gallery
 GALLERY_SIZE = 24  # images per gallery section of ``onenip report``
+DRIFT_REFERENCES = "calibration,trailing"  # what ``onenip drift`` compares each night with
 
 
 def flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -203,3 +204,20 @@ class BatchConfig:
     chunk_size: int = flag(100_000, "inputs per pipeline pass (bounds the driver's memory)")
     lease_seconds: float = flag(LEASE_SECONDS,
                                 "a run that stops renewing its lease for this long loses the date to the next run")
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """When ``onenip drift`` raises an alert (exit code 3); every field can be set in a YAML file
+    (``--alert-config``). A class's night needs ``min_rows`` rows (and its reference as many) before
+    a rate or shift rule looks at it."""
+
+    rate_factor: float = flag(2.0, "anomaly rate alert: the night's 95 % lower bound above this × the larger of the "
+                                   "class's trailing median rate and its target FPR")
+    rate_history: int = flag(2, "earlier committed nights of the class the rate rule needs")
+    psi: float = flag(0.25, "shift alert: population stability index above this ...")
+    ks_alpha: float = flag(0.01, "... and the two-sample Kolmogorov-Smirnov p-value below this")
+    min_rows: int = flag(10, "rows a class's night (and its reference) needs for the rate and shift rules")
+    unknown_share: float = flag(0.01, "unknown-product alert: share of a night's scored images routed to no class")
+    error_rate: float = flag(0.05, "error alert: share of a night's rows that are error rows")
+    trailing_nights: int = flag(7, "committed nights before a night that form its trailing reference")

@@ -162,7 +162,7 @@ def load_scores(uri: str, endpoint: str | None = None) -> Source:
 
 
 # -- numbers -------------------------------------------------------------------------------------
-def _fmt(value: Any, pct: bool = False) -> str:
+def format_value(value: Any, pct: bool = False) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return MISSING
     if pct:
@@ -306,7 +306,7 @@ def _evaluation_info(source: Source) -> list[tuple[str, Any]]:
         ("images evaluated", count), ("defective / good", f"{defective} / {len(rows) - defective}"),
         ("wall time", f"{seconds:.1f} s" if seconds else MISSING), ("throughput", throughput),
         ("prompt mode", str(m.get("prompt_mode", MISSING))),
-        ("routing accuracy", f"{_fmt(m.get('routing_accuracy'), pct=True)} %"),
+        ("routing accuracy", f"{format_value(m.get('routing_accuracy'), pct=True)} %"),
     ]
 
 
@@ -351,7 +351,7 @@ def _confusion_cells(rows: list[Row]) -> list[int]:
 
 
 def _metric_row(name: str, images: int, metrics: dict[str, Any], rows: list[Row], css: str = "") -> dict[str, Any]:
-    values = [_fmt(metrics.get(k), pct=True) for k, _ in METRIC_COLUMNS]
+    values = [format_value(metrics.get(k), pct=True) for k, _ in METRIC_COLUMNS]
     return {"cells": [name, images, *values, *_confusion_cells(rows)], "css": css}
 
 
@@ -371,7 +371,8 @@ def _counts_table(by_class: dict[str, list[Row]], bundle: Bundle) -> dict:
     for cls, cls_rows in by_class.items():
         flagged = sum(1 for r in cls_rows if r.get("is_anomalous"))
         cells = [cls, len(cls_rows), flagged, f"{100 * flagged / len(cls_rows):.1f} %",
-                 _fmt(float(np.median([r["score"] for r in cls_rows]))), _fmt(_threshold_for(cls, cls_rows, bundle))]
+                 format_value(float(np.median([r["score"] for r in cls_rows]))),
+                 format_value(_threshold_for(cls, cls_rows, bundle))]
         rows.append({"cells": cells, "css": ""})
     header = ["class", "scored", "anomalous", "share anomalous", "median score", "threshold (raw)"]
     return {"id": "counts-table", "header": header, "rows": rows}
@@ -467,8 +468,8 @@ def _card(item: GalleryItem | None, row: Row, labelled: bool) -> dict[str, Any]:
     return {
         "uri": row["image_uri"], "name": name, "class_name": str(row.get("class_name")), "truth": truth,
         "routed": routed if routed and routed != row.get("class_name") else None,
-        "score": _fmt(row.get("score")), "score_raw": _fmt(row.get("score_raw")),
-        "threshold": _fmt(row.get("threshold_raw")),
+        "score": format_value(row.get("score")), "score_raw": format_value(row.get("score_raw")),
+        "threshold": format_value(row.get("threshold_raw")),
         "anomalous": bool(row.get("is_anomalous")), "error": item.error if item else "not rendered", "figures": figures,
     }
 
@@ -493,14 +494,14 @@ def _nav(labelled: bool, has_errors: bool) -> list[tuple[str, str]]:
 
 
 @functools.cache
-def _templates() -> Environment:
+def templates() -> Environment:
     return Environment(loader=PackageLoader("onenip_ray", "templates"), autoescape=True, undefined=StrictUndefined,
                        trim_blocks=True, lstrip_blocks=True)
 
 
 def _page(source: Source, bundle: Bundle, **sections: Any) -> str:
     """index.html from the section values (``templates/report.html.j2``)."""
-    return _templates().get_template(TEMPLATE).render(
+    return templates().get_template(TEMPLATE).render(
         kind="evaluation" if source.labelled else "scoring run", labelled=source.labelled, source_uri=source.uri,
         model_version=bundle.version, generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **sections)

@@ -170,3 +170,68 @@ def histogram_figure(cls: str, groups: list[tuple[str, np.ndarray, str]], thresh
     ax.set(xlabel="image score (raw)", ylabel="images", title=f"scores — {cls}")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+# -- drift figures (``onenip drift``) ------------------------------------------------------------
+PSI_GUIDES = ((0.1, "moderate"), (0.25, "major"))  # the usual reading of a population stability index
+
+
+def _night_axis(ax, dates: list[str], narrow: bool = False) -> None:
+    """Nights as ``MM-DD`` ticks, turned upright where they would overlap."""
+    upright = len(dates) > (3 if narrow else 8)
+    ax.set_xticks(range(len(dates)), labels=[d[5:] for d in dates], rotation=90 if upright else 0, fontsize=7)
+
+
+def trend_figure(cls: str, dates: list[str], volume: np.ndarray, rate: np.ndarray, low: np.ndarray,
+                 high: np.ndarray) -> bytes:
+    """PNG of a class's scored images per night (bars) and its anomaly rate with the 95 % interval
+    (line and band, right axis, percent); NaN rates (no rows) leave gaps."""
+    fig, ax = _figure(5.0, 3.0)
+    x = np.arange(len(dates))
+    ax.bar(x, volume, color=NORMAL_COLOUR, alpha=0.35, label="scored images")
+    ax.set(ylabel="images per night", title=f"volume and anomaly rate — {cls}")
+    _night_axis(ax, dates)
+    right = ax.twinx()
+    right.fill_between(x, 100 * low, 100 * high, color=DEFECT_COLOUR, alpha=0.18, label="95 % interval")
+    right.plot(x, 100 * rate, "o-", color=DEFECT_COLOUR, lw=1.5, label="anomaly rate")
+    right.set(ylabel="anomalous (%)", ylim=(0, 100))
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def quantiles_figure(cls: str, dates: list[str], quantiles: dict[str, np.ndarray], threshold: np.ndarray,
+                     reference: dict[str, float | None]) -> bytes:
+    """PNG of small multiples, one panel per score quantile (``p50``…): its value per night, the
+    night's threshold (dashed) and the calibration normals' same quantile (dotted) where known."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.2 * len(quantiles) + 0.6, 2.8), dpi=90, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(quantiles), sharey=True)
+    for ax, (name, values) in zip(np.atleast_1d(axes), quantiles.items()):
+        ax.plot(range(len(dates)), values, "o-", color=NORMAL_COLOUR, lw=1.5, label=name)
+        ax.plot(range(len(dates)), threshold, "--", color=THRESHOLD_COLOUR, lw=1, label="threshold")
+        if reference.get(name) is not None:
+            ax.axhline(reference[name], color=CHANCE_COLOUR, ls=":", lw=1.2, label="calibration")
+        ax.set_title(f"{name} of score_raw", fontsize=9)
+        _night_axis(ax, dates, narrow=True)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(f"score quantiles per night — {cls}", fontsize=10)
+    return _png(fig)
+
+
+def shift_figure(cls: str, dates: list[str], series: dict[str, np.ndarray]) -> bytes:
+    """PNG of the PSI per night of each (signal vs reference) series, grouped bars, with the
+    moderate / major guide lines; NaN (not computable) draws no bar."""
+    fig, ax = _figure(5.0, 3.0)
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(dates)) + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    for level, name in PSI_GUIDES:
+        ax.axhline(level, color=THRESHOLD_COLOUR if name == "major" else CHANCE_COLOUR, ls="--", lw=1)
+    ax.set(ylabel="PSI", title=f"distribution shift — {cls}")
+    _night_axis(ax, dates)
+    ax.legend(fontsize=7)
+    return _png(fig)

@@ -23,8 +23,8 @@ LAYERS = (
      "model.build"},  # the pure model
     {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO
     {"predictor", "calibration", "enrolment", "bundle", "engines", "training_data", "visualization"},  # inference
-    {"scoring", "train", "evaluate", "add_class", "set_threshold", "export", "publish"},  # operations
-    {"batch", "nightly", "serve", "serve_args", "report"},  # applications
+    {"scoring", "train", "evaluate", "add_class", "set_threshold", "export", "publish", "drift"},  # operations
+    {"batch", "nightly", "serve", "serve_args", "report", "drift_report"},  # applications
     {"cli", "__init__"},
 )
 

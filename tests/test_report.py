@@ -98,11 +98,11 @@ def _chromium(*args: str, tmp: Path, timeout: int = 120) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _render_in_chromium(report: Path, tmp: Path) -> tuple[dict[str, str], np.ndarray]:
+def _render_in_chromium(report: Path, tmp: Path, page: str = "index.html") -> tuple[dict[str, str], np.ndarray]:
     """(the <body> attributes after load in a copy with the broken-image check, the screenshot)."""
     check = report / "_check.html"
     check.write_text(
-        (report / "index.html").read_text(encoding="utf-8").replace("</body>", BROKEN_IMAGE_CHECK + "</body>"),
+        (report / page).read_text(encoding="utf-8").replace("</body>", BROKEN_IMAGE_CHECK + "</body>"),
         encoding="utf-8",
     )
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", check.as_uri(), tmp=tmp)
@@ -111,7 +111,7 @@ def _render_in_chromium(report: Path, tmp: Path) -> tuple[dict[str, str], np.nda
     body = _Body()
     body.feed(dom.stdout)
     shot = tmp / "screenshot.png"
-    run = _chromium(f"--screenshot={shot}", "--window-size=1280,2000", (report / "index.html").as_uri(), tmp=tmp)
+    run = _chromium(f"--screenshot={shot}", "--window-size=1280,2000", (report / page).as_uri(), tmp=tmp)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     return body.attrs, cv2.imread(str(shot))
 
