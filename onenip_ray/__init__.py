@@ -41,6 +41,12 @@ _EXPORTS = {
     "run_batch_scoring": "batch",
     "build_app": "serve",
     "build_report": "report",
+    "drift": "drift",
+    "OneNipError": "errors",
+    "InputError": "errors",
+    "BundleError": "errors",
+    "BusyError": "errors",
+    "RejectedError": "errors",
 }
 __all__ = ["__version__", *_EXPORTS]
 

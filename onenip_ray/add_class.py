@@ -22,9 +22,10 @@ from . import storage
 from .bundle import check_new_uri, load_bundle, write_version
 from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .config import TrainConfig
-from .data.images import ImageError, decode_image, resize_image, rotate_image
+from .data.images import ImageError, decode_for_size, rotate_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .enrolment import Enrolment, calibration_rows, enrol, score_out_of_fold
+from .errors import InputError
 from .inputs import list_inputs
 from .predictor import Predictor
 
@@ -37,13 +38,13 @@ def read_normals(uri: str, size: int, endpoint: str | None = None) -> tuple[list
     images, bad = [], []
     for u in uris:
         try:
-            images.append(resize_image(decode_image(storage.read_bytes(u, endpoint), name=u), size))
+            images.append(decode_for_size(storage.read_bytes(u, endpoint), size, name=u)[0])
         except (ImageError, OSError) as exc:
             bad.append(f"{u} ({exc})")
     if bad:
-        raise ValueError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
+        raise InputError(f"{len(bad)} of {len(uris)} normal images cannot be read: " + "; ".join(bad[:10]))
     if not images:  # one image is enough: it calibrates through ``views_of_one``
-        raise ValueError(f"{uri}: found no normal images; a class needs at least one "
+        raise InputError(f"{uri}: found no normal images; a class needs at least one "
                          f"({RECOMMENDED_NORMALS} or more recommended, "
                          "20+ for a threshold near the target false-positive rate)")
     return uris, np.stack(images)
@@ -81,7 +82,7 @@ def add_class(
     """Write ``out_uri``: the bundle at ``bundle_uri`` plus (or with a replaced) ``class_name``."""
     check_new_uri(bundle_uri, out_uri)
     if not class_name or class_name != class_name.strip():
-        raise ValueError(f"invalid class name {class_name!r}")
+        raise InputError(f"invalid class name {class_name!r}")
     bundle = load_bundle(bundle_uri, endpoint)
     train_cfg = bundle.meta.get("training", {}).get("config", {})
     k = prompts_per_class or int(train_cfg.get("prompts_per_class", 4))
@@ -92,7 +93,7 @@ def add_class(
     base, per_class = bundle.pool, dict(bundle.calibration.per_class)
     if class_name in base.class_names:
         if not replace_class:
-            raise ValueError(f"class {class_name!r} is already in {bundle_uri}; pass --replace to replace it")
+            raise InputError(f"class {class_name!r} is already in {bundle_uri}; pass --replace to replace it")
         base = base.without_class(class_name)
         per_class.pop(class_name)
 

@@ -19,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 from . import storage
 from .calibration import Calibration
 from .config import ModelConfig
+from .errors import BundleError, InputError
 from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.backbone import FrozenBackbone
 from .model.build import build_onenip, trainable_parameters
@@ -57,10 +58,6 @@ class Bundle(ModelIdentity):
         c = self.calibration
         return Predictor(self.backbone, self.model, self.pool, c.rec_scale, device, c.alpha, c.neighbor_weight,
                          c.neighbor_scale)
-
-
-class BundleError(ValueError):
-    """A bundle that must not be used: its files do not match its version, or disagree with each other."""
 
 
 def content_version(model_bytes: bytes, pool: PromptPool, config: dict[str, Any], calibration: Calibration) -> str:
@@ -140,13 +137,17 @@ def write_bundle(
 
 
 def read_meta(uri: str, endpoint: str | None = None) -> dict[str, Any]:
-    """The bundle's ``bundle.json`` (FileNotFoundError / ValueError for a missing one or another format)."""
+    """The bundle's ``bundle.json`` (FileNotFoundError for a missing one, BundleError for one that is
+    not JSON or of another format)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(uri, BUNDLE_FILE), endpoint))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{uri} is not a model bundle: {BUNDLE_FILE} not found") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{uri}: unsupported bundle format {meta.get('format')!r} (expected {FORMAT})")
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{uri}: {BUNDLE_FILE} is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{uri}: unsupported bundle format {found!r} (expected {FORMAT})")
     return meta
 
 
@@ -189,7 +190,7 @@ def commit_bundle(local_dir: str, out_uri: str, endpoint: str | None = None) -> 
 def check_new_uri(bundle_uri: str, out_uri: str) -> None:
     """A new version goes beside its source: ``out_uri`` must differ from ``bundle_uri``."""
     if storage.canonical_uri(out_uri).rstrip("/") == storage.canonical_uri(bundle_uri).rstrip("/"):
-        raise ValueError("--out must differ from --bundle: the source bundle stays as it is")
+        raise InputError("--out must differ from --bundle: the source bundle stays as it is")
 
 
 def write_version(bundle: Bundle, pool: PromptPool, calibration: Calibration, change: str, record: dict[str, Any],

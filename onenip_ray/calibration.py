@@ -39,6 +39,7 @@ from scipy.stats import t as student_t
 
 from .config import TrainConfig
 from .data.synthesis import AnomalySynthesizer
+from .errors import InputError
 from .metrics import pixel_auroc
 from .model.anomaly_map import Maps, fuse, image_scores
 from .predictor import Predictor
@@ -220,7 +221,7 @@ def calibrate(predictor: Predictor, scored: dict[str, CalibrationMaps],
 def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr: float) -> ClassCalibration:
     """Threshold, score scale, heat-map floor and routing floor of one class from its normals."""
     if scored.num_normals < MIN_NORMALS:
-        raise ValueError(f"calibration needs at least {MIN_NORMALS} normal images per class, got {scored.num_normals}")
+        raise InputError(f"calibration needs at least {MIN_NORMALS} normal images per class, got {scored.num_normals}")
     rows = scored.threshold_rows(predictor.neighbor_weight == 1.0)
     fused = predictor.fuse(scored.maps(rows))
     s = np.sort(image_scores(fused, predictor.config.score_pool).numpy().astype(np.float64))

@@ -22,6 +22,7 @@ from .config import (
     ModelConfig,
     TrainConfig,
 )
+from .errors import BusyError, InputError, OneNipError, RejectedError
 from .formats import METRICS_FILE
 
 T, M = TrainConfig(), ModelConfig()  # flag defaults come from the typed configs, nowhere else
@@ -347,7 +348,7 @@ def cmd_score(args: argparse.Namespace) -> dict:
     missing = [flag for flag,
                value in (("--bundle", args.bundle), ("--input", args.input), ("--out", args.output)) if not value]
     if missing:
-        raise ValueError(f"{', '.join(missing)} required (or --repair OUTPUT)")
+        raise InputError(f"{', '.join(missing)} required (or --repair OUTPUT)")
     cfg = _from_args(BatchConfig, args, run_date=args.run_date or dt.datetime.now(dt.timezone.utc).date(),
                      endpoint=args.s3_endpoint, max_pixels=None)
     summary = run_batch_scoring(cfg)
@@ -371,7 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     settings = _from_args(ServeArgs, args, endpoint=args.s3_endpoint, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
     has_token = bool(os.environ.get(TOKEN_ENV, "").strip())
     if not has_token and args.require_token:
-        raise ValueError(f"--require-token: set {TOKEN_ENV} (a bearer token clients must send)")
+        raise InputError(f"--require-token: set {TOKEN_ENV} (a bearer token clients must send)")
     if not has_token and not _is_loopback(args.host):
         print(f"\nWARNING: serving on {args.host}:{args.port} WITHOUT AUTHENTICATION: anyone who can reach this port "
               "can score "
@@ -459,22 +460,26 @@ COMMANDS = {"info": cmd_info, "train": cmd_train, "add-class": cmd_add_class, "s
             "drift": cmd_drift}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .lease import LeaseHeld, LeaseLost
-    from .nightly import RunRejected
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of an error the tool raises on purpose (a missing file and a missing optional
+    package are input errors); None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(error, BusyError):
+        return EXIT_BUSY
+    if isinstance(error, RejectedError):
+        return EXIT_REJECTED
+    return EXIT_ERROR if isinstance(error, (OneNipError, FileNotFoundError, ImportError)) else None
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
         print(f"onenip {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (LeaseHeld, LeaseLost) as e:
-        print(f"onenip {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except RunRejected as e:
-        print(f"onenip {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_REJECTED
+        return code
     print(json.dumps(result, indent=2, default=float))
     return result.get("exit_code", 0) if isinstance(result, dict) else 0  # drift: 3 when it raised alerts
 

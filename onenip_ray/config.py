@@ -5,6 +5,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import InputError
 from .formats import DATASET_KINDS
 
 LEASE_SECONDS = 300.0  # default lifetime of an unrenewed nightly-run lease (renewed every third of it)
@@ -35,7 +36,7 @@ def _check_choices(config: Any) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got "
+            raise InputError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got "
                              f"{getattr(config, f.name)!r}")
 
 
@@ -82,18 +83,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
+            raise InputError(f"image_size must be a multiple of 16 (the feature stride), got {self.image_size}")
         _check_choices(self)
         if self.map_sigma < 0:
-            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
+            raise InputError(f"map_sigma must be >= 0, got {self.map_sigma}")
         if not 0.0 < self.residual_init <= 1.0:
-            raise ValueError(f"residual_init must be in (0, 1], got {self.residual_init}")
+            raise InputError(f"residual_init must be in (0, 1], got {self.residual_init}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise InputError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.neighbor_stride not in NEIGHBOR_STRIDES:
-            raise ValueError(f"neighbor_stride must be one of {NEIGHBOR_STRIDES}, got {self.neighbor_stride}")
+            raise InputError(f"neighbor_stride must be one of {NEIGHBOR_STRIDES}, got {self.neighbor_stride}")
         if not 0.0 < self.neighbor_coarse_weight <= 1.0:
-            raise ValueError(f"neighbor_coarse_weight must be in (0, 1], got {self.neighbor_coarse_weight}")
+            raise InputError(f"neighbor_coarse_weight must be in (0, 1], got {self.neighbor_coarse_weight}")
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
 
     @property
@@ -111,7 +112,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise InputError(f"unknown model config keys: {sorted(unknown)}")
         legacy = {"neighbor_stride": LEGACY_NEIGHBOR_STRIDE, "neighbor_coarse_weight": LEGACY_NEIGHBOR_COARSE_WEIGHT}
         return cls(**{**legacy, **d})
 
@@ -162,7 +163,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         if self.steps_per_epoch < 0 or self.prompts_per_class < 1:
-            raise ValueError("steps_per_epoch must be >= 0 and prompts_per_class >= 1")
+            raise InputError("steps_per_epoch must be >= 0 and prompts_per_class >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -36,6 +36,7 @@ from . import storage
 from .bundle import read_meta
 from .calibration import Calibration
 from .config import DRIFT_REFERENCES, AlertRules, TrainConfig
+from .errors import InputError
 from .formats import SUCCESS_FILE, UNKNOWN_CLASS
 from .schema import PARTITION_COLUMN, STATUS_OK
 
@@ -250,11 +251,11 @@ def parse_references(text: str) -> list[Reference]:
         except ValueError:
             first = last = None
         if not sep or first is None or last is None or first > last:
-            raise ValueError(f"--reference {item!r}: expected calibration, trailing or DATE..DATE "
+            raise InputError(f"--reference {item!r}: expected calibration, trailing or DATE..DATE "
                              "(e.g. 2026-11-01..2026-11-07, first date not after the last)")
         references.append(Reference(item, first, last))
     if not references:
-        raise ValueError("--reference: give at least one of calibration, trailing, DATE..DATE")
+        raise InputError("--reference: give at least one of calibration, trailing, DATE..DATE")
     return references
 
 
@@ -367,13 +368,13 @@ def load_rules(path: str | None, endpoint: str | None = None) -> AlertRules:
     content = yaml.safe_load(storage.read_bytes(path, endpoint)) or {}
     known = {f.name: f.type for f in fields(AlertRules)}
     if not isinstance(content, dict) or set(content) - set(known):
-        raise ValueError(f"{path}: expected a mapping of alert rules; unknown keys "
+        raise InputError(f"{path}: expected a mapping of alert rules; unknown keys "
                          f"{sorted(set(content) - set(known)) if isinstance(content, dict) else content!r}; "
                          f"known: {', '.join(known)}")
     try:
         return AlertRules(**{k: (int if known[k] == "int" else float)(v) for k, v in content.items()})
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise InputError(f"{path}: {exc}") from None
 
 
 def _bundle_calibration(uri: str | None, endpoint: str | None, notes: list[str]
@@ -483,7 +484,7 @@ def drift(output: str, days: int, until: dt.date | None = None, references: str 
     """The drift of the last ``days`` nights up to ``until`` (default: the latest committed night):
     ``drift.json``'s content, alerts included."""
     if days < 1:
-        raise ValueError(f"--days must be at least 1, got {days}")
+        raise InputError(f"--days must be at least 1, got {days}")
     rules = rules or AlertRules()
     refs = parse_references(references)
     window, before = read_window(output, days, until, rules, endpoint)

@@ -25,6 +25,7 @@ from . import storage
 from .bundle import Bundle, ModelIdentity, load_bundle
 from .calibration import Calibration
 from .config import RUNTIMES, ModelConfig
+from .errors import BundleError, InputError
 from .formats import BUNDLE_FILE, PROMPTS_FILE
 from .predictor import Prediction
 from .prompts import PromptPool
@@ -51,7 +52,7 @@ class Engine(Protocol):
 def require_runtime(runtime: str) -> Any:
     """The runtime's Python module, or an ImportError saying which extra installs it."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        raise InputError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if runtime == "torch":
         import torch
 
@@ -105,7 +106,7 @@ def load_export(uri: str, endpoint: str | None = None, pool: PromptPool | None =
         raise FileNotFoundError(f"{uri} is not an export directory: {EXPORT_FILE} not found "
                                 "(make one with `onenip export`)") from e
     if export.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
+        raise BundleError(f"{uri}: unsupported export format {export.get('format')!r} (expected {EXPORT_FORMAT})")
     local_dir = storage.canonical_uri(uri)
     if storage.is_s3(uri):
         local_dir = tempfile.mkdtemp(prefix="onenip-export-")
@@ -127,11 +128,11 @@ def load_model(uri: str, runtime: str = "torch", endpoint: str | None = None,
     exported = is_export(uri, endpoint)
     if runtime == "torch":
         if exported:
-            raise ValueError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported "
+            raise InputError(f"{uri} is an export directory; --runtime torch needs the model bundle it was exported "
                              f"from (bundle version in {EXPORT_FILE})")
         return load_bundle(uri, endpoint, pool=pool)
     if not exported:
-        raise ValueError(f"--runtime {runtime} scores an export directory, and {uri} has no {EXPORT_FILE}: "
+        raise InputError(f"--runtime {runtime} scores an export directory, and {uri} has no {EXPORT_FILE}: "
                          f"run `onenip export --bundle {uri} --format onnx --out EXPORT_DIR` and pass EXPORT_DIR")
     return load_export(uri, endpoint, pool=pool)
 
@@ -142,15 +143,15 @@ def make_engine(model: Bundle | ExportedModel, runtime: str = "torch", device: s
     None = the runtime's default)."""
     if runtime == "torch":
         if not isinstance(model, Bundle):
-            raise ValueError("--runtime torch needs a model bundle, not an export directory")
+            raise InputError("--runtime torch needs a model bundle, not an export directory")
         return TorchEngine(model, device)
     if not isinstance(model, ExportedModel):
-        raise ValueError(f"--runtime {runtime} needs an export directory (`onenip export`), not a bundle")
+        raise InputError(f"--runtime {runtime} needs an export directory (`onenip export`), not a bundle")
     if runtime == "onnxruntime":
         return OnnxRuntimeEngine(model, device, threads)
     if runtime == "openvino":
         return OpenVinoEngine(model, device, threads)
-    raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    raise InputError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
 # -- engines --------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class OnnxRuntimeEngine(GraphEngine):
     def __init__(self, model: ExportedModel, device: str = "cpu", threads: int | None = None) -> None:
         ort = require_runtime("onnxruntime")
         if model.export["graph_format"] != "onnx":
-            raise ValueError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs "
+            raise InputError(f"{model.uri} holds an OpenVINO graph; --runtime onnxruntime needs "
                              "`onenip export --format onnx`")
         options = ort.SessionOptions()
         if threads:
@@ -277,7 +278,7 @@ class OnnxRuntimeEngine(GraphEngine):
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if str(device).startswith("cuda") else []
         providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
         if wanted and providers == ["CPUExecutionProvider"]:
-            raise ValueError(f"device {device} asked for, but onnxruntime has no GPU provider here "
+            raise InputError(f"device {device} asked for, but onnxruntime has no GPU provider here "
                              f"(available: {available}); "
                              "install onnxruntime-gpu")
         self.providers = providers
@@ -302,7 +303,7 @@ class OpenVinoEngine(GraphEngine):
         core = ov.Core()
         target = "GPU" if str(device).lower() in ("gpu", "cuda") else "CPU"
         if target not in core.available_devices:
-            raise ValueError(f"OpenVINO has no {target} device here (available: {core.available_devices})")
+            raise InputError(f"OpenVINO has no {target} device here (available: {core.available_devices})")
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 by default on some CPUs
         if threads and target == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(threads)

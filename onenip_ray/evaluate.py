@@ -1,6 +1,7 @@
 """Evaluation on labelled test splits: per-class metrics (unified-setting means) and per-image rows."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -13,16 +14,17 @@ import torch
 
 from . import storage
 from .bundle import Bundle
-from .calibration import Calibration, ClassCalibration, calibrated_score, fpr_interval
+from .calibration import Calibration, ClassCalibration, fpr_interval
 from .config import EVALUATE_BATCH_SIZE
-from .data.images import decode_mask, resize_mask, to_network_input
+from .data.images import decode_mask, resize_mask
 from .data.layouts import Sample, read_datasets
 from .engines import ExportedModel, load_model, make_engine
+from .errors import InputError
 from .formats import METRICS_FILE, PREDICTIONS_FILE, UNKNOWN_CLASS
 from .metrics import class_metrics, confusion, image_auroc, pixel_ap, pixel_auroc, summarize
 from .model.anomaly_map import fuse, image_scores
 from .predictor import Prediction, Predictor
-from .training_data import load_images
+from .scoring import Prepared, ScoringSpec
 
 # Each branch alone, fused with the bundle's α: neighbour weight β = 0 (OneNIP's maps) and 1 (nearest neighbour).
 BRANCHES = {"onenip": 0.0, "neighbor": 1.0}
@@ -52,6 +54,7 @@ def evaluate(
     """
     t_start = time.perf_counter()
     model = load_model(bundle_uri, runtime, endpoint)
+    spec = ScoringSpec.from_bundle(model)
     predictor = model.predictor() if runtime == "torch" else None
     engine = None if predictor is not None else make_engine(model, runtime)
     samples = _test_samples(model, roots, classes, endpoint)
@@ -59,17 +62,15 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        images = load_images(batch, model.config.image_size, endpoint)
-        truth = np.array([model.classes.index(s.class_name) for s in batch], np.int64)
+        prepared = [_prepare(spec, s, oracle, endpoint) for s in batch]
+        inputs, given = np.stack([p.input for p in prepared]), np.array([p.given_class for p in prepared])
         if predictor is not None:
-            pred, branches = _predict_with_branches(predictor, images, truth if oracle else None)
+            pred, branches = _predict_with_branches(predictor, inputs, given)
         else:
-            norm = model.meta["normalization"]
-            inputs = to_network_input(images, tuple(norm["mean"]), tuple(norm["std"]))
-            pred, branches = engine.infer(inputs, truth if oracle else np.full(len(batch), -1)), {}
+            pred, branches = engine.infer(inputs, given), {}
         for i, sample in enumerate(batch):
             _collect(per_class, sample, pred, branches, i, model.config.image_size, endpoint)
-            rows.append(_row(model, sample, pred, i, oracle))
+            rows.append(_row(spec, sample, prepared[i], pred, i))
     report = _report(model, per_class, rows, predictor)
     report.update(runtime=runtime, prompt_mode="oracle" if oracle else "retrieval", model_version=model.version,
                   bundle=bundle_uri, num_images=len(rows), seconds=time.perf_counter() - t_start)
@@ -80,20 +81,33 @@ def evaluate(
     return report
 
 
+def _prepare(spec: ScoringSpec, sample: Sample, oracle: bool, endpoint: str | None) -> Prepared:
+    """The test image decoded as ``onenip score`` and ``serve`` decode it (``ScoringSpec.prepare``),
+    its class given only with ``oracle``; a test image that does not decode is an error."""
+    data = storage.read_bytes(sample.uri, endpoint)
+    prepared = spec.prepare(sample.uri, data, sample.class_name if oracle else None)
+    if prepared.error is not None:
+        raise InputError(f"test image {sample.uri}: {prepared.error}")
+    return prepared
+
+
 def _test_samples(model: Bundle | ExportedModel, roots: list[tuple[str, str]], classes: list[str] | None,
                   endpoint: str | None) -> list[Sample]:
     """The test split of ``roots``; every class in it must be one of the model's."""
     samples = [s for s in read_datasets(roots, classes or None, endpoint) if s.split == "test"]
     unknown = sorted({s.class_name for s in samples} - set(model.classes))
     if unknown:
-        raise ValueError(f"test classes {unknown} are not in the bundle (classes: {model.classes})")
+        raise InputError(f"test classes {unknown} are not in the bundle (classes: {model.classes})")
     return samples
 
 
-def _predict_with_branches(predictor: Predictor, images: np.ndarray, given_class: np.ndarray | None
+def _predict_with_branches(predictor: Predictor, inputs: np.ndarray, given_class: np.ndarray
                            ) -> tuple[Prediction[np.ndarray], dict[str, np.ndarray]]:
-    """The PyTorch prediction, and each branch's map fused alone (``BRANCHES``)."""
-    pred = predictor.predict(images, None if given_class is None else torch.from_numpy(given_class))
+    """The PyTorch prediction of network inputs, computed as the Scorer's engine computes it, and
+    each branch's map fused alone (``BRANCHES``)."""
+    with torch.inference_mode():
+        feats = predictor.features_of(torch.from_numpy(inputs).to(predictor.device))
+        pred = predictor.predict_features(*feats, torch.from_numpy(given_class))
     branches = {name: fuse(pred.maps, predictor.config, predictor.rec_scale, predictor.alpha, beta,
                            predictor.neighbor_scale).cpu().numpy() for name, beta in BRANCHES.items()}
     return pred.numpy(), branches
@@ -116,22 +130,22 @@ def _collect(per_class: dict[str, dict[str, list]], sample: Sample, pred: Predic
         acc[b].append(branches[b][i].astype(np.float32))
 
 
-def _row(model: Bundle | ExportedModel, sample: Sample, pred: Prediction[np.ndarray], i: int,
-         oracle: bool) -> dict[str, Any]:
-    """Image ``i``'s ``predictions.parquet`` row."""
+def _row(spec: ScoringSpec, sample: Sample, prepared: Prepared, pred: Prediction[np.ndarray], i: int
+         ) -> dict[str, Any]:
+    """Image ``i``'s ``predictions.parquet`` row: the decision ``onenip score`` and ``serve`` make
+    (``ScoringSpec.result_row``: the routed class's threshold, unknown products flagged), with the
+    image's true class and label, and the decision at its own class's threshold beside."""
     raw = float(pred.scores[i])
-    cal = model.calibration.per_class[sample.class_name]
-    routed = model.classes[int(pred.class_index[i])]
-    similarity = float(pred.similarity[i])
-    unknown = not oracle and similarity < model.calibration.per_class[routed].route_floor
+    deployed = spec.result_row(prepared, pred.fused[i], raw, int(pred.prompt_index[i]), float(pred.similarity[i]),
+                               run_id="evaluate", run_date=dt.date.today(), upstream_ms=0.0)
+    own = spec.class_calibration(sample.class_name).threshold_raw
     return {
-        "image_uri": sample.uri, "class_name": sample.class_name, "routed_class": UNKNOWN_CLASS if unknown else routed,
-        "route_similarity": similarity,
-        "prompt_id": model.pool.prompt_ids[int(pred.prompt_index[i])], "label": int(sample.label),
-        "defect": sample.defect,
-        "mask_uri": sample.mask_uri if sample.label else None,
-        "score_raw": raw, "score": float(calibrated_score(raw, cal)), "threshold_raw": cal.threshold_raw,
-        "is_anomalous": raw > cal.threshold_raw,
+        "image_uri": sample.uri, "class_name": sample.class_name, "routed_class": deployed["class_name"],
+        "route_similarity": deployed["route_similarity"], "prompt_id": deployed["prompt_id"],
+        "label": int(sample.label), "defect": sample.defect, "mask_uri": sample.mask_uri if sample.label else None,
+        "score_raw": raw, "score": deployed["score"], "threshold_raw": deployed["threshold_raw"],
+        "is_anomalous": deployed["is_anomalous"],
+        "own_class_threshold_raw": own, "own_class_is_anomalous": raw > own,
     }
 
 
@@ -144,7 +158,10 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
         labels, scores, masks = np.array(acc["labels"]), np.array(acc["scores"]), np.stack(acc["masks"])
         cal = model.calibration.per_class[cls]
         results[cls] = class_metrics(labels, scores, masks, np.stack(acc["maps"]))
-        results[cls].update(_at_threshold(labels, scores, cal.threshold_raw))
+        decided = np.array([r["is_anomalous"] for r in rows if r["class_name"] == cls], bool)
+        results[cls].update(_at_threshold(labels, decided))
+        own = _at_threshold(labels, scores > cal.threshold_raw)
+        results[cls].update({f"own_class_{k}": v for k, v in own.items()})
         results[cls]["target_fpr"] = model.calibration.target_of(cls)
         sweeps[cls] = _threshold_sweep(labels, scores, cal)
         results[cls]["num_images"] = int(len(labels))
@@ -185,7 +202,7 @@ def _threshold_sweep(labels: np.ndarray, scores: np.ndarray, cal: ClassCalibrati
     sweep = {}
     for fpr in SWEEP_FPR:
         t = cal.retargeted(fpr).threshold_raw
-        sweep[str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores, t)}
+        sweep[str(fpr)] = {"threshold_raw": t, **_at_threshold(labels, scores > t)}
     return sweep
 
 
@@ -195,9 +212,9 @@ def _branch_metrics(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, poo
             "pixel_auroc": pixel_auroc(masks, maps), "pixel_ap": pixel_ap(masks, maps)}
 
 
-def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """Operating point at the deployed (calibrated) threshold."""
-    c = confusion(labels, scores > threshold)
+def _at_threshold(labels: np.ndarray, anomalous: np.ndarray) -> dict[str, float]:
+    """Precision, recall, F1 and FPR of the decisions ``anomalous``."""
+    c = confusion(labels, anomalous)
     tp, fp, fn, tn = c["TP"], c["FP"], c["FN"], c["TN"]
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")

@@ -47,6 +47,7 @@ from .engines import (
     memory_inputs,
     require_runtime,
 )
+from .errors import InputError
 from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.anomaly_map import gaussian_blur, image_scores, upsample
 from .prompts import descriptors, nearest_distance, retrieve
@@ -58,7 +59,7 @@ MIN_MAP_CORR = 0.999
 OPSET = 18
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The export missed the parity bounds (nothing was written) or cannot be made."""
 
 
@@ -271,7 +272,7 @@ def export_bundle(bundle_uri: str, fmt: str, out: str, image_size: int | None = 
 def _require_export_packages(fmt: str) -> None:
     """The checking runtime and the ONNX exporter's packages, or an ImportError naming the extra."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise InputError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     require_runtime(FORMATS[fmt])
     for module in ("onnx", "onnxscript"):
         try:

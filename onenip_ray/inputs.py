@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import InputError
 from .formats import IMAGE_EXTENSIONS, S3_SCHEME
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
@@ -53,18 +54,21 @@ def _manifest_batches(uri: str, endpoint: str | None, rows: int) -> Iterator[pa.
     """The manifest's rows, ``rows`` at a time (Parquet row batches, CSV blocks)."""
     fs, path = storage.filesystem_for(uri, endpoint)
     with fs.open_input_file(path) as source:
-        if uri.lower().endswith(".parquet"):
-            reader = pq.ParquetFile(source)
-            names = reader.schema_arrow.names
-            batches = reader.iter_batches(batch_size=rows,
-                                          columns=[c for c in ("image_uri", "class_name") if c in names])
-        else:
-            reader = pacsv.open_csv(source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-            names = reader.schema.names
-            batches = iter(reader)
-        if "image_uri" not in names:
-            raise ValueError(f"manifest {uri} has no image_uri column (columns: {names})")
-        yield from batches
+        try:
+            if uri.lower().endswith(".parquet"):
+                reader = pq.ParquetFile(source)
+                names = reader.schema_arrow.names
+                batches = reader.iter_batches(batch_size=rows,
+                                              columns=[c for c in ("image_uri", "class_name") if c in names])
+            else:
+                reader = pacsv.open_csv(source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+                names = reader.schema.names
+                batches = iter(reader)
+            if "image_uri" not in names:
+                raise InputError(f"manifest {uri} has no image_uri column (columns: {names})")
+            yield from batches
+        except pa.ArrowInvalid as exc:  # not Parquet / not CSV, or a row that does not parse
+            raise InputError(f"manifest {uri} cannot be read: {exc}") from exc
 
 
 def _digests(uris: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +107,7 @@ def _read_manifest(uri: str, endpoint: str | None, chunk_size: int) -> Iterator[
         uris = pc.cast(batch.column("image_uri"), pa.string())
         empty = pc.indices_nonzero(pc.fill_null(pc.equal(uris, ""), True))
         if len(empty):
-            raise ValueError(f"manifest {uri}: row {offset + empty[0].as_py()} has an empty image_uri")
+            raise InputError(f"manifest {uri}: row {offset + empty[0].as_py()} has an empty image_uri")
         offset += batch.num_rows
         if "class_name" in batch.schema.names:
             classes = pc.cast(batch.column("class_name"), pa.string())

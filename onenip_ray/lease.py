@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
+from .errors import BusyError
 
 _log = logging.getLogger(__name__)
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(BusyError):
     """Another live run holds the lease."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(BusyError):
     """This run's lease expired or was taken over; it must not commit."""
 
 

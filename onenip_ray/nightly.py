@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import storage
+from .errors import RejectedError
 from .formats import SUCCESS_FILE
 
 RUNS_DIR = "_runs"
@@ -49,7 +50,7 @@ COMMIT_STEPS = ("journal", "marker_removed", "files_moved", "heatmaps_moved", "o
 OnStep = Callable[[str], None]
 
 
-class RunRejected(RuntimeError):
+class RunRejected(RejectedError):
     """The run broke a limit (errors, empty input); nothing was committed, its rows stay staged."""
 
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 from . import storage
 from .bundle import commit_bundle, verify_bundle
+from .errors import BusyError, InputError
 from .formats import BUNDLE_FILE
 
 POINTER_FILE = "CURRENT.json"
@@ -49,7 +50,7 @@ def read_pointer(root: str, endpoint: str | None = None) -> tuple[Pointer, str]:
     try:
         return Pointer(**json.loads(data)), tag
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{storage.join(root, POINTER_FILE)} is not a release pointer: {e}") from e
+        raise InputError(f"{storage.join(root, POINTER_FILE)} is not a release pointer: {e}") from e
 
 
 def resolve_bundle(uri: str, endpoint: str | None = None) -> tuple[str, str | None]:
@@ -86,7 +87,7 @@ def publish(bundle_uri: str, root: str, endpoint: str | None = None) -> dict:
         storage.write_if(storage.join(root, POINTER_FILE), json.dumps(asdict(pointer), indent=2).encode(), tag,
                          endpoint)
     except storage.PreconditionFailed as e:
-        raise ValueError(f"another publish moved {storage.join(root, POINTER_FILE)} meanwhile; nothing changed, run "
+        raise BusyError(f"another publish moved {storage.join(root, POINTER_FILE)} meanwhile; nothing changed, run "
                          f"again ({e})") from e
     return {"root": root, "version": version, "bundle": target, "previous": pointer.previous, "copied": copied,
             "moved": True}

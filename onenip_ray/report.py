@@ -41,6 +41,7 @@ from . import storage
 from .bundle import Bundle, load_bundle
 from .config import EVALUATE_BATCH_SIZE, GALLERY_SIZE
 from .data.images import decode_image, decode_mask
+from .errors import InputError
 from .formats import METRICS_FILE, PREDICTIONS_FILE, SUCCESS_FILE, UNKNOWN_CLASS, uri_stem
 from .metrics import clf_curve, confusion
 from .scoring import MAP_KEY, Scorer, ScoringSpec, find_regions
@@ -546,7 +547,7 @@ def build_report(
     """Write the report to ``out`` (local folder or ``s3://`` prefix; ``index.html`` lands last) and
     return a summary (``index``, figure and gallery counts, sections)."""
     if (evaluation is None) == (scores is None):
-        raise ValueError("give exactly one of evaluation= (an `onenip evaluate` output) "
+        raise InputError("give exactly one of evaluation= (an `onenip evaluate` output) "
                          "or scores= (an `onenip score` partition)")
     source = load_evaluation(evaluation, endpoint) if evaluation else load_scores(scores, endpoint)  # type: ignore[arg-type]
     bundle = load_bundle(bundle_uri, endpoint)

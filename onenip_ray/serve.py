@@ -25,7 +25,6 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib.metadata import version as package_version
 from io import BytesIO
 from typing import Any
 
@@ -42,8 +41,10 @@ from ray.serve.metrics import Counter
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from . import __version__
 from .engines import gpu_available
 from .engines import load_model as load_engine_model
+from .errors import BundleError
 from .forward_passes import ForwardPasses
 from .predictor import Prediction
 from .publish import read_pointer, resolve_bundle
@@ -295,7 +296,7 @@ def memory_usage() -> dict[str, int | None]:
 api = FastAPI(
     docs_url=None, redoc_url=None, openapi_url=None,  # served by OneNIPService only with api_docs=True
     title="OneNIP anomaly scoring",
-    version=package_version("onenip-ray"),
+    version=__version__,
     description="Score one image with a OneNIP model bundle. The response is one result row, the same "
                 f"columns as the nightly Parquet output (schema {SCHEMA_VERSION}).",
 )
@@ -399,7 +400,7 @@ class OneNIPService:
             try:
                 model = load_model(pointer.bundle_uri(self.release_root), self.args, self.run_id, self.release_root)
             except Exception as exc:  # noqa: BLE001 - a bad release must never take the running model down
-                if isinstance(exc, ValueError):  # BundleError, another format: not retried; OSError: next poll
+                if isinstance(exc, BundleError):  # another format, mismatched files: not retried; OSError: next poll
                     refused = pointer.version
                 self._update_failed(f"release {pointer.version} refused: {type(exc).__name__}: {exc}")
                 continue

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from .bundle import check_new_uri, load_bundle, write_version
+from .errors import InputError
 
 
 def set_threshold(bundle_uri: str, out_uri: str, target_fpr: float, classes: list[str] | None = None,
@@ -17,12 +18,12 @@ def set_threshold(bundle_uri: str, out_uri: str, target_fpr: float, classes: lis
     it), as if trained with it."""
     check_new_uri(bundle_uri, out_uri)
     if not 0.0 < target_fpr < 1.0:
-        raise ValueError(f"--target-fpr must lie strictly between 0 and 1, got {target_fpr}")
+        raise InputError(f"--target-fpr must lie strictly between 0 and 1, got {target_fpr}")
     bundle = load_bundle(bundle_uri, endpoint)
     chosen = list(classes or bundle.classes)
     unknown = [c for c in chosen if c not in bundle.classes]
     if unknown:
-        raise ValueError(f"{bundle_uri} has no class {', '.join(map(repr, unknown))}; its classes: "
+        raise InputError(f"{bundle_uri} has no class {', '.join(map(repr, unknown))}; its classes: "
                          f"{', '.join(bundle.classes)}")
     per_class = {c: cal.retargeted(target_fpr) if c in chosen else cal
                  for c, cal in bundle.calibration.per_class.items()}

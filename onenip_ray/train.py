@@ -34,6 +34,7 @@ from .config import ModelConfig, TrainConfig
 from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
 from .enrolment import calibration_rows, enrol, score_out_of_fold
+from .errors import InputError
 from .formats import BUNDLE_FILE
 from .model.build import build_backbone, build_onenip
 from .model.loss import training_losses
@@ -354,7 +355,7 @@ def run_training(cfg: TrainConfig, endpoint: str | None = None, storage_path: st
     for jobs that are retried as a whole (KubeRay ``backoffLimit``, resubmitted ``ray job``).
     """
     if resume not in (True, False, "auto"):
-        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+        raise InputError(f"resume must be True, False or 'auto', got {resume!r}")
     storage_path = storage.canonical_uri(storage_path or os.path.join("runs", "ray"))  # Ray needs absolute paths
     run_name = run_name or default_run_name(cfg.out)
     _check_run_state(storage_path, run_name, resume, endpoint)
@@ -387,10 +388,10 @@ def _check_run_state(storage_path: str, run_name: str, resume: bool | str, endpo
     """A run that exists is continued only with ``resume``; ``resume=True`` needs one with checkpoints."""
     exists = storage.exists(storage.join(storage_path, run_name, "checkpoint_manager_snapshot.json"), endpoint)
     if exists and resume is False:
-        raise ValueError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, "
+        raise InputError(f"run {run_name!r} already exists under {storage_path}: pass --resume to continue it, "
                          "or a new --run-name")
     if resume is True and not exists:
-        raise ValueError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
+        raise InputError(f"--resume: no run {run_name!r} with checkpoints under {storage_path}")
 
 
 def _trainer(cfg: TrainConfig, endpoint: str | None, storage_path: str, run_name: str):

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import storage
-from .data.images import decode_image, resize_image
+from .data.images import decode_for_size
 from .data.layouts import Sample, read_datasets
+from .errors import InputError
 from .formats import DATASET_KINDS
 
 MIN_CALIBRATION_IMAGES = 5  # below this a threshold is a guess (see calibration.py)
@@ -25,17 +26,18 @@ def parse_data_roots(default_kind: str, data: list[str] | tuple[str, ...]) -> li
             roots.append((default_kind, item))
     for kind, _ in roots:
         if kind not in DATASET_KINDS:
-            raise ValueError(f"unknown dataset kind {kind!r}; choose from {DATASET_KINDS}")
+            raise InputError(f"unknown dataset kind {kind!r}; choose from {DATASET_KINDS}")
     if not roots:
-        raise ValueError("no dataset root given (--data ROOT)")
+        raise InputError("no dataset root given (--data ROOT)")
     return roots
 
 
 def load_images(samples: list[Sample], size: int, endpoint: str | None = None, threads: int = 4) -> np.ndarray:
-    """Decode and square-resize images (uint8 RGB, (N, size, size, 3)); errors name the file."""
+    """Decode and square-resize images as scoring does (``decode_for_size``: uint8 RGB,
+    (N, size, size, 3)); errors name the file."""
 
     def load(s: Sample) -> np.ndarray:
-        return resize_image(decode_image(storage.read_bytes(s.uri, endpoint), name=s.uri), size)
+        return decode_for_size(storage.read_bytes(s.uri, endpoint), size, name=s.uri)[0]
 
     with ThreadPoolExecutor(threads) as pool:
         return np.stack(list(pool.map(load, samples))) if samples else np.zeros((0, size, size, 3), np.uint8)

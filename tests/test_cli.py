@@ -116,3 +116,32 @@ def test_ray_job_entry_point_help():
     assert proc.stdout.startswith("usage: onenip train")
     for flag in ("--data", "--out", "--num-workers", "--backbone-weights", "--epochs"):
         assert flag in proc.stdout
+
+
+def test_exit_codes_follow_the_error_taxonomy_and_bugs_keep_their_traceback():
+    import onenip_ray
+    from onenip_ray.cli import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, exit_code
+    from onenip_ray.data.images import ImageError
+    from onenip_ray.data.layouts import DatasetError
+    from onenip_ray.lease import LeaseHeld, LeaseLost
+    from onenip_ray.nightly import RunRejected
+
+    family = {name: getattr(onenip_ray, name) for name in ("InputError", "BundleError", "BusyError", "RejectedError")}
+    assert all(issubclass(kind, onenip_ray.OneNipError) for kind in family.values())
+    assert all(issubclass(kind, onenip_ray.InputError) for kind in (DatasetError, ImageError, onenip_ray.BundleError))
+    for error, code in ((DatasetError("layout"), EXIT_ERROR), (onenip_ray.BundleError("format"), EXIT_ERROR),
+                        (FileNotFoundError("gone"), EXIT_ERROR), (ImportError("no onnx"), EXIT_ERROR),
+                        (RunRejected("limits"), EXIT_REJECTED), (LeaseHeld("held"), EXIT_BUSY),
+                        (LeaseLost("lost"), EXIT_BUSY)):
+        assert exit_code(error) == code, error
+    assert exit_code(ValueError("a bug")) is None and exit_code(KeyError("a bug")) is None
+
+
+def test_a_bad_manifest_is_an_input_error(tmp_path):
+    manifest = tmp_path / "inputs.parquet"
+    manifest.write_bytes(b"not parquet at all")
+    from onenip_ray.errors import InputError
+    from onenip_ray.inputs import list_inputs
+
+    with pytest.raises(InputError, match="inputs.parquet cannot be read"):
+        list_inputs(str(manifest))

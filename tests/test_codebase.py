@@ -18,7 +18,7 @@ SHARED_LITERALS = ("bundle.json", "metrics.json", "predictions.parquet", "_SUCCE
 
 # The package's layers (docs/architecture.md): a module imports only from its own layer or earlier ones.
 LAYERS = (
-    {"formats", "config", "schema", "metrics", "prompts", "data.images", "forward_passes"},  # vocabulary
+    {"formats", "errors", "config", "schema", "metrics", "prompts", "data.images", "forward_passes"},  # vocabulary
     {"model.backbone", "model.transformer", "model.refiner", "model.onenip", "model.loss", "model.anomaly_map",
      "model.build"},  # the pure model
     {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
@@ -29,7 +30,7 @@ from onenip_ray import storage
 from onenip_ray.bundle import read_meta
 from onenip_ray.cli import _is_loopback, build_parser, main
 from onenip_ray.config import TrainConfig
-from onenip_ray.formats import BUNDLE_FILE
+from onenip_ray.formats import BUNDLE_FILE, PREDICTIONS_FILE
 from onenip_ray.publish import POINTER_FILE, VERSIONS_DIR, Pointer, publish, read_pointer
 from onenip_ray.schema import RESULT_COLUMNS
 from onenip_ray.scoring import MAP_KEY, Scorer
@@ -206,6 +207,38 @@ def test_good_image_raw_and_multipart_score_like_the_batch_path(service, scorer,
         assert (
             dt.date.fromisoformat(row["run_date"]) and row["run_id"].startswith("serve-") and row["heatmap_uri"] is None
         )
+
+
+@pytest.mark.slow
+def test_one_jpeg_gives_the_same_row_in_evaluate_the_batch_job_and_http(service, tiny_bundle, tiny_dataset, tmp_path):
+    """VisA is JPEG: a JPEG 6 × the input side is decoded by libjpeg at a reduced scale in every path."""
+    from onenip_ray.batch import BatchConfig, run_batch_scoring
+    from onenip_ray.data.images import decode_for_size, decode_image, resize_image
+    from onenip_ray.evaluate import evaluate
+
+    size = read_meta(tiny_bundle)["config"]["image_size"]
+    big = cv2.resize(cv2.imread(str(tiny_dataset / "disc" / "test" / "good" / "000.png")), (6 * size, 6 * size),
+                     interpolation=cv2.INTER_CUBIC)
+    jpeg = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    folder = tmp_path / "data" / "disc" / "test" / "good"
+    for sub in (folder, tmp_path / "data" / "disc" / "train" / "good"):  # the MVTec layout has both splits
+        sub.mkdir(parents=True)
+        (sub / "000.jpg").write_bytes(jpeg)
+    reduced, full = decode_for_size(jpeg, size)[0], resize_image(decode_image(jpeg), size)
+    assert np.abs(reduced.astype(int) - full.astype(int)).max() > 0, "the two decodes must differ for this test to bite"
+
+    evaluate(tiny_bundle, [("mvtec", str(tmp_path / "data"))], str(tmp_path / "eval"), batch_size=1)
+    (offline,) = pq.read_table(tmp_path / "eval" / PREDICTIONS_FILE).to_pylist()
+    run_batch_scoring(BatchConfig(bundle=tiny_bundle, input=str(folder), output=str(tmp_path / "out"),
+                                  run_date=dt.date(2026, 12, 7), batch_size=1, actor_cpus=0.25, task_cpus=0.25))
+    (nightly,) = pq.read_table(next((tmp_path / "out").glob("run_date=*/*.parquet"))).to_pylist()
+    online = requests.post(f"{service}/v1/score", data=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert online.status_code == 200, online.text
+    for row in (nightly, online.json()):
+        assert row["class_name"] == offline["routed_class"] and row["prompt_id"] == offline["prompt_id"]
+        assert (row["is_anomalous"], row["threshold_raw"]) == (offline["is_anomalous"], offline["threshold_raw"])
+        assert row["score_raw"] == pytest.approx(offline["score_raw"], rel=1e-6)
+        assert row["route_similarity"] == pytest.approx(offline["route_similarity"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from onenip_ray.errors import InputError
+
 DEFAULT_MAX_PIXELS = 50_000_000
 MIN_SIDE = 8
 
@@ -27,7 +29,7 @@ _GRAY_PNG_MODES = {"1", "L", "I", "I;16", "I;16B"}  # Pillow's modes of grayscal
 _JPEG_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image that cannot be used; the message names it and says why."""
 
 

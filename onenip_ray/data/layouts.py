@@ -12,6 +12,7 @@ import posixpath
 from dataclasses import dataclass
 
 from onenip_ray import storage
+from onenip_ray.errors import InputError
 from onenip_ray.formats import DATASET_KINDS, IMAGE_EXTENSIONS, is_image_name
 
 NORMAL_DEFECT = "good"
@@ -31,7 +32,7 @@ class Sample:
     mask_uri: str | None
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that does not match its layout; the message names the file or folder and what was expected."""
 
 

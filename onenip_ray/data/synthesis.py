@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
+from onenip_ray.errors import InputError
 from onenip_ray.formats import IMAGE_EXTENSIONS
 from onenip_ray.storage import list_files, read_bytes
 
@@ -101,7 +102,7 @@ class _FolderTextures(TextureSource):
         self.uri, self.endpoint = uri, endpoint
         self.files = list_files(uri, extensions=IMAGE_EXTENSIONS, endpoint=endpoint)  # sorted
         if not self.files:
-            raise ValueError(
+            raise InputError(
                 f"no texture images ({', '.join(IMAGE_EXTENSIONS)}) found under {uri!r}; "
                 "point it at a DTD-style folder or use TextureSource.procedural()"
             )
@@ -111,7 +112,7 @@ class _FolderTextures(TextureSource):
         data = np.frombuffer(read_bytes(uri, endpoint=self.endpoint), dtype=np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise ValueError(f"cannot decode texture image {uri!r}")
+            raise InputError(f"cannot decode texture image {uri!r}")
         return cv2.cvtColor(_resize(bgr, size), cv2.COLOR_BGR2RGB)
 
 
@@ -119,10 +120,10 @@ class _ImageTextures(TextureSource):
     def __init__(self, images: Sequence[np.ndarray]) -> None:
         self.images = [np.ascontiguousarray(im) for im in images]
         if not self.images:
-            raise ValueError("from_images needs at least one image")
+            raise InputError("from_images needs at least one image")
         for im in self.images:
             if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-                raise ValueError(f"texture images must be (H, W, 3) uint8 RGB, got {im.dtype} {im.shape}")
+                raise InputError(f"texture images must be (H, W, 3) uint8 RGB, got {im.dtype} {im.shape}")
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         return _resize(self.images[int(rng.integers(len(self.images)))], size)
