@@ -57,8 +57,8 @@ SINGLE_VIEW_ANGLES = (5.0, 15.0, 25.0, 35.0)
 
 def views_of_one(image: np.ndarray) -> np.ndarray:
     """The calibration normals when a class has a single good image: it rotated by ±5°, ±15°, ±25°
-    and ±35° and re-lit (0.95–1.05×). On macaroni1 its deployed F1 went 0.11 → 0.72 (F1-max 0.78)
-    against views shifted by 2–6 px, one of them not at all (README)."""
+    and ±35° and re-lit (0.95–1.05×); shifted views would include the image itself, whose score
+    is far below any fresh normal's (measured in docs/results.md)."""
     angles = [sign * a for a in SINGLE_VIEW_ANGLES for sign in (1, -1)]
     gains = np.linspace(0.95, 1.05, len(angles))
     return np.stack([np.clip(rotate_image(image, a).astype(np.float32) * g, 0, 255).astype(np.uint8)

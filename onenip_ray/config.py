@@ -74,10 +74,10 @@ class ModelConfig:
     map_sigma: float = flag(4.0, "Gaussian smoothing of the fused map in px (0 = official: none)")
     score_pool: int = 16  # image score = max of the k×k mean-pooled map
     # 8: the nearest-neighbour map compares patches of a grid twice as fine as OneNIP's (40 × 40 at
-    # 320 px); measured on the three real classes, mean pixel AP 0.495 → 0.55 (README)
+    # 320 px), for defects a few pixels wide (measured in docs/results.md)
     neighbor_stride: int = flag(8, "feature stride of the nearest-neighbour map's patches (8 or 16 = OneNIP's grid)")
     # 0.5: the stride-16 stage (112 of 192 channels) no longer outweighs the finer ones that see small
-    # defects; measured on the three real classes, mean image AUROC 0.928 → 0.947, macaroni1 0.893 → 0.948 (README)
+    # defects (measured in docs/results.md)
     neighbor_coarse_weight: float = flag(0.5, "weight of the coarsest backbone stage in the nearest-neighbour map's "
                                               "patches (1 = as the backbone gives it)")
 

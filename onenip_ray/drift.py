@@ -48,6 +48,7 @@ COLUMNS = ("class_name", "route_similarity", "score_raw", "threshold_raw", "is_a
            "model_version")
 QUANTILES = (50, 90, 99)
 PSI_BINS = 10
+ROWS_PER_BIN = 10  # the smaller side's rows per PSI bin, at least
 Z_95 = 1.959964  # two-sided 95 % normal quantile (Wilson interval)
 LOOKBACK_FACTOR = 4  # how far back (× trailing_nights days) the trailing reference is searched for
 COMMITTED, MISSING, UNCOMMITTED, UNREADABLE = "committed", "missing", "uncommitted", "unreadable"
@@ -186,7 +187,10 @@ def wilson(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
 
 def psi(sample: np.ndarray, reference: np.ndarray, bins: int = PSI_BINS) -> float:
     """Population stability index of ``sample`` against ``reference`` over the reference's quantile
-    bins (ties merged), half a count added to every bin so an empty bin stays finite."""
+    bins (ties merged; fewer than ``bins`` so that the smaller side has ten rows per bin, at least
+    two bins: on small samples ten bins would read noise as shift), half a count added to every bin
+    so an empty bin stays finite."""
+    bins = max(2, min(bins, min(len(sample), len(reference)) // ROWS_PER_BIN))
     edges = np.unique(np.quantile(reference, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
     def shares(values: np.ndarray) -> np.ndarray:
         counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1) + 0.5

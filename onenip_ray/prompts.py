@@ -105,10 +105,8 @@ def rotation_angles(num_normals: int, budget: int) -> list[float]:
     """Angles of the rotated copies of each of a class's ``num_normals`` normals in its memory:
     p pairs ±40°·i/p (i = 1…p, at most 8 pairs, 4 for a single normal) such that the normals and
     their copies number at most ``budget`` images; none for a class of more than ``budget / 3``
-    normals (or ``budget`` 0). Few normals' patches miss the poses normal parts take: macaroni1's
-    image AUROC with 8 normals 0.702 without copies, 0.834 with ±10°…±40°, with 5° steps and
-    density weights 0.902 (0.892 with 10° steps; means of 5 coreset seeds); with 32 normals 0.828
-    and 0.875 with ±40° (README)."""
+    normals (or ``budget`` 0). The copies stand in for the poses a few normals' patches miss
+    (measured in docs/results.md)."""
     most = SINGLE_NORMAL_ROTATION_PAIRS if num_normals == 1 else MAX_ROTATION_PAIRS
     pairs = min(most, (budget // max(num_normals, 1) - 1) // 2) if budget > 0 else 0
     return [sign * MAX_ROTATION * i / pairs for i in range(1, pairs + 1) for sign in (1, -1)]
@@ -158,8 +156,7 @@ def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Indices of at most ``size`` rows of ``bank`` (M, C) as the memory: all, or a coreset chosen
     greedily, each next patch the one farthest from those chosen (k-center, as in PatchCore), with
     distances in a seeded random projection to ``CORESET_DIM`` dimensions. It keeps the rare
-    normal patches a random subset drops: on macaroni1, 5 % of the patches chosen so gave image
-    AUROC 0.889 against 0.848 for a random 35 % (README)."""
+    normal patches a random subset drops."""
     count = len(bank)
     if size <= 0 or size >= count:
         return torch.arange(count)
@@ -189,8 +186,8 @@ DENSITY_FLOOR = 0.25
 def density_weights(memory: torch.Tensor) -> torch.Tensor:
     """Per memory patch, s̄ / (s + 0.25·s̄): s its mean distance to its 6 nearest other patches, s̄
     the mean of s. A distance to a patch where normal patches lie far apart counts less, one to a
-    patch in a dense region more, in the units of a plain distance. For the coreset of a few
-    normals and their rotated copies: macaroni1 from 8 normals 0.840 → 0.905 image AUROC (README)."""
+    patch in a dense region more, in the units of a plain distance; used for the coreset of a few
+    normals and their rotated copies."""
     k = min(DENSITY_NEIGHBORS, len(memory) - 1)
     if k < 1:
         return torch.ones(len(memory))
