@@ -9,7 +9,7 @@ vectorised stubs that return fixed rows — the model is not what is measured he
   streaming walk.
 
 Prints, per input: the listing stage alone (``iter_input_chunks``: keys/s), the accounting stage
-alone (``_account`` over the staged rows: keys/s), and the whole run: keys, wall seconds, keys/s,
+alone (``accounting.account`` over the staged rows: keys/s), and the whole run: keys, wall seconds, keys/s,
 the driver's peak RSS (``ru_maxrss`` of this process; Ray workers are separate processes) and the
 time to the first committed row (the commit is one per night, so it is the time to the commit).
 Targets on 2 cores: peak RSS < 1 GB for 1 M inputs, ≥ 20,000 keys/s.
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onenip_ray import batch, inputs  # noqa: E402
+from onenip_ray import accounting, batch, inputs  # noqa: E402
 from onenip_ray.config import BatchConfig  # noqa: E402
 from onenip_ray.schema import FILE_SCHEMA, STATUS_OK  # noqa: E402
 
@@ -82,18 +82,18 @@ def run(label: str, cfg: BatchConfig) -> dict:
     listed = sum(chunk.num_rows for chunk in inputs.iter_input_chunks(cfg.input, chunk_size=cfg.chunk_size))
     listing_s = time.perf_counter() - start
     accounted = []
-    account = batch._account
+    account = accounting.account
 
     def timed_account(*a, **k):  # the accounting stage, timed inside the real run
         t = time.perf_counter()
         account(*a, **k)
         accounted.append(time.perf_counter() - t)
 
-    batch._account = timed_account
+    accounting.account = timed_account
     start = time.perf_counter()
     summary = batch.run_batch_scoring(cfg, actor_cls=StubActor)
     wall = time.perf_counter() - start
-    batch._account = account
+    accounting.account = account
     keys = summary["counts"]["total"]
     assert keys == listed
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

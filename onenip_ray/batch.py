@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
@@ -37,11 +37,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import nightly, storage
+from . import accounting, nightly, storage
 from .config import LEASE_SECONDS, BatchConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .engines import load_model
-from .formats import UNKNOWN_CLASS, uri_stem
+from .formats import uri_stem
 from .inputs import iter_input_chunks
 from .lease import Lease
 from .prompts import PromptPool
@@ -53,7 +53,6 @@ from .schema import (
     PARTITION_COLUMN,
     SCHEMA_VERSION,
     STATUS_ERROR,
-    STATUS_OK,
     to_table,
 )
 from .scoring import Prepared, Scorer, ScoringSpec
@@ -193,17 +192,6 @@ def _staged_names() -> Any:
 
 
 # -- run ----------------------------------------------------------------------------------------
-@dataclass
-class _Tally:
-    """Accounting of the run so far: staged files and counts, without any per-key Python objects."""
-
-    files: list[str]
-    groups: Counter  # (class_name, status, error_kind, is_anomalous) -> rows
-    inputs: int = 0
-    resumed: int = 0
-    duplicates_dropped: int = 0
-
-
 def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
                       on_commit_step: nightly.OnStep | None = None) -> dict[str, Any]:
     """Score every input image once into ``OUTPUT/run_date=…/`` and return the run summary (also
@@ -224,7 +212,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
             nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
                 "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
                 "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
-            earlier = _earlier_results(layout, fs, bundle.version, run_id)
+            earlier = accounting.earlier_results(layout, fs, bundle.version, run_id)
             heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
 
             t_pipeline = time.perf_counter()
@@ -251,10 +239,10 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
 
 
 def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earlier: pa.Table | None,
-                  score: Callable[..., None], fs: pafs.FileSystem, run_dir: str) -> _Tally:
+                  score: Callable[..., None], fs: pafs.FileSystem, run_dir: str) -> accounting.Tally:
     """Every input chunk through ``score`` (one pipeline pass each) into ``run_dir/data``, except
     the inputs an earlier run of the night already scored (reused); all staged rows accounted."""
-    tally, reused, pool_ref = _Tally(files=[], groups=Counter()), [], None
+    tally, reused, pool_ref = accounting.Tally(files=[], groups=Counter()), [], None
     for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
         tally.inputs += chunk.num_rows
         if earlier is not None:
@@ -266,10 +254,10 @@ def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earl
         pool_ref = pool_ref or _start_ray(endpoint, pool)
         data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
         score(chunk, pool_ref=pool_ref, data_path=data_path)
-        _account(fs, _staged_files(fs, data_path), chunk.column("image_uri"), tally)
+        accounting.account(fs, accounting.staged_files(fs, data_path), chunk.column("image_uri"), tally)
     if reused:
         resumed_path = posixpath.join(run_dir, "data", "resumed")
-        _account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), resumed_path, tally)
+        accounting.account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), resumed_path, tally)
     return tally
 
 
@@ -316,137 +304,17 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
     ds.write_parquet(data_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file, filename_provider=_staged_names())
 
 
-def _staged_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    return sorted(p for n, p in nightly.listing(fs, path).items() if n.endswith(nightly.STAGED_SUFFIX))
-
-
-ACCOUNT_COLUMNS = ["image_uri", "class_name", "status", "error_kind", "is_anomalous"]
-
-
-def _read_rows(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> pa.Table:
-    """``columns`` of ``files`` with ``_file`` (index into ``files``) and ``_row`` (row within it)."""
-    parts = []
-    for i, path in enumerate(files):
-        t = storage.retry(lambda: pq.read_table(path, columns=columns, filesystem=fs))
-        parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32)))
-                     .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-    if parts:
-        return pa.concat_tables(parts)
-    empty = {c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns}
-    return pa.table(empty | {"_file": pa.array([], pa.int32()), "_row": pa.array([], pa.int64())})
-
-
-def _keep_first(rows: pa.Table) -> pa.Array:
-    """Boolean mask: the first row of every ``image_uri`` (in file, then row order)."""
-    order = pa.array(np.arange(rows.num_rows))
-    first = pa.table({"image_uri": rows.column("image_uri"), "order": order}).group_by(
-        "image_uri", use_threads=False).aggregate([("order", "min")]).column("order_min")
-    mask = np.zeros(rows.num_rows, bool)
-    mask[first.to_numpy()] = True
-    return pa.array(mask)
-
-
-def _account(fs: pafs.FileSystem, files: list[str], expected: pa.ChunkedArray, tally: _Tally) -> None:
-    """Check that ``files`` hold every ``expected`` URI exactly once after dropping repeats (rows
-    of retried tasks; files are rewritten without them) and add them to ``tally``."""
-    rows = _read_rows(fs, files, ACCOUNT_COLUMNS)
-    keep = _keep_first(rows)
-    kept = rows.filter(keep)
-    seen = kept.column("image_uri")
-    missing = pc.sum(pc.invert(pc.is_in(expected, value_set=seen))).as_py() or 0
-    unexpected = pc.sum(pc.invert(pc.is_in(seen, value_set=expected))).as_py() or 0
-    if missing or unexpected:
-        lost = expected.filter(pc.invert(pc.is_in(expected, value_set=seen)))[:3].to_pylist()
-        raise RuntimeError(f"staged results do not match the inputs: {missing} missing (e.g. {lost}), {unexpected} "
-                           "unexpected; "
-                           "nothing was committed")
-    dropped = rows.num_rows - kept.num_rows
-    if dropped:
-        files_with_drops = set(rows.filter(pc.invert(keep)).column("_file").to_pylist())
-        for i in sorted(files_with_drops):
-            mask = pc.equal(kept.column("_file"), i)
-            rows_kept = kept.filter(mask).column("_row")
-            table = pq.read_table(files[i], filesystem=fs, schema=FILE_SCHEMA).take(rows_kept)
-            pq.write_table(table, files[i], filesystem=fs)
-    tally.duplicates_dropped += dropped
-    tally.files.extend(files)
-    for key in kept.group_by(ACCOUNT_COLUMNS[1:], use_threads=False).aggregate([("image_uri", "count")]).to_pylist():
-        tally.groups[(key["class_name"], key["status"], key["error_kind"],
-                      bool(key["is_anomalous"]))] += key["image_uri_count"]
-
-
-def _earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_version: str,
-                     run_id: str) -> pa.Table | None:
-    """``ok`` rows that earlier unfinished runs of this date scored with the same model version
-    (``image_uri``, ``run_id``, ``_path``): a restarted night scores only the rest. Unreadable
-    (half-written) files are ignored; error rows are tried again."""
-    runs = layout.path(layout.runs_uri)
-    parts = []
-    for info in fs.get_file_info(pafs.FileSelector(runs, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or posixpath.basename(info.path) == run_id:
-            continue
-        meta = nightly.read_json(fs, posixpath.join(info.path, nightly.RUN_FILE)) or {}
-        if meta.get("model_version") != model_version:
-            continue
-        for path in _staged_files(fs, posixpath.join(info.path, "data")):
-            try:
-                t = pq.read_table(path, columns=["image_uri", "status"], filesystem=fs)
-            except (OSError, pa.ArrowInvalid):
-                continue
-            ok = t.filter(pc.equal(t.column("status"), STATUS_OK)).column("image_uri")
-            parts.append(pa.table({"image_uri": ok, "run_id": pa.array([meta["run_id"]] * len(ok), pa.string()),
-                                   "_path": pa.array([path] * len(ok), pa.string())}))
-    if not parts:
-        return None
-    table = pa.concat_tables(parts)
-    return table.filter(_keep_first(table))
-
-
-def _account_resumed(fs: pafs.FileSystem, earlier: pa.Table, reused: pa.ChunkedArray, target_dir: str,
-                     tally: _Tally) -> None:
-    """Copy the reused rows of earlier runs into this run's staging and account them."""
-    chosen = earlier.filter(pc.is_in(earlier.column("image_uri"), value_set=reused))
-    fs.create_dir(target_dir, recursive=True)
-    files = []
-    for i, path in enumerate(sorted(set(chosen.column("_path").to_pylist()))):
-        uris = chosen.filter(pc.equal(chosen.column("_path"), path)).column("image_uri")
-        table = pq.read_table(path, filesystem=fs, schema=FILE_SCHEMA)
-        table = table.filter(pc.and_(pc.is_in(table.column("image_uri"), value_set=uris),
-                                     pc.equal(table.column("status"), STATUS_OK)))
-        target = posixpath.join(target_dir, f"{i:05d}{nightly.STAGED_SUFFIX}")
-        pq.write_table(table, target, filesystem=fs)
-        files.append(target)
-    _account(fs, files, reused, tally)
-    tally.resumed += len(reused)
-
-
-def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: _Tally,
+def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: accounting.Tally,
              started_at: dt.datetime,
              pipeline_s: float, repaired: str | None, resumed_from: list[str]) -> dict[str, Any]:
-    per_class: dict[str, Counter] = {}
-    errors: Counter = Counter()
-    for (cls, status, kind, anomalous), n in tally.groups.items():
-        c = per_class.setdefault(cls or UNKNOWN_CLASS, Counter())
-        c["total"] += n
-        c[status] += n
-        c["anomalous"] += n if anomalous else 0
-        if status == STATUS_ERROR:
-            errors[kind or "unknown"] += n
-    totals: Counter = Counter()
-    for c in per_class.values():
-        totals.update(c)
-    keys = ("total", STATUS_OK, STATUS_ERROR, "anomalous")
-    counts = {k: totals[k] for k in keys}
-    counts["unknown"] = per_class.get(UNKNOWN_CLASS, Counter())[STATUS_OK]
-    if counts["total"] != tally.inputs:
-        raise RuntimeError(f"{counts['total']} result rows for {tally.inputs} inputs; nothing was committed")
+    counts, errors, per_class = accounting.counts(tally)
     scored = tally.inputs - tally.resumed
     return {
         "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": model_version,
         "schema_version": SCHEMA_VERSION,
         "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": layout.partition_uri,
-        "counts": counts, "errors_by_kind": dict(sorted(errors.items())),
-        "per_class": {cls: {k: c[k] for k in keys} for cls, c in sorted(per_class.items())},
+        "counts": counts, "errors_by_kind": errors,
+        "per_class": per_class,
         "duplicates_dropped": tally.duplicates_dropped, "resumed": tally.resumed, "resumed_from": resumed_from,
         "repaired": repaired, "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(tally.files))],
         "heatmaps": layout.heatmaps_uri if cfg.heatmaps else None,

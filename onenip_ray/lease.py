@@ -1,13 +1,13 @@
 """One writer per output and date: a lease object created exclusively and renewed while a run lives.
 
 The lease is a small JSON file (run id, host, pid, start, renewal, expiry). It is created with an
-exclusive create (local: ``O_CREAT | O_EXCL``; S3: ``PutObject`` with ``If-None-Match: *``), so of
+exclusive create (S3: ``PutObject`` with ``If-None-Match: *``; local: created under a lock file), so of
 two runs started together exactly one gets it; the other fails at once naming the holder. A
 background thread renews it every third of its ``ttl`` (S3: ``If-Match`` on the holder's own
 ETag), so a holder that died stops renewing and its lease expires; the next run takes an expired
-lease over with a conditional replace (S3: ``If-Match`` on the expired ETag; local: an atomic
-rename that only one contender can win). A holder that finds its lease taken stops before it
-commits (``check``).
+lease over with a conditional replace (S3: ``If-Match`` on the expired ETag; local: the same
+compare-and-swap under an exclusive lock file). Every write is ``storage.write_if``. A holder that
+finds its lease taken stops before it commits (``check``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,23 +46,22 @@ def describe(holder: dict[str, Any]) -> str:
 @dataclass
 class _Stored:
     content: dict[str, Any]
-    token: str  # S3 ETag; local: the run id written
+    tag: str  # ``storage.read_with_tag``'s: the S3 ETag, locally a content hash
 
 
 class Lease:
     """``with Lease(uri, run_id):`` holds the lease at ``uri`` for the block (released at exit)."""
 
     def __init__(self, uri: str, run_id: str, endpoint: str | None, ttl: float) -> None:
-        self.is_s3 = storage.is_s3(uri)
-        self.uri = uri if self.is_s3 else storage.canonical_uri(uri)
+        self.uri = uri if storage.is_s3(uri) else storage.canonical_uri(uri)
         self.run_id, self.endpoint, self.ttl = run_id, endpoint, ttl
-        self._token: str | None = None
         self._lost: str | None = None
+        self._refused = ""  # why the last conditional write did not go through
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started_at = _now()
 
-    # -- storage --------------------------------------------------------------------------------
+    # -- storage: compare-and-swap writes (``storage.write_if``) ---------------------------------
     def _content(self) -> dict[str, Any]:
         now = _now()
         return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -73,91 +71,44 @@ class Lease:
                 "ttl_seconds": self.ttl}
 
     def _read(self) -> _Stored | None:
-        if self.is_s3:
-            bucket, key = storage.split_s3(self.uri)
-            client = storage.s3_client(self.endpoint)
-            try:
-                obj = client.get_object(Bucket=bucket, Key=key)
-            except client.exceptions.NoSuchKey:
-                return None
-            return _Stored(json.loads(obj["Body"].read()), obj["ETag"])
         try:
-            with open(self.uri, "rb") as f:
-                content = json.loads(f.read() or b"{}")
+            data, tag = storage.read_with_tag(self.uri, self.endpoint)
         except FileNotFoundError:
             return None
-        return _Stored(content, str(content.get("run_id")))
+        return _Stored(json.loads(data or b"{}"), tag)
 
-    def _put(self, condition: dict[str, str]) -> bool:
-        """Write this run's content under ``condition`` (S3: IfNoneMatch / IfMatch); False when it
-        does not hold. Local: ``IfNoneMatch`` = exclusive create, ``IfMatch`` = replace (checked by
-        the caller)."""
+    def _put(self, expected_tag: str | None) -> bool:
+        """Write this run's content if the lease still has ``expected_tag`` (None: if there is
+        none); False when another writer got there first."""
         body = json.dumps(self._content(), indent=2).encode()
-        if self.is_s3:
-            from botocore.exceptions import ClientError
-
-            bucket, key = storage.split_s3(self.uri)
-            try:
-                client = storage.s3_client(self.endpoint)
-                self._token = client.put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
-            except ClientError as exc:
-                if storage.is_precondition_failure(exc):
-                    return False
-                raise
-            return True
-        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
-        if "IfNoneMatch" in condition:
-            try:
-                fd = os.open(self.uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-        else:
-            tmp = f"{self.uri}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(body)
-            os.replace(tmp, self.uri)
-        self._token = self.run_id
+        try:
+            storage.write_if(self.uri, body, expected_tag, self.endpoint)
+        except storage.PreconditionFailed as exc:
+            self._refused = str(exc)
+            return False
         return True
 
     # -- protocol -------------------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the lease or raise ``LeaseHeld`` naming the live holder."""
         for _ in range(3):
-            if self._put({"IfNoneMatch": "*"}):
+            if self._put(None):
                 break
             held = self._read()
             if held is None:
                 continue  # released between our create and our read: try again
             if held.content.get("run_id") == self.run_id:  # our create went through, its answer was lost
-                self._token = held.token
                 break
             expires = dt.datetime.fromisoformat(held.content.get("expires_at", "1970-01-01T00:00:00+00:00"))
             if expires > _now():
                 raise LeaseHeld(f"another run is writing {self.uri.rsplit('/', 2)[-2]} of this output: "
                                 f"{describe(held.content)}")
-            if self._take_over(held):
+            if self._put(held.tag):  # take the expired lease over: of several contenders one wins
                 break
         else:
-            raise LeaseHeld(f"could not take the lease {self.uri}: other runs keep changing it")
+            raise LeaseHeld(f"could not take the lease {self.uri}: other runs keep changing it ({self._refused})")
         self._thread = threading.Thread(target=self._renew_loop, name="onenip-lease", daemon=True)
         self._thread.start()
-
-    def _take_over(self, expired: _Stored) -> bool:
-        if self.is_s3:
-            return self._put({"IfMatch": expired.token})
-        tomb = f"{self.uri}.expired-{uuid.uuid4().hex}"
-        try:
-            os.rename(self.uri, tomb)  # of several contenders, one rename wins
-        except FileNotFoundError:
-            return False
-        with open(tomb, "rb") as f:
-            moved = json.loads(f.read() or b"{}")
-        os.remove(tomb)
-        if moved != expired.content:  # we moved a fresh lease of a faster contender: let it win
-            return False
-        return self._put({"IfNoneMatch": "*"})
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -174,7 +125,7 @@ class Lease:
         if held is None or held.content.get("run_id") != self.run_id:
             raise LeaseLost(f"lease {self.uri} is no longer held by run {self.run_id}"
                             + (f" (now: {describe(held.content)})" if held else ""))
-        if not self._put({"IfMatch": held.token}):
+        if not self._put(held.tag):
             raise LeaseLost(f"lease {self.uri} changed while run {self.run_id} renewed it")
 
     def check(self) -> None:
@@ -190,11 +141,7 @@ class Lease:
         held = self._read()
         if held is None or held.content.get("run_id") != self.run_id:
             return
-        if self.is_s3:
-            bucket, key = storage.split_s3(self.uri)
-            storage.s3_client(self.endpoint).delete_object(Bucket=bucket, Key=key)
-        else:
-            os.remove(self.uri)
+        storage.delete(self.uri, self.endpoint)
 
     def __enter__(self) -> "Lease":
         self.acquire()

@@ -249,6 +249,19 @@ def write_if(uri: str, data: bytes, expected_tag: str | None, endpoint: str | No
         os.remove(lock)
 
 
+def delete(uri: str, endpoint: str | None = None) -> None:
+    """Remove the file at ``uri`` (transient failures retried); a missing one is not an error."""
+    fs, path = filesystem_for(uri, endpoint)
+
+    def remove() -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    retry(remove)
+
+
 def join(uri: str, *parts: str) -> str:
     """``uri`` extended by ``parts`` with ``/`` (local paths use ``os.path.join``)."""
     if is_s3(uri) or uri.startswith(FILE_SCHEME):

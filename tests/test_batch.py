@@ -100,7 +100,7 @@ def test_chunks_bound_the_listing_and_keep_manifest_order(tmp_path):
 
 def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
     """Duplicates a retried task could leave in staging are dropped; a missing input fails the commit."""
-    from onenip_ray.batch import _account, _Tally
+    from onenip_ray.accounting import Tally, account
     from onenip_ray.schema import FILE_SCHEMA, error_row, to_table
 
     run = {"model_version": "v", "run_id": "r", "run_date": DAY, "error_kind": "missing"}
@@ -109,14 +109,14 @@ def test_accounting_drops_repeats_and_refuses_lost_inputs(tmp_path):
                        tmp_path / f"{name}.staged")
     fs = pafs.LocalFileSystem()
     files = [str(tmp_path / "0.staged"), str(tmp_path / "1.staged")]
-    tally = _Tally(files=[], groups=Counter())
-    _account(fs, files, pa.chunked_array([["a", "b", "c"]]), tally)
+    tally = Tally(files=[], groups=Counter())
+    account(fs, files, pa.chunked_array([["a", "b", "c"]]), tally)
     assert tally.duplicates_dropped == 1 and tally.files == files and sum(tally.groups.values()) == 3
     rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
     assert [(r["image_uri"], r["error"]) for r in rows] == [("a", "first"), ("b", "first"), ("c", "again")]
     assert pq.read_table(files[1]).schema.equals(FILE_SCHEMA, check_metadata=True)
     with pytest.raises(RuntimeError, match=r"1 missing \(e.g. \['d'\]\)"):
-        _account(fs, files, pa.chunked_array([["a", "b", "c", "d"]]), _Tally(files=[], groups=Counter()))
+        account(fs, files, pa.chunked_array([["a", "b", "c", "d"]]), Tally(files=[], groups=Counter()))
 
 
 # -- pipeline -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ LAYERS = (
     {"storage", "inputs", "lease", "data.layouts", "data.synthesis"},  # IO
     {"predictor", "calibration", "enrolment", "bundle", "engines", "training_data", "visualization"},  # inference
     {"scoring", "train", "evaluate", "add_class", "set_threshold", "export", "publish", "drift"},  # operations
-    {"batch", "nightly", "serve", "serve_args", "report", "drift_report"},  # applications
+    {"nightly", "accounting", "batch", "serve", "serve_args", "report", "drift_report"},  # applications
     {"cli", "__init__"},
 )
 
