@@ -105,7 +105,7 @@ def earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_vers
         meta = nightly.read_json(fs, posixpath.join(info.path, nightly.RUN_FILE)) or {}
         if meta.get("model_version") != model_version:
             continue
-        for path in staged_files(fs, posixpath.join(info.path, "data")):
+        for path in staged_files(fs, posixpath.join(info.path, nightly.STAGED_DATA)):
             try:
                 t = pq.read_table(path, columns=["image_uri", "status"], filesystem=fs)
             except (OSError, pa.ArrowInvalid):

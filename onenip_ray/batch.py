@@ -208,30 +208,29 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
             repaired = nightly.repair(layout)
             bundle = load_model(cfg.bundle, cfg.runtime, endpoint)
             spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
-            run_dir = layout.path(layout.run_uri(run_id))
-            nightly.write_json(fs, posixpath.join(run_dir, nightly.RUN_FILE), {
+            nightly.write_json(fs, layout.run_path(run_id, nightly.RUN_FILE), {
                 "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
                 "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
             earlier = accounting.earlier_results(layout, fs, bundle.version, run_id)
-            heatmaps = (storage.join(layout.run_uri(run_id), "heatmaps"), layout.heatmaps_uri) if cfg.heatmaps else None
+            heatmaps = (layout.staged_heatmaps_uri(run_id), layout.heatmaps_uri) if cfg.heatmaps else None
 
             t_pipeline = time.perf_counter()
             score = partial(_score_chunk, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, endpoint=endpoint,
                             actor_cls=actor_cls, fs=fs)
-            tally = _score_inputs(cfg, bundle.pool, endpoint, earlier, score, fs, run_dir)
+            tally = _score_inputs(cfg, bundle.pool, endpoint, earlier, score, layout, run_id)
             pipeline_s = time.perf_counter() - t_pipeline
 
             resumed_from = sorted({*earlier.column("run_id").to_pylist()}) if tally.resumed else []
             summary = _summary(cfg, run_id, bundle.version, layout, tally, started_at, pipeline_s, repaired,
                                resumed_from)
-            _check_limits(cfg, summary, fs, run_dir)
+            _check_limits(cfg, summary, layout)
             if not tally.files:  # an allowed empty night: one empty file keeps the partition readable
-                tally.files.append(_empty_file(fs, run_dir))
+                tally.files.append(_empty_file(fs, layout.staged_data_path(run_id, f"empty{nightly.STAGED_SUFFIX}")))
                 summary["files"] = [f"part-{run_id}-00000.parquet"]
             summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
             lease.check()
-            heat_dirs = [posixpath.join(layout.path(layout.run_uri(r)), "heatmaps") for r in summary["resumed_from"]]
-            nightly.commit(layout, tally.files, heat_dirs + [posixpath.join(run_dir, "heatmaps")], summary,
+            heat_dirs = [layout.path(layout.staged_heatmaps_uri(r)) for r in [*summary["resumed_from"], run_id]]
+            nightly.commit(layout, tally.files, heat_dirs, summary,
                            on_commit_step)
     finally:
         nightly.tidy(layout)
@@ -239,10 +238,11 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
 
 
 def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earlier: pa.Table | None,
-                  score: Callable[..., None], fs: pafs.FileSystem, run_dir: str) -> accounting.Tally:
-    """Every input chunk through ``score`` (one pipeline pass each) into ``run_dir/data``, except
+                  score: Callable[..., None], layout: nightly.NightLayout, run_id: str) -> accounting.Tally:
+    """Every input chunk through ``score`` (one pipeline pass each) into the run's staged data, except
     the inputs an earlier run of the night already scored (reused); all staged rows accounted."""
     tally, reused, pool_ref = accounting.Tally(files=[], groups=Counter()), [], None
+    fs = layout.fs
     for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
         tally.inputs += chunk.num_rows
         if earlier is not None:
@@ -252,17 +252,16 @@ def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earl
         if not chunk.num_rows:
             continue
         pool_ref = pool_ref or _start_ray(endpoint, pool)
-        data_path = posixpath.join(run_dir, "data", f"chunk-{index:05d}")
+        data_path = layout.staged_data_path(run_id, f"chunk-{index:05d}")
         score(chunk, pool_ref=pool_ref, data_path=data_path)
         accounting.account(fs, accounting.staged_files(fs, data_path), chunk.column("image_uri"), tally)
     if reused:
-        resumed_path = posixpath.join(run_dir, "data", "resumed")
+        resumed_path = layout.staged_data_path(run_id, "resumed")
         accounting.account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), resumed_path, tally)
     return tally
 
 
-def _empty_file(fs: pafs.FileSystem, run_dir: str) -> str:
-    path = posixpath.join(run_dir, "data", f"empty{nightly.STAGED_SUFFIX}")
+def _empty_file(fs: pafs.FileSystem, path: str) -> str:
     fs.create_dir(posixpath.dirname(path), recursive=True)
     pq.write_table(FILE_SCHEMA.empty_table(), path, filesystem=fs)
     return path
@@ -324,7 +323,7 @@ def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.
     }
 
 
-def _check_limits(cfg: BatchConfig, summary: dict[str, Any], fs: pafs.FileSystem, run_dir: str) -> None:
+def _check_limits(cfg: BatchConfig, summary: dict[str, Any], layout: nightly.NightLayout) -> None:
     """Raise ``RunRejected`` (after writing ``rejected.json`` beside the staged rows) when the run
     is empty without ``allow_empty`` or its error share is above ``max_error_fraction``."""
     counts, reason = summary["counts"], None
@@ -337,10 +336,11 @@ def _check_limits(cfg: BatchConfig, summary: dict[str, Any], fs: pafs.FileSystem
                   f"({kinds}), above --max-error-fraction {cfg.max_error_fraction}")
     if reason is None:
         return
-    nightly.write_json(fs, posixpath.join(run_dir, nightly.REJECTED_FILE), {"reason": reason, **summary})
+    run_id = summary["run_id"]
+    nightly.write_json(layout.fs, layout.run_path(run_id, nightly.REJECTED_FILE), {"reason": reason, **summary})
     raise nightly.RunRejected(f"run {summary['run_id']} rejected: {reason}. The committed partition "
                               f"{summary['partition']} is unchanged; "
-                      f"the new rows stay staged in {posixpath.join(run_dir, 'data')} for inspection")
+                      f"the new rows stay staged in {layout.staged_data_path(run_id)} for inspection")
 
 
 def repair_output(output: str, endpoint: str | None = None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ LEASE_FILE = "lease.json"
 JOURNAL_FILE = "commit.json"
 RUN_FILE = "run.json"
 REJECTED_FILE = "rejected.json"
+STAGED_DATA, STAGED_HEATMAPS = "data", "heatmaps"  # a run's staging folder: its rows, its heat maps
 STAGED_SUFFIX = ".parquet.staged"  # staged Parquet: readers' ``**/*.parquet`` globs do not match it
 COMMIT_STEPS = ("journal", "marker_removed", "files_moved", "heatmaps_moved", "old_deleted", "marker_written",
                 "staging_removed", "journal_removed")
@@ -87,6 +88,18 @@ class NightLayout:
 
     def run_uri(self, run_id: str) -> str:
         return self.uri(RUNS_DIR, self.partition_name, run_id)
+
+    def run_path(self, run_id: str, *parts: str) -> str:
+        """A path inside run ``run_id``'s staging folder (``run.json``, ``rejected.json``, …)."""
+        return posixpath.join(self.path(self.run_uri(run_id)), *parts)
+
+    def staged_data_path(self, run_id: str, *parts: str) -> str:
+        """Where run ``run_id`` stages its rows: ``data/chunk-NNNNN/``, ``data/resumed/``, …"""
+        return self.run_path(run_id, STAGED_DATA, *parts)
+
+    def staged_heatmaps_uri(self, run_id: str) -> str:
+        """Where run ``run_id`` stages its heat maps before the commit moves them."""
+        return storage.join(self.run_uri(run_id), STAGED_HEATMAPS)
 
     @property
     def fs(self) -> pafs.FileSystem:
