@@ -55,7 +55,7 @@ COMMITTED, MISSING, UNCOMMITTED, UNREADABLE = "committed", "missing", "uncommitt
 Columns = dict[str, np.ndarray]
 
 
-@dataclass
+@dataclass(eq=False)
 class Night:
     """One ``run_date`` of the table: its state and, when committed, its rows' columns."""
 
@@ -398,23 +398,22 @@ def _bundle_calibration(uri: str | None, endpoint: str | None, notes: list[str]
 def _structure_notes(window: list[Night], before: list[Night]) -> list[str]:
     """Lines for nights that cannot be used, model version changes and classes appearing or disappearing."""
     notes = [n.note for n in window if n.note]
+    in_window = {n.date for n in window}
     committed = [n for n in before + window if n.committed]
     for prev, cur in zip(committed, committed[1:]):
-        if prev.version != cur.version and cur in window:
+        if prev.version != cur.version and cur.date in in_window:
             notes.append(f"{cur.date}: model version {prev.version} → {cur.version}; trailing references start "
                          "again from this night")
     seen: dict[str, dt.date] = {}
-    for night in committed:
+    for i, night in enumerate(committed):
         ok = night.rows["ok"]
-        if len(ok) and not ok.any() and night in window:
-            notes.append(f"{night.date}: only error rows ({len(ok)}): no class statistics")
         present = set(night.rows["class_name"][ok]) - {UNKNOWN_CLASS}
-        for cls in sorted(present - set(seen)):
-            if before + window and committed[0] is not night and night in window:
-                notes.append(f"{cls}: first rows on {night.date}")
-        for cls in sorted(set(seen) - present):
-            if night in window and ok.any():
-                notes.append(f"{cls}: no rows on {night.date} (last seen {seen[cls]})")
+        if night.date in in_window:
+            if len(ok) and not ok.any():
+                notes.append(f"{night.date}: only error rows ({len(ok)}): no class statistics")
+            notes += [f"{cls}: first rows on {night.date}" for cls in sorted(present - set(seen)) if i > 0]
+            notes += [f"{cls}: no rows on {night.date} (last seen {seen[cls]})"
+                      for cls in sorted(set(seen) - present) if ok.any()]
         seen.update({cls: night.date for cls in present})
     return notes
 
