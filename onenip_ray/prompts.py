@@ -8,6 +8,7 @@ with OneNIP's maps.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,18 +130,24 @@ def retrieve(query: torch.Tensor, pool: torch.Tensor, pool_class: torch.Tensor,
     return best.indices, best.values
 
 
+def k_center_greedy(distance_to: Callable[[int], torch.Tensor], first: int, k: int) -> torch.Tensor:
+    """Indices of ``k`` rows in the order chosen: ``first``, then each next row the one farthest
+    from those chosen (k-center greedy); ``distance_to(j)`` gives every row's distance to row ``j``."""
+    chosen = torch.empty(k, dtype=torch.int64)
+    chosen[0] = first
+    nearest = distance_to(first).clone()  # each row's distance to its nearest chosen row
+    for i in range(1, k):
+        j = int(nearest.argmax())
+        chosen[i] = j
+        torch.minimum(nearest, distance_to(j), out=nearest)
+    return chosen
+
+
 def select_prompts(descriptor: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` images that cover a class: the medoid first, then each next image the one
-    farthest from those chosen (k-center greedy on the retrieval descriptors)."""
-    k = min(k, len(descriptor))
+    """Indices of ``k`` images that cover a class: the medoid first, then k-center greedy on the
+    retrieval descriptors' cosine distances."""
     dist = 1.0 - descriptor @ descriptor.T
-    chosen = [int(dist.sum(1).argmin())]
-    nearest = dist[chosen[0]].clone()
-    while len(chosen) < k:
-        nxt = int(nearest.argmax())
-        chosen.append(nxt)
-        nearest = torch.minimum(nearest, dist[nxt])
-    return torch.tensor(chosen, dtype=torch.int64)
+    return k_center_greedy(lambda j: dist[j], int(dist.sum(1).argmin()), min(k, len(descriptor)))
 
 
 def patches(features: torch.Tensor) -> torch.Tensor:
@@ -153,9 +160,9 @@ CORESET_DIM = 64
 
 
 def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
-    """Indices of at most ``size`` rows of ``bank`` (M, C) as the memory: all, or a coreset chosen
-    greedily, each next patch the one farthest from those chosen (k-center, as in PatchCore), with
-    distances in a seeded random projection to ``CORESET_DIM`` dimensions. It keeps the rare
+    """Indices of at most ``size`` rows of ``bank`` (M, C) as the memory: all, or a coreset
+    (``k_center_greedy`` from a seeded random patch, as in PatchCore), with squared distances in a
+    seeded random projection to ``CORESET_DIM`` dimensions. It keeps the rare
     normal patches a random subset drops."""
     count = len(bank)
     if size <= 0 or size >= count:
@@ -163,14 +170,8 @@ def subsample(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     x = bank.float() @ torch.randn(bank.shape[1], CORESET_DIM, generator=generator).to(bank.device)
     sq = (x * x).sum(1)
-    chosen = torch.empty(size, dtype=torch.int64)
-    chosen[0] = int(torch.randint(count, (1,), generator=generator))
-    nearest = sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distance to the nearest chosen patch
-    for i in range(1, size):
-        j = int(nearest.argmax())
-        chosen[i] = j
-        torch.minimum(nearest, sq - 2.0 * (x @ x[j]) + sq[j], out=nearest)
-    return chosen.sort().values
+    first = int(torch.randint(count, (1,), generator=generator))
+    return k_center_greedy(lambda j: sq - 2.0 * (x @ x[j]) + sq[j], first, size).sort().values
 
 
 # Query patches per distance matrix: bounds its size for large memories (512 × 100,000 patches, a
