@@ -3,7 +3,8 @@
 The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
 its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
 threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
-A few normals also enter the memory rotated (``rotation_angles``), as in training (``enrol``).
+A few normals also enter the memory rotated (``rotation_angles``), and the memory's neighbourhood is
+chosen, as in training (``enrolment.enrol_class``).
 Every normal is scored by a pool of the *other* normals (``enrolment.score_out_of_fold``, the path
 training's final step takes), so no image is calibrated against itself: their prompts, and the
 memory's patches that came from them (one coreset of all normals, built once, so a fold costs no
@@ -14,6 +15,7 @@ bundle is untouched.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from .calibration import CalibrationMaps, class_calibration, route_floors, score
 from .config import TrainConfig
 from .data.images import ImageError, decode_for_size, rotate_image
 from .data.synthesis import AnomalySynthesizer, TextureSource
-from .enrolment import Enrolment, calibration_rows, enrol, score_out_of_fold
+from .enrolment import Enrolment, calibration_rows, enrol_class, neighbor_pool_summary, score_out_of_fold
 from .errors import InputError
 from .inputs import list_inputs
 from .predictor import Predictor
@@ -99,9 +101,10 @@ def add_class(
 
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
-    enrolment = enrol(predictor.backbone, predictor.config, class_name, uris, images, k, memory_cap, rotation_budget,
-                      seed)
-    cal = class_calibration(predictor, _score_held_out(predictor, enrolment, images, seed), fpr)
+    enrolment, maps = enrol_class(predictor.backbone, predictor.config, class_name, uris, images, k, memory_cap,
+                                  rotation_budget, seed, partial(_score_held_out, predictor, images=images, seed=seed),
+                                  np.random.default_rng(seed))
+    cal = class_calibration(predictor, maps, fpr)
     if fpr != bundle.calibration.target_fpr:  # the class aims at its own target
         cal = replace(cal, target_fpr=fpr)
     per_class[class_name] = cal
@@ -111,7 +114,7 @@ def add_class(
     calibration = replace(bundle.calibration, per_class={c: per_class[c] for c in pool.class_names})
     added = {"class": class_name, "normals": len(images), "source": normals_uri, "from_version": bundle.version,
              "prompts": k, "memory_rotations": enrolment.rotations,
-             "memory_density_weights": enrolment.weighted,
+             "memory_density_weights": enrolment.weighted, "neighbor_pool": neighbor_pool_summary(enrolment),
              "memory_patches": int((pool.memory_class == pool.class_names.index(class_name)).sum()),
              "replaced": class_name in bundle.pool.class_names}
     meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
@@ -127,11 +130,11 @@ def _memory_cap(train_cfg: dict[str, Any]) -> int:
     return min(trained, default) if trained > 0 else 0
 
 
-def _score_held_out(predictor: Predictor, enrolment: Enrolment, images: np.ndarray, seed: int) -> CalibrationMaps:
+def _score_held_out(predictor: Predictor, enrolment: Enrolment, rng: np.random.Generator, images: np.ndarray,
+                    seed: int) -> CalibrationMaps:
     """Maps of every normal (and its synthetic copy) scored out of fold (``score_out_of_fold``); a
     single normal is scored through ``views_of_one`` by a pool of itself."""
     synthesizer = AnomalySynthesizer(predictor.config.image_size, TextureSource.procedural(seed))
-    rng = np.random.default_rng(seed)
     if len(images) == 1:
         predictor.set_pool(enrolment.pool())
         views = views_of_one(images[0])

@@ -31,8 +31,8 @@ B = BatchConfig(bundle="", input="", output="", run_date=dt.date.min)
 EXIT_ERROR, EXIT_REJECTED, EXIT_BUSY = 2, 3, 4
 S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3)"
 # ModelConfig fields ``onenip train`` exposes (the rest keep the config's defaults).
-MODEL_FLAGS = ("backbone", "image_size", "neighbor_stride", "neighbor_coarse_weight", "decoder", "fusion", "alpha",
-               "map_sigma", "jitter_scale", "residual_init")
+MODEL_FLAGS = ("backbone", "image_size", "neighbor_stride", "neighbor_coarse_weight", "neighbor_pool", "decoder",
+               "fusion", "alpha", "map_sigma", "jitter_scale", "residual_init")
 
 
 class _HelpFormatter(argparse.HelpFormatter):

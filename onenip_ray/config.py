@@ -17,6 +17,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOR_STRIDES = (8, 16)
 LEGACY_NEIGHBOR_STRIDE = 16  # bundles written before ``neighbor_stride`` existed hold stride-16 patch memories
 LEGACY_NEIGHBOR_COARSE_WEIGHT = 1.0  # bundles written before ``neighbor_coarse_weight`` weighed every stage alike
+NEIGHBOR_POOL_CHOICES = ("auto", "1", "3")  # ``neighbor_pool``: per class from its own normals, or fixed
+LEGACY_NEIGHBOR_POOL = "1"  # bundles written before ``neighbor_pool`` compared patches as they are
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # engines: a bundle in PyTorch, or an ``onenip export`` directory
 RUNTIME_HELP = "engine: torch runs --bundle; onnxruntime / openvino run an `onenip export` directory given as --bundle"
 GRAPH_FORMATS = ("onnx", "openvino")  # ``onenip export --format``
@@ -80,6 +82,11 @@ class ModelConfig:
     # defects (measured in docs/results.md)
     neighbor_coarse_weight: float = flag(0.5, "weight of the coarsest backbone stage in the nearest-neighbour map's "
                                               "patches (1 = as the backbone gives it)")
+    # auto: each class is enrolled both ways and keeps the one that separates its out-of-fold normals
+    # from their synthetic anomalies better (``enrolment.enrol_class``)
+    neighbor_pool: str = flag("auto", "neighbourhood the nearest-neighbour map averages each patch over before "
+                                      "comparing: 1 = the patch alone, 3 = 3 x 3, auto = per class from its own "
+                                      "normals", NEIGHBOR_POOL_CHOICES)
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
@@ -113,7 +120,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise InputError(f"unknown model config keys: {sorted(unknown)}")
-        legacy = {"neighbor_stride": LEGACY_NEIGHBOR_STRIDE, "neighbor_coarse_weight": LEGACY_NEIGHBOR_COARSE_WEIGHT}
+        legacy = {"neighbor_stride": LEGACY_NEIGHBOR_STRIDE, "neighbor_coarse_weight": LEGACY_NEIGHBOR_COARSE_WEIGHT,
+                  "neighbor_pool": LEGACY_NEIGHBOR_POOL}
         return cls(**{**legacy, **d})
 
 

@@ -220,12 +220,18 @@ class GraphEngine:
         pool = model.pool
         tokens, descriptors = self._run(PROMPT_GRAPH, {"prompt_features": pool.features.float().numpy()})
         memory, sqnorm, weight = memory_inputs(pool)
-        self.pool_inputs = {  # an export written before the weights has no "memory_weight" input (all 1)
+        # an export written before the weights has no "memory_weight" input (all 1), one before the
+        # neighbourhoods no "neighbor_pool" (all 1)
+        self.pool_inputs = {
             "prompt_tokens": tokens, "prompt_descriptors": descriptors,
             "prompt_class": pool.class_index.numpy().astype(np.int64),
             "memory": memory, "memory_sqnorm": sqnorm, "memory_weight": weight,
             "fusion": fusion_input(model.config, model.calibration),
+            "neighbor_pool": np.asarray(pool.neighbor_pool, np.int64),
         }
+        if "neighbor_pool" not in model.export.get("score_inputs", {}) and set(pool.neighbor_pool) != {1}:
+            raise BundleError(f"{model.uri}: its graph predates neighbourhood-averaged patches, which this pool's "
+                             "classes use; export the bundle again (`onenip export`)")
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError

@@ -1,26 +1,40 @@
 """A class's normal images into the prompt pool, and each of them scored out of fold.
 
-One path for training's final step and ``add-class``: ``enrol`` encodes a class's normals (fused
-features for its prompts, patch features for its memory, rotated copies of few normals, one
-coreset of them all, density weights where that coreset is of few normals and their copies);
+One path for training's final step and ``add-class``: ``enrol_class`` encodes a class's normals
+(fused features for its prompts, patch features for its memory, rotated copies of few normals, one
+coreset of them all, density weights where that coreset is of few normals and their copies), once
+per candidate neighbourhood of the memory's patches (``ModelConfig.neighbor_pool``), scores each
+out of fold and keeps the one whose nearest-neighbour map separates the class's normals from their
+synthetic anomalies best (``calibration.neighbor_separation``; ties keep the smaller);
 ``Enrolment.pool`` gives the class as a subset of its normals gives it; ``score_out_of_fold`` scores
 every calibration normal by a pool of the *other* normals (k folds), so no normal is calibrated
 against its own prompts or patches.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .calibration import CalibrationMaps, score_normals
+from .calibration import CalibrationMaps, neighbor_separation, score_normals
 from .config import ModelConfig
 from .data.images import rotate_image
 from .data.synthesis import AnomalySynthesizer
 from .model.backbone import FrozenBackbone
 from .predictor import Predictor
-from .prompts import PromptPool, class_memory_weight, descriptors, patches, rotation_angles, select_prompts, subsample
+from .prompts import (
+    NEIGHBOR_POOLS,
+    PromptPool,
+    aggregate,
+    class_memory_weight,
+    descriptors,
+    patches,
+    rotation_angles,
+    select_prompts,
+    subsample,
+)
 
 MAX_FOLDS = 10
 MAX_CALIBRATION_NORMALS = 200  # normals per class scored for calibration (fresh ones first)
@@ -39,6 +53,8 @@ class Enrolment:
     prompts_per_class: int
     weighted: bool  # density weights on the memory (a coreset of few normals and their copies)
     rotations: list[float]
+    neighbor_pool: int = 1  # the memory's patches are averaged over this neighbourhood (``prompts.aggregate``)
+    separation: dict[int, float] | None = None  # ``neighbor_separation`` per candidate neighbourhood
 
     def pool(self, base: PromptPool | None = None, rows: np.ndarray | None = None) -> PromptPool:
         """``base`` (default: an empty pool) plus this class as the normals ``rows`` (default all)
@@ -48,7 +64,7 @@ class Enrolment:
         memory = self.memory[torch.isin(self.memory_image, rows)]
         base = base or PromptPool([], [], torch.zeros(0, dtype=torch.int64), self.features[:0].float())
         return base.with_class(self.name, [self.ids[i] for i in chosen], self.features[chosen].float(), memory,
-                               class_memory_weight(memory, self.weighted))
+                               class_memory_weight(memory, self.weighted), self.neighbor_pool)
 
 
 @torch.inference_mode()
@@ -63,28 +79,63 @@ def encode(backbone: FrozenBackbone, config: ModelConfig, images: np.ndarray,
     return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
 
 
-def enrol(backbone: FrozenBackbone, config: ModelConfig, name: str, ids: list[str], images: np.ndarray,
-          prompts_per_class: int, memory_cap: int, rotation_budget: int, seed: int) -> Enrolment:
-    """Encode a class's normals (see the module docstring); ``memory_cap`` 0 keeps every patch."""
+Scorer = Callable[[Enrolment, np.random.Generator], CalibrationMaps]
+
+
+def enrol_class(backbone: FrozenBackbone, config: ModelConfig, name: str, ids: list[str], images: np.ndarray,
+                prompts_per_class: int, memory_cap: int, rotation_budget: int, seed: int, score: Scorer,
+                rng: np.random.Generator) -> tuple[Enrolment, CalibrationMaps]:
+    """Encode a class's normals (see the module docstring; ``memory_cap`` 0 keeps every patch) and
+    score each candidate enrolment with ``score(enrolment, rng)``, every candidate from the same
+    ``rng`` state (same folds, same synthetic anomalies); ``rng`` ends as the kept one left it.
+    Returns the kept enrolment (its ``separation`` filled in) and its maps."""
+    features, patch_features, angles = encode_normals(backbone, config, images, rotation_budget)
+    sizes = NEIGHBOR_POOLS if config.neighbor_pool == "auto" else (int(config.neighbor_pool),)
+    start, results = rng.bit_generator.state, {}
+    for size in sizes:
+        rng.bit_generator.state = start
+        enrolment = enrol_features(name, ids, features, patch_features, prompts_per_class, memory_cap, seed, angles,
+                                   size)
+        results[size] = (enrolment, score(enrolment, rng), rng.bit_generator.state)
+    separation = {size: neighbor_separation(maps, config) for size, (_, maps, _) in results.items()}
+    kept = max(sizes, key=lambda size: (np.nan_to_num(separation[size], nan=-1.0), -size))
+    enrolment, maps, rng.bit_generator.state = results[kept]
+    enrolment.separation = separation
+    return enrolment, maps
+
+
+def neighbor_pool_summary(enrolment: Enrolment) -> dict:
+    """The kept neighbourhood and every candidate's separation, as the bundle's training summary keeps them."""
+    return {"kept": enrolment.neighbor_pool,
+            "separation": {str(k): round(float(v), 4) if np.isfinite(v) else None
+                           for k, v in (enrolment.separation or {}).items()}}
+
+
+def encode_normals(backbone: FrozenBackbone, config: ModelConfig, images: np.ndarray,
+                   rotation_budget: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """A class's normals' fused features, the patch features of them and then of their rotated
+    copies (``rotation_angles``, image-major within each angle), and those angles."""
     features, patch_features = encode(backbone, config, images)
     angles = rotation_angles(len(images), rotation_budget)
-    if angles:  # image-major within each angle, after the normals
+    if angles:
         rotated = np.stack([rotate_image(image, angle) for angle in angles for image in images])
         patch_features = torch.cat([patch_features, encode(backbone, config, rotated)[1]])
-    return enrol_features(name, ids, features, patch_features, prompts_per_class, memory_cap, seed, angles)
+    return features, patch_features, angles
 
 
 def enrol_features(name: str, ids: list[str], features: torch.Tensor, patch_features: torch.Tensor,
-                   prompts_per_class: int, memory_cap: int, seed: int, rotations: list[float] = ()) -> Enrolment:
-    """``enrol`` from encoded normals: ``patch_features`` holds the normals', then their copies' at
-    each of ``rotations`` in turn."""
+                   prompts_per_class: int, memory_cap: int, seed: int, rotations: list[float] = (),
+                   neighbor_pool: int = 1) -> Enrolment:
+    """A class's enrolment from encoded normals: ``patch_features`` holds the normals', then their
+    copies' at each of ``rotations`` in turn; the memory is a coreset of their patches averaged over
+    ``neighbor_pool``."""
     if len(patch_features) != len(ids) * (1 + len(rotations)):
         raise ValueError("enrolment: patch features do not match the normals and their rotated copies")
-    bank = patches(patch_features)
+    bank = patches(aggregate(patch_features, neighbor_pool))
     kept = subsample(bank, memory_cap, seed)
     per_image = len(bank) // len(patch_features)
     return Enrolment(name, list(ids), features, bank[kept], (kept // per_image) % len(ids), prompts_per_class,
-                     bool(rotations) and len(kept) < len(bank), list(rotations))
+                     bool(rotations) and len(kept) < len(bank), list(rotations), neighbor_pool)
 
 
 def score_out_of_fold(predictor: Predictor, enrolment: Enrolment, images: np.ndarray, fresh: np.ndarray,

@@ -50,7 +50,7 @@ from .engines import (
 from .errors import InputError
 from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.anomaly_map import gaussian_blur, image_scores, upsample
-from .prompts import descriptors, nearest_distance, retrieve
+from .prompts import aggregate, descriptors, nearest_distance, retrieve
 from .scoring import ScoringSpec
 
 FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format → the runtime that checks it
@@ -84,12 +84,15 @@ class ScoreGraph(nn.Module):
     def forward(self, image: torch.Tensor, given_class: torch.Tensor, prompt_tokens: torch.Tensor,
                 prompt_descriptors: torch.Tensor, prompt_class: torch.Tensor, memory: torch.Tensor,
                 memory_sqnorm: torch.Tensor, memory_weight: torch.Tensor, fusion: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                neighbor_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         feats, patch_feats = self.backbone.with_patches(image, cfg.neighbor_stride, cfg.neighbor_coarse_weight)
         prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
-        distances = nearest_distances(patch_feats, memory, memory_sqnorm, memory_weight, prompt_class[prompt_index])
+        class_index = prompt_class[prompt_index]
+        averaged = (neighbor_pool.index_select(0, class_index) == 3).view(-1, 1, 1, 1)
+        patch_feats = torch.where(averaged, aggregate(patch_feats, 3), patch_feats)
+        distances = nearest_distances(patch_feats, memory, memory_sqnorm, memory_weight, class_index)
         neighbor = upsample(distances, cfg.image_size)
         alpha, scale, beta, neighbor_scale = fusion[0], fusion[1], fusion[2], fusion[3]
         fused = (1.0 - alpha) * maps.reconstruction + alpha * scale * maps.refiner
@@ -132,7 +135,7 @@ def _example_inputs(bundle: Bundle, batch: int) -> tuple[torch.Tensor, ...]:
     return (torch.zeros(batch, 3, size, size), torch.full((batch,), -1, dtype=torch.int64), tokens.clone(),
             descriptors(pool.features.float()), pool.class_index.to(torch.int64), torch.from_numpy(memory),
             torch.from_numpy(sqnorm), torch.from_numpy(weight),
-            torch.from_numpy(fusion_input(bundle.config, bundle.calibration)))
+            torch.from_numpy(fusion_input(bundle.config, bundle.calibration)), torch.tensor(pool.neighbor_pool))
 
 
 def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
@@ -143,10 +146,11 @@ def write_onnx(bundle: Bundle, out_dir: str, batch: int | None) -> None:
     # the graph input "class_index" is the given class (-1 = retrieve): its onenip-export/1 name, kept for
     # existing exports
     names = ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory", "memory_sqnorm",
-             "memory_weight", "fusion"]
+             "memory_weight", "fusion", "neighbor_pool"]
     shapes = {"image": {0: n} if n else None, "given_class": {0: n} if n else None, "prompt_tokens": {0: prompts},
               "prompt_descriptors": {0: prompts}, "prompt_class": {0: prompts}, "memory": {0: classes, 1: rows},
-              "memory_sqnorm": {0: classes, 1: rows}, "memory_weight": {0: classes, 1: rows}, "fusion": None}
+              "memory_sqnorm": {0: classes, 1: rows}, "memory_weight": {0: classes, 1: rows}, "fusion": None,
+              "neighbor_pool": {0: classes}}
     example = _example_inputs(bundle, 2 if batch is None else batch)
     with warnings.catch_warnings():  # inputs sharing an axis (prompts, classes, memory rows) get one name: fine
         warnings.filterwarnings("ignore", message="# The axis name")
@@ -332,7 +336,9 @@ def _export_meta(bundle: Bundle, bundle_uri: str, fmt: str, fixed: int | None, w
                          "memory_sqnorm": "(K, Mmax) float32 squared norms, +inf on padding",
                          "memory_weight": "(K, Mmax) float32 weights of the distances to the memory patches",
                          "fusion": "[alpha, refiner scale, neighbour weight, neighbour scale] "
-                                   "from bundle.json calibration"},
+                                   "from bundle.json calibration",
+                         "neighbor_pool": "(K,) int64 per class: 3 = patches averaged over 3 x 3 before the "
+                                          "memory, 1 = as they are (prompts.safetensors metadata)"},
         "score_outputs": {"anomaly_map": "(N, S, S) float32 fused map", "score": "(N,) raw image score",
                           "prompt_index": "(N,) int64", "similarity": "(N,) retrieval cosine similarity"},
     }

@@ -105,7 +105,7 @@ class Predictor:
         class_index = self.pool_class[prompt_index]
         maps = self.model.maps(feats, self.prompt_tokens[prompt_index])
         neighbor = neighbor_distances(patch_feats, self.memory, self.memory_class, class_index,
-                                      memory_weight=self.memory_weight)
+                                      memory_weight=self.memory_weight, neighbor_pool=self.pool.neighbor_pool)
         maps.neighbor = upsample(neighbor, self.config.image_size)
         fused = self.fuse(maps)
         return Prediction(fused=fused, scores=image_scores(fused, self.config.score_pool), prompt_index=prompt_index,

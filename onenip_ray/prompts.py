@@ -21,7 +21,8 @@ from safetensors.torch import save as save_safetensors
 class PromptPool:
     """``features`` (P, C, h, w) of P prompt images; ``class_index`` (P,) into ``class_names``;
     ``memory`` (M, C) normal patch features with ``memory_class`` (M,) and ``memory_weight`` (M,),
-    the factor a distance to that patch is weighed by (1, or ``density_weights``)."""
+    the factor a distance to that patch is weighed by (1, or ``density_weights``);
+    ``neighbor_pool`` per class the neighbourhood its patches are averaged over (``aggregate``)."""
 
     class_names: list[str]
     prompt_ids: list[str]
@@ -30,6 +31,7 @@ class PromptPool:
     memory: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     memory_class: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     memory_weight: torch.Tensor | None = None  # None: all 1 (bundles written before the weights)
+    neighbor_pool: list[int] | None = None  # None: all 1 (bundles written before the choice)
 
     def __post_init__(self) -> None:
         p = self.features.shape[0]
@@ -46,6 +48,10 @@ class PromptPool:
             self.memory_weight = torch.ones(self.memory.shape[0])
         if self.memory_weight.shape != (self.memory.shape[0],):
             raise ValueError("prompt pool: memory patches and their weights disagree in length")
+        if self.neighbor_pool is None:
+            self.neighbor_pool = [1] * len(self.class_names)
+        if len(self.neighbor_pool) != len(self.class_names) or set(self.neighbor_pool) - set(NEIGHBOR_POOLS):
+            raise ValueError(f"prompt pool: one neighbourhood per class, each of {NEIGHBOR_POOLS}")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors; ``memory_weight`` only where a weight is not 1, so a pool without
@@ -57,7 +63,11 @@ class PromptPool:
         return out
 
     def to_bytes(self) -> bytes:
+        """safetensors; ``neighbor_pool`` in the metadata only where a class averages its patches,
+        so such a pool keeps the content hash it had before the choice existed."""
         meta = {"class_names": json.dumps(self.class_names), "prompt_ids": json.dumps(self.prompt_ids)}
+        if any(size != 1 for size in self.neighbor_pool):
+            meta["neighbor_pool"] = json.dumps(self.neighbor_pool)
         return save_safetensors(self.tensors(), metadata=meta)
 
     @classmethod
@@ -66,8 +76,9 @@ class PromptPool:
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         extra = {k: tensors[k] for k in ("memory", "memory_class", "memory_weight") if k in tensors}
+        pools = json.loads(meta["neighbor_pool"]) if "neighbor_pool" in meta else None
         return cls(class_names=json.loads(meta["class_names"]), prompt_ids=json.loads(meta["prompt_ids"]),
-                   class_index=tensors["class_index"], features=tensors["features"], **extra)
+                   class_index=tensors["class_index"], features=tensors["features"], neighbor_pool=pools, **extra)
 
     def has_memory(self, class_index: int) -> bool:
         return bool((self.memory_class == class_index).any())
@@ -80,18 +91,20 @@ class PromptPool:
         return PromptPool([n for n in self.class_names if n != name],
                           [i for i, k in zip(self.prompt_ids, keep.tolist()) if k], shift(self.class_index[keep]),
                           self.features[keep], self.memory[keep_mem], shift(self.memory_class[keep_mem]),
-                          self.memory_weight[keep_mem])
+                          self.memory_weight[keep_mem], [p for n, p in zip(self.class_names, self.neighbor_pool)
+                                                         if n != name])
 
-    def with_class(self, name: str, prompt_ids: list[str], features: torch.Tensor,
-                   memory: torch.Tensor, memory_weight: torch.Tensor | None = None) -> "PromptPool":
-        """This pool plus one class (appended last); its memory's weights default to 1."""
+    def with_class(self, name: str, prompt_ids: list[str], features: torch.Tensor, memory: torch.Tensor,
+                   memory_weight: torch.Tensor | None = None, neighbor_pool: int = 1) -> "PromptPool":
+        """This pool plus one class (appended last); its memory's weights default to 1, its
+        ``neighbor_pool`` to 1 (patches as they are)."""
         c = len(self.class_names)
         weight = torch.ones(len(memory)) if memory_weight is None else memory_weight.float()
         return PromptPool(self.class_names + [name], self.prompt_ids + list(prompt_ids),
                           torch.cat([self.class_index, torch.full((len(features),), c)]),
                           torch.cat([self.features, features]), torch.cat([self.memory, memory]),
                           torch.cat([self.memory_class, torch.full((len(memory),), c)]),
-                          torch.cat([self.memory_weight, weight]))
+                          torch.cat([self.memory_weight, weight]), self.neighbor_pool + [int(neighbor_pool)])
 
 
 # Rotated copies of a class's few normals in its memory: up to this many pairs of angles, evenly
@@ -150,6 +163,19 @@ def select_prompts(descriptor: torch.Tensor, k: int) -> torch.Tensor:
     return k_center_greedy(lambda j: dist[j], int(dist.sum(1).argmin()), min(k, len(descriptor)))
 
 
+# Neighbourhoods a class's patch features may be averaged over (``aggregate``): 1 = the patch alone.
+NEIGHBOR_POOLS = (1, 3)
+
+
+def aggregate(features: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) patch features averaged over each patch's ``size`` × ``size`` neighbourhood
+    (stride 1, the border averaging only the cells inside; PatchCore's local aggregation); 1 =
+    unchanged. A region of changed statistics (a texture defect) moves the averages together."""
+    if size == 1:
+        return features
+    return F.avg_pool2d(features, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 def patches(features: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) → (N·h·w, C) patch features."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -206,10 +232,11 @@ def class_memory_weight(memory: torch.Tensor, weighted: bool) -> torch.Tensor:
 
 
 def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_class: torch.Tensor,
-                       class_index: torch.Tensor, chunk: int = 1,
-                       memory_weight: torch.Tensor | None = None) -> torch.Tensor:
+                       class_index: torch.Tensor, chunk: int = 1, memory_weight: torch.Tensor | None = None,
+                       neighbor_pool: list[int] | None = None) -> torch.Tensor:
     """Per patch, the L2 distance to the nearest memory patch of the image's class, times that
-    patch's ``memory_weight`` (default 1): (N, h, w). A class without memory gives zeros. Computed
+    patch's ``memory_weight`` (default 1): (N, h, w); the patches first ``aggregate``d over the
+    class's ``neighbor_pool`` (default 1), as its memory was. A class without memory gives zeros. Computed
     in float32 (also under bf16 autocast), ``chunk`` images per distance matrix: with 1, an image's
     map does not depend on the batch it came in. The matrix product only picks the nearest patch;
     its distance is then measured directly (``nearest_distance``), so it carries no cancellation
@@ -225,9 +252,10 @@ def neighbor_distances(features: torch.Tensor, memory: torch.Tensor, memory_clas
             continue
         weight = None if memory_weight is None else memory_weight[in_class].float()
         rows = torch.nonzero(class_index == cls).flatten()
+        size = 1 if neighbor_pool is None else neighbor_pool[cls]
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
-            query = patches(features[r])
+            query = patches(aggregate(features[r], size))
             nearest = torch.cat([torch.cdist(block, bank).argmin(dim=1) for block in query.split(QUERY_BLOCK)])
             dist = nearest_distance(query, bank, nearest)
             out[r] = (dist if weight is None else dist * weight[nearest]).view(len(r), h, w)

@@ -33,7 +33,7 @@ from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
 from .data.layouts import read_datasets
 from .data.synthesis import AnomalySynthesizer, TextureSource
-from .enrolment import calibration_rows, enrol, score_out_of_fold
+from .enrolment import calibration_rows, enrol_class, neighbor_pool_summary, score_out_of_fold
 from .errors import InputError
 from .formats import BUNDLE_FILE
 from .model.build import build_backbone, build_onenip
@@ -314,29 +314,35 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
 
 def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, synthesizer,
                         summary: dict) -> None:
-    """Enrol every class from all its normals (``enrolment.enrol``), score up to
+    """Enrol every class from all its normals (``enrolment.enrol_class``), score up to
     ``MAX_CALIBRATION_NORMALS`` of them out of fold (the held-out ones fresh) and calibrate."""
     model.eval()
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     rng = np.random.default_rng(cfg.seed)
     fresh = np.isin(np.arange(len(data.images)), data.calibration_index)
-    enrolments, scored, pool = [], {}, None
-    predictor = None
+    enrolments, scored, pool, predictors = [], {}, None, []
     t0 = time.perf_counter()
     for c, name in enumerate(data.class_names):
         rows = np.flatnonzero(data.class_ids == c)
-        enrolment = enrol(backbone, model.config, name, data.ids(rows), data.images[rows], cfg.prompts_per_class,
-                          cfg.memory_per_class, cfg.memory_rotation_images, cfg.seed + c)
+
+        def score(enrolment, rng, rows=rows):
+            if not predictors:
+                predictors.append(Predictor(backbone, model, enrolment.pool(pool), rec_scale=1.0))
+            return score_out_of_fold(predictors[0], enrolment, data.images[rows], fresh[rows], synthesizer, rng,
+                                     calibration_rows(fresh[rows], rng))
+
+        enrolment, scored[name] = enrol_class(backbone, model.config, name, data.ids(rows), data.images[rows],
+                                              cfg.prompts_per_class, cfg.memory_per_class,
+                                              cfg.memory_rotation_images, cfg.seed + c, score, rng)
         enrolments.append(enrolment)
         pool = enrolment.pool(pool)
-        predictor = predictor or Predictor(backbone, model, pool, rec_scale=1.0)
-        scored[name] = score_out_of_fold(predictor, enrolment, data.images[rows], fresh[rows], synthesizer, rng,
-                                         calibration_rows(fresh[rows], rng))
+    predictor = predictors[0]
     predictor.set_pool(pool)
     calibration = calibrate(predictor, scored, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
     summary["memory_rotations"] = {e.name: e.rotations for e in enrolments}
     summary["memory_density_weights"] = [e.name for e in enrolments if e.weighted]
+    summary["neighbor_pool"] = {e.name: neighbor_pool_summary(e) for e in enrolments}
     write_bundle(out, cfg.model, backbone, model, pool, calibration, summary)
 
 

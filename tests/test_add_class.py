@@ -15,7 +15,7 @@ from onenip_ray.cli import main
 from onenip_ray.config import TrainConfig
 from onenip_ray.data.images import rotate_image
 from onenip_ray.formats import UNKNOWN_CLASS
-from onenip_ray.prompts import density_weights
+from onenip_ray.prompts import aggregate, density_weights
 from onenip_ray.scoring import Scorer
 
 
@@ -140,7 +140,8 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
 
     def spy(predictor, cls, images, *args):
         in_class = predictor.pool.memory_class == predictor.pool.class_names.index(cls)
-        folds.append((images, predictor.pool.memory[in_class].clone()))
+        size = predictor.pool.neighbor_pool[predictor.pool.class_names.index(cls)]
+        folds.append((images, predictor.pool.memory[in_class].clone(), size))
         # the fold's coreset of few normals and copies is weighed by its own density, as in training
         assert torch.allclose(predictor.pool.memory_weight[in_class], density_weights(folds[-1][1]))
         return score(predictor, cls, images, *args)
@@ -149,7 +150,10 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     add_class(tiny_bundle, "checker", str(checker_dir), str(tmp_path / "b2"), memory_per_class=300)
     final = load_bundle(str(tmp_path / "b2"))
     memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
-    assert len(memory) == 300 and len(folds) == 8 and sum(len(images) for images, _ in folds) == 8
+    kept = final.pool.neighbor_pool[final.classes.index("checker")]
+    assert [size for *_, size in folds] == [1] * 8 + [3] * 8  # each neighbourhood: 8 folds of one normal
+    folds = [(images, fold_memory) for images, fold_memory, size in folds if size == kept]
+    assert len(memory) == 300 and sum(len(images) for images, _ in folds) == 8
     angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
     assert angles == [5 * i * sign for i in range(1, 9) for sign in (1, -1)]  # 8 normals: 8 pairs, 5° apart
     assert final.meta["training"]["added_classes"][-1]["memory_density_weights"]
@@ -159,7 +163,7 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     predictor = final.predictor()
     for images, fold_memory in folds:
         copies = np.stack([rotate_image(image, angle) for angle in angles for image in images])
-        own = torch.cat([predictor.features(images)[1], predictor.features(copies)[1]])
+        own = aggregate(torch.cat([predictor.features(images)[1], predictor.features(copies)[1]]), kept)
         own = own.permute(0, 2, 3, 1).reshape(-1, memory.shape[1])
         assert 0 < len(fold_memory) < len(memory)
         assert not (_distance(fold_memory, own) < 1e-6).any()  # none of the held-out images' patches

@@ -1,14 +1,24 @@
 """One enrol path (train's final step and add-class) and out-of-fold calibration on a tiny class."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from onenip_ray.bundle import load_bundle
-from onenip_ray.calibration import MIN_NORMALS, CalibrationMaps
+from onenip_ray.calibration import MIN_NORMALS, CalibrationMaps, neighbor_separation
 from onenip_ray.data.layouts import read_dataset
 from onenip_ray.data.synthesis import AnomalySynthesizer, TextureSource
-from onenip_ray.enrolment import MAX_FOLDS, calibration_rows, enrol, score_out_of_fold
+from onenip_ray.enrolment import (
+    MAX_FOLDS,
+    calibration_rows,
+    encode_normals,
+    enrol_class,
+    enrol_features,
+    neighbor_pool_summary,
+    score_out_of_fold,
+)
 from onenip_ray.training_data import load_images
 
 
@@ -20,9 +30,10 @@ def disc(tiny_bundle, tiny_dataset):
     return bundle.predictor(), [s.uri for s in samples], load_images(samples, bundle.config.image_size)
 
 
-def _enrol(predictor, ids, images, rotation_budget=0):
-    return enrol(predictor.backbone, predictor.config, "disc", ids, images, prompts_per_class=2, memory_cap=0,
-                 rotation_budget=rotation_budget, seed=0)
+def _enrol(predictor, ids, images, rotation_budget=0, neighbor_pool=1):
+    features, patch_features, angles = encode_normals(predictor.backbone, predictor.config, images, rotation_budget)
+    return enrol_features("disc", ids, features, patch_features, prompts_per_class=2, memory_cap=0, seed=0,
+                          rotations=angles, neighbor_pool=neighbor_pool)
 
 
 def test_each_normal_is_scored_by_a_pool_without_its_own_patches(disc):
@@ -83,3 +94,26 @@ def test_only_classes_with_few_normals_get_rotated_copies(disc):
     assert few.memory_image.unique().tolist() == [0, 1, 2, 3]  # copies count as their normal's patches
     many = _enrol(predictor, ids, images, rotation_budget=12)  # 12 normals fill the budget alone
     assert many.rotations == [] and not many.weighted
+
+
+@pytest.mark.parametrize("neighbor_pool", ["auto", "3"])
+def test_enrol_class_scores_each_neighbourhood_alike_and_keeps_the_better(disc, neighbor_pool):
+    predictor, ids, images = disc
+    config = replace(predictor.config, neighbor_pool=neighbor_pool)
+    synth = AnomalySynthesizer(config.image_size, TextureSource.procedural(0))
+    seen = []
+
+    def score(enrolment, rng):
+        seen.append((enrolment.neighbor_pool, rng.bit_generator.state["state"]["state"]))
+        return score_out_of_fold(predictor, enrolment, images, np.ones(len(images), bool), synth, rng)
+
+    rng = np.random.default_rng(5)
+    kept, maps = enrol_class(predictor.backbone, config, "disc", ids, images, 2, 0, 0, 0, score, rng)
+    sizes = [size for size, _ in seen]
+    assert sizes == ([1, 3] if neighbor_pool == "auto" else [3])
+    assert len({state for _, state in seen}) == 1  # every candidate from the same folds and anomalies
+    assert set(kept.separation) == set(sizes) and kept.neighbor_pool in sizes
+    assert kept.separation[kept.neighbor_pool] == max(kept.separation.values())
+    assert kept.separation[kept.neighbor_pool] == neighbor_separation(maps, config)
+    assert kept.pool().neighbor_pool == [kept.neighbor_pool]
+    assert neighbor_pool_summary(kept)["kept"] == kept.neighbor_pool

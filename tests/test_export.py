@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -26,6 +27,7 @@ from onenip_ray.engines import (
     make_engine,
     require_runtime,
 )
+from onenip_ray.errors import BundleError
 from onenip_ray.export import MAX_SCORE_DIFF, MIN_MAP_CORR, ExportError, export_bundle
 from onenip_ray.schema import RESULT_SCHEMA
 from onenip_ray.scoring import Scorer, ScoringSpec
@@ -68,7 +70,7 @@ def test_export_writes_graphs_and_checks_parity(onnx_export):
     graph = onnx.load(str(Path(out, "score.onnx")))
     inputs = [i.name for i in graph.graph.input]
     assert inputs == ["image", "class_index", "prompt_tokens", "prompt_descriptors", "prompt_class", "memory",
-                      "memory_sqnorm", "memory_weight", "fusion"]
+                      "memory_sqnorm", "memory_weight", "fusion", "neighbor_pool"]
     assert not any("threshold" in i.name for i in graph.graph.initializer)  # thresholds stay in bundle.json
 
 
@@ -97,23 +99,35 @@ def test_onnxruntime_scorer_gives_the_torch_rows(tiny_bundle, onnx_export, tiny_
         assert g["threshold_raw"] == r["threshold_raw"]
 
 
-def test_a_changed_prompt_pool_runs_on_the_same_graph(tiny_bundle, onnx_export, tiny_dataset):
+@pytest.mark.parametrize("neighbor_pool", [[1], [3], [3, 1]])
+def test_a_changed_prompt_pool_runs_on_the_same_graph(tiny_bundle, onnx_export, tiny_dataset, neighbor_pool):
     """The pool is a graph input: a pool without one class (as ``add-class`` would change it), its
-    memory weighed, gives PyTorch's scores with that pool, no re-export."""
+    memory weighed, or its classes' patches averaged over their own neighbourhoods, gives PyTorch's
+    scores with that pool, no re-export."""
     out, _ = onnx_export
     bundle = load_bundle(tiny_bundle)
-    smaller = bundle.pool.without_class("stripes")
-    smaller.memory_weight = 0.5 + torch.rand(len(smaller.memory), generator=torch.Generator().manual_seed(0))
+    pool = bundle.pool.without_class("stripes") if len(neighbor_pool) == 1 else bundle.pool
+    pool = replace(pool, neighbor_pool=neighbor_pool)
+    pool.memory_weight = 0.5 + torch.rand(len(pool.memory), generator=torch.Generator().manual_seed(0))
     spec = ScoringSpec.from_bundle(bundle)
     x = np.stack([spec.prepare(f"{i}", cv2.imencode(".png", img)[1].tobytes()).input for i,
                   img in enumerate(tiny_images(tiny_dataset)[:6])])
     # a bundle's pool must match its calibration: swap it in the predictor
     torch_engine = TorchEngine(load_bundle(tiny_bundle))
-    torch_engine.predictor.set_pool(smaller)
+    torch_engine.predictor.set_pool(pool)
     ref = torch_engine.infer(x, np.full(len(x), -1))
-    got = make_engine(load_export(out, pool=smaller), "onnxruntime").infer(x, np.full(len(x), -1))
-    assert (got.prompt_index == ref.prompt_index).all() and (smaller.class_index[got.prompt_index] == 0).all()
+    got = make_engine(load_export(out, pool=pool), "onnxruntime").infer(x, np.full(len(x), -1))
+    assert (got.prompt_index == ref.prompt_index).all()
+    if len(neighbor_pool) == 1:
+        assert (pool.class_index[got.prompt_index] == 0).all()
     np.testing.assert_allclose(got.scores, ref.scores, atol=TOLERANCE, rtol=0)
+
+
+def test_a_graph_from_before_the_neighbourhoods_refuses_a_pool_that_averages(tiny_bundle, onnx_export):
+    model = load_export(onnx_export[0], pool=replace(load_bundle(tiny_bundle).pool, neighbor_pool=[3, 1]))
+    del model.export["score_inputs"]["neighbor_pool"]
+    with pytest.raises(BundleError, match="export the bundle again"):
+        make_engine(model, "onnxruntime")
 
 
 def test_openvino_fixed_batch_pads_partial_batches(tiny_bundle, tiny_dataset, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from onenip_ray import prompts
 from onenip_ray.enrolment import enrol_features
 from onenip_ray.prompts import (
     PromptPool,
+    aggregate,
     descriptors,
     neighbor_distances,
     retrieve,
@@ -272,3 +274,36 @@ def test_a_class_is_removed_and_added_back_with_consistent_indices():
                               pool.memory[pool.memory_class == 1])
     assert back.class_names == ["a", "c", "b"] and back.class_index.tolist() == [0, 1, 2]
     assert torch.equal(back.memory[back.memory_class == 2], pool.memory[pool.memory_class == 1])
+
+
+def test_aggregate_averages_each_patch_with_its_neighbours_inside_the_grid():
+    feats = torch.arange(2 * 16, dtype=torch.float32).view(1, 2, 4, 4)
+    out = aggregate(feats, 3)
+    assert out.shape == feats.shape and torch.equal(aggregate(feats, 1), feats)
+    assert torch.isclose(out[0, 1, 1, 2], feats[0, 1, 0:3, 1:4].mean())  # interior: 3 x 3
+    assert torch.isclose(out[0, 0, 0, 0], feats[0, 0, 0:2, 0:2].mean())  # corner: the 2 x 2 inside only
+
+
+def test_each_class_compares_patches_averaged_over_its_own_neighbourhood():
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(3, 4, 3, 3, generator=g)
+    memory, memory_class = torch.randn(20, 4, generator=g), torch.tensor([0] * 10 + [1] * 10)
+    classes = torch.tensor([0, 1, 1])
+    got = neighbor_distances(feats, memory, memory_class, classes, neighbor_pool=[1, 3])
+    plain = neighbor_distances(feats, memory, memory_class, classes)
+    averaged = neighbor_distances(aggregate(feats, 3), memory, memory_class, classes)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1:], averaged[1:])
+
+
+def test_a_pool_keeps_its_classes_neighbourhoods_and_its_old_bytes_where_all_are_one():
+    pool = _pool()
+    assert pool.neighbor_pool == [1, 1]
+    assert "neighbor_pool" not in json.loads(pool.to_bytes()[8 : 8 + int.from_bytes(pool.to_bytes()[:8], "little")]
+                                             ).get("__metadata__", {})
+    averaged = PromptPool.from_bytes(replace(pool, neighbor_pool=[3, 1]).to_bytes())
+    assert averaged.neighbor_pool == [3, 1]
+    assert averaged.without_class("bottle").neighbor_pool == [1]
+    added = averaged.with_class("can", ["x"], pool.features[:1], torch.zeros(0, 8), neighbor_pool=3)
+    assert added.neighbor_pool == [3, 1, 3]
+    with pytest.raises(ValueError, match="neighbourhood"):
+        replace(pool, neighbor_pool=[5, 1])
