@@ -173,6 +173,7 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
         "per_class": results,
         "mean": summarize({c: {k: v for k, v in m.items() if k not in NOT_AVERAGED} for c, m in results.items()}),
         "thresholds": {cls: _threshold_basis(model.calibration, cls) for cls in sorted(per_class)},
+        "neighbor_pool": {cls: _neighbor_pool(model, cls) for cls in sorted(per_class)},
         "routing_accuracy": _routing_accuracy(rows),
         "threshold_sweep": sweeps,
         "branches": None if predictor is None else {
@@ -190,6 +191,16 @@ def _threshold_basis(calibration: Calibration, cls: str) -> dict[str, Any]:
     rule = cal.rule(target)
     return {"calibration_normals": cal.num_images, "rule": rule,
             "expected_fpr": list(fpr_interval(cal.num_images, target, rule))}
+
+
+def _neighbor_pool(model: Bundle | ExportedModel, cls: str) -> dict[str, Any]:
+    """The neighbourhood class ``cls``'s patches are averaged over and, where the bundle recorded it,
+    each candidate's separation on the class's own normals (``enrolment.neighbor_pool_summary``)."""
+    training = model.meta.get("training", {})
+    added = [a for a in training.get("added_classes", []) if a.get("class") == cls]
+    recorded = added[-1].get("neighbor_pool") if added else training.get("neighbor_pool", {}).get(cls)
+    return {"kept": model.pool.neighbor_pool[model.pool.class_names.index(cls)],
+            "separation": (recorded or {}).get("separation")}
 
 
 def _routing_accuracy(rows: list[dict[str, Any]]) -> float:

@@ -43,6 +43,9 @@ def test_one_class_is_rethresholded_and_the_rest_is_untouched(tiny_bundle, tiny_
     basis = report["thresholds"][cls]  # what the threshold rests on, beside the (numeric) metrics
     assert basis["calibration_normals"] == new_cal.num_images and basis["rule"] == new_cal.rule(0.3)
     assert basis["expected_fpr"][0] < 0.3 < basis["expected_fpr"][1]
+    chosen = report["neighbor_pool"][cls]  # the neighbourhood training kept, and why
+    assert chosen["kept"] == new.pool.neighbor_pool[new.classes.index(cls)]
+    assert chosen["separation"][str(chosen["kept"])] == max(chosen["separation"].values())
     sweep = report["threshold_sweep"][cls]["0.3"]
     assert report["per_class"][cls]["threshold_recall"] == sweep["threshold_recall"]
     png = cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
