@@ -82,11 +82,13 @@ class ModelConfig:
     # defects (measured in docs/results.md)
     neighbor_coarse_weight: float = flag(0.5, "weight of the coarsest backbone stage in the nearest-neighbour map's "
                                               "patches (1 = as the backbone gives it)")
-    # auto: each class is enrolled both ways and keeps the one that separates its out-of-fold normals
-    # from their synthetic anomalies better (``enrolment.enrol_class``)
-    neighbor_pool: str = flag("auto", "neighbourhood the nearest-neighbour map averages each patch over before "
-                                      "comparing: 1 = the patch alone, 3 = 3 x 3, auto = per class from its own "
-                                      "normals", NEIGHBOR_POOL_CHOICES)
+    # 1: the patch alone. auto enrols each class both ways and keeps the one that separates its
+    # out-of-fold normals from their synthetic anomalies better (``enrolment.enrol_class``); on the
+    # three-class plant it kept 3 for bottle (better) and capsules (worse: the synthetic anomalies
+    # are larger than its defects), measured in docs/results.md
+    neighbor_pool: str = flag("1", "neighbourhood the nearest-neighbour map averages each patch over before "
+                                   "comparing: 1 = the patch alone, 3 = 3 x 3, auto = per class from its own "
+                                   "normals and their synthetic anomalies", NEIGHBOR_POOL_CHOICES)
 
     def __post_init__(self) -> None:
         if self.image_size % 16:

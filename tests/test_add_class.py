@@ -151,7 +151,7 @@ def test_each_fold_is_scored_without_its_own_patches_in_the_memory(tiny_bundle, 
     final = load_bundle(str(tmp_path / "b2"))
     memory = final.pool.memory[final.pool.memory_class == final.classes.index("checker")]
     kept = final.pool.neighbor_pool[final.classes.index("checker")]
-    assert [size for *_, size in folds] == [1] * 8 + [3] * 8  # each neighbourhood: 8 folds of one normal
+    assert [size for *_, size in folds] == [1] * 8  # the default neighbourhood (the patch alone): 8 folds
     folds = [(images, fold_memory) for images, fold_memory, size in folds if size == kept]
     assert len(memory) == 300 and sum(len(images) for images, _ in folds) == 8
     angles = final.meta["training"]["added_classes"][-1]["memory_rotations"]
