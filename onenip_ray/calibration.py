@@ -307,21 +307,25 @@ def _fusion_auroc(scored: dict[str, CalibrationMaps], predictor: Predictor) -> d
         return {}
     maps = Maps(*(torch.from_numpy(np.concatenate([getattr(m, k)[m.fresh_rows()] for m in scored.values()]))
                   for k in ("reconstruction", "refiner", "neighbor")))
-    target = torch.nn.functional.avg_pool2d(torch.from_numpy(masks).float().unsqueeze(1), 4)[:, 0].numpy() > 0.5
+    target = _pooled(torch.from_numpy(masks).float()) > 0.5
     betas = WEIGHT_GRID if len(predictor.memory) else (0.0,)
     out = {}
     for a in WEIGHT_GRID:
         for b in betas:
             fused = fuse(maps, predictor.config, predictor.rec_scale, a, b, predictor.neighbor_scale)
-            pooled = torch.nn.functional.avg_pool2d(fused.unsqueeze(1), 4)[:, 0].numpy()
-            out[f"{a},{b}"] = pixel_auroc(target, pooled)
+            out[f"{a},{b}"] = pixel_auroc(target, _pooled(fused))
     return out
+
+
+def _pooled(maps: torch.Tensor) -> np.ndarray:
+    """(N, H, W) maps or masks mean-pooled 4× (calibration AUROCs on fewer pixels)."""
+    return torch.nn.functional.avg_pool2d(maps.unsqueeze(1), 4)[:, 0].numpy()
 
 
 def neighbor_separation(scored: CalibrationMaps, config: ModelConfig) -> float:
     """How well a class's nearest-neighbour map (smoothed as fused maps are) tells its out-of-fold
     normals from their synthetic-anomaly copies: the mean of the image AUROC (normals against
-    copies, by image score) and the pixel AUROC (maps pooled 4×, as ``_fusion_auroc``); NaN
+    copies, by image score) and the pixel AUROC (on ``_pooled`` maps, as ``_fusion_auroc``); NaN
     without copies. ``enrolment.enrol_class`` keeps the neighbourhood where it is highest."""
     if not scored.masks.any():
         return float("nan")
@@ -329,8 +333,7 @@ def neighbor_separation(scored: CalibrationMaps, config: ModelConfig) -> float:
     copies = len(scored.masks) - scored.num_normals
     labels = np.r_[np.zeros(scored.num_normals), np.ones(copies)]
     image = image_auroc(labels, image_scores(maps, config.score_pool).numpy())
-    target = torch.nn.functional.avg_pool2d(torch.from_numpy(scored.masks).float().unsqueeze(1), 4)[:, 0].numpy() > 0.5
-    pixel = pixel_auroc(target, torch.nn.functional.avg_pool2d(maps.unsqueeze(1), 4)[:, 0].numpy())
+    pixel = pixel_auroc(_pooled(torch.from_numpy(scored.masks).float()) > 0.5, _pooled(maps))
     return float(np.mean([image, pixel]))
 
 

@@ -79,11 +79,11 @@ def encode(backbone: FrozenBackbone, config: ModelConfig, images: np.ndarray,
     return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
 
 
-Scorer = Callable[[Enrolment, np.random.Generator], CalibrationMaps]
+CandidateMaps = Callable[[Enrolment, np.random.Generator], CalibrationMaps]  # a candidate's out-of-fold maps
 
 
 def enrol_class(backbone: FrozenBackbone, config: ModelConfig, name: str, ids: list[str], images: np.ndarray,
-                prompts_per_class: int, memory_cap: int, rotation_budget: int, seed: int, score: Scorer,
+                prompts_per_class: int, memory_cap: int, rotation_budget: int, seed: int, score: CandidateMaps,
                 rng: np.random.Generator) -> tuple[Enrolment, CalibrationMaps]:
     """Encode a class's normals (see the module docstring; ``memory_cap`` 0 keeps every patch) and
     score each candidate enrolment with ``score(enrolment, rng)``, every candidate from the same

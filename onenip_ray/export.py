@@ -50,7 +50,7 @@ from .engines import (
 from .errors import InputError
 from .formats import BUNDLE_FILE, MODEL_FILE, PROMPTS_FILE
 from .model.anomaly_map import gaussian_blur, image_scores, upsample
-from .prompts import aggregate, descriptors, nearest_distance, retrieve
+from .prompts import NEIGHBOR_POOLS, aggregate, descriptors, nearest_distance, retrieve
 from .scoring import ScoringSpec
 
 FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format → the runtime that checks it
@@ -90,8 +90,9 @@ class ScoreGraph(nn.Module):
         prompt_index, similarity = retrieve(descriptors(feats), prompt_descriptors, prompt_class, given_class)
         maps = self.model.maps(feats, prompt_tokens[prompt_index])
         class_index = prompt_class[prompt_index]
-        averaged = (neighbor_pool.index_select(0, class_index) == 3).view(-1, 1, 1, 1)
-        patch_feats = torch.where(averaged, aggregate(patch_feats, 3), patch_feats)
+        size = max(NEIGHBOR_POOLS)  # the one neighbourhood besides the patch alone
+        averaged = (neighbor_pool.index_select(0, class_index) == size).view(-1, 1, 1, 1)
+        patch_feats = torch.where(averaged, aggregate(patch_feats, size), patch_feats)
         distances = nearest_distances(patch_feats, memory, memory_sqnorm, memory_weight, class_index)
         neighbor = upsample(distances, cfg.image_size)
         alpha, scale, beta, neighbor_scale = fusion[0], fusion[1], fusion[2], fusion[3]

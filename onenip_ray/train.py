@@ -320,15 +320,15 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     rng = np.random.default_rng(cfg.seed)
     fresh = np.isin(np.arange(len(data.images)), data.calibration_index)
-    enrolments, scored, pool, predictors = [], {}, None, []
+    enrolments, scored, pool, predictor = [], {}, None, None
     t0 = time.perf_counter()
     for c, name in enumerate(data.class_names):
         rows = np.flatnonzero(data.class_ids == c)
 
         def score(enrolment, rng, rows=rows):
-            if not predictors:
-                predictors.append(Predictor(backbone, model, enrolment.pool(pool), rec_scale=1.0))
-            return score_out_of_fold(predictors[0], enrolment, data.images[rows], fresh[rows], synthesizer, rng,
+            nonlocal predictor
+            predictor = predictor or Predictor(backbone, model, enrolment.pool(), rec_scale=1.0)
+            return score_out_of_fold(predictor, enrolment, data.images[rows], fresh[rows], synthesizer, rng,
                                      calibration_rows(fresh[rows], rng))
 
         enrolment, scored[name] = enrol_class(backbone, model.config, name, data.ids(rows), data.images[rows],
@@ -336,7 +336,6 @@ def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: Train
                                               cfg.memory_rotation_images, cfg.seed + c, score, rng)
         enrolments.append(enrolment)
         pool = enrolment.pool(pool)
-    predictor = predictors[0]
     predictor.set_pool(pool)
     calibration = calibrate(predictor, scored, target_fpr=cfg.target_fpr)
     summary["calibration_seconds"] = time.perf_counter() - t0
