@@ -9,6 +9,11 @@
 # onnxruntime with the TensorRT / CUDA execution providers when onnxruntime-gpu is importable, and
 # OpenVINO's GPU device where present; a runtime without a GPU path is reported as skipped) into
 # $OUT/runtimes.{txt,json}. BUNDLE_EXPORT=path reuses an existing ONNX export of it.
+# With CURVE_DATA="mvtec=ROOT visa=ROOT" (the dev set on that machine) it runs the GPU training
+# recipe as a learning curve and nothing else: bench/learning_curve.py --device cuda, batch 8,
+# 8 loader processes, lr 1e-3 cosine over 4000 steps at 320 px, OneNIP's branch alone evaluated at
+# 500 / 1000 / 2000 / 4000 steps into $OUT/learning_curve.{txt,json} (each point is written as it
+# is reached, so a run cut by its 5-minute limit keeps the points it has).
 #
 # Installs nothing heavy. The machine has no network: torch (CUDA build), timm, opencv-python-headless,
 # safetensors and numpy must already be importable there. If they are not, place wheels in a
@@ -32,6 +37,14 @@ if ! "$PY" -c "import torch, timm, cv2, safetensors" 2>/dev/null; then
   "$PY" -c "import torch, timm, cv2, safetensors" || { echo "gpu_check: torch/timm/cv2/safetensors not importable with $PY" >&2; exit 3; }
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+
+if [ -n "${CURVE_DATA:-}" ]; then
+  data_flags=()
+  for d in $CURVE_DATA; do data_flags+=(--data "$d"); done
+  timeout 300 "$PY" bench/learning_curve.py "${data_flags[@]}" --device cuda --batch-size 8 --loader-workers 8 \
+    --steps 500,1000,2000,4000 --profile-steps 50 --json "$OUT/learning_curve.json" 2>&1 | tee "$OUT/learning_curve.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 
 # hard stop at 7.5 min (5 min with BUNDLE); the script itself skips remaining measurements after --budget-s
 if [ -z "${BUNDLE:-}" ]; then

@@ -167,7 +167,7 @@ def _report(model: Bundle | ExportedModel, per_class: dict[str, dict[str, list]]
         results[cls]["num_images"] = int(len(labels))
         routed = [r["routed_class"] for r in rows if r["class_name"] == cls]
         results[cls]["unknown_fraction"] = float(np.mean([c == UNKNOWN_CLASS for c in routed]))
-        branch_results[cls] = {b: _branch_metrics(labels, masks, np.stack(acc[b]), model.config.score_pool)
+        branch_results[cls] = {b: branch_metrics(labels, masks, np.stack(acc[b]), model.config.score_pool)
                                for b in BRANCHES if acc[b]}
     return {
         "per_class": results,
@@ -217,7 +217,7 @@ def _threshold_sweep(labels: np.ndarray, scores: np.ndarray, cal: ClassCalibrati
     return sweep
 
 
-def _branch_metrics(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, pool: int) -> dict[str, float]:
+def branch_metrics(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, pool: int) -> dict[str, float]:
     """Image AUROC, pixel AUROC and pixel AP of one branch's maps (image score as deployed)."""
     return {"image_auroc": image_auroc(labels, image_scores(torch.from_numpy(maps), pool).numpy()),
             "pixel_auroc": pixel_auroc(masks, maps), "pixel_ap": pixel_ap(masks, maps)}
