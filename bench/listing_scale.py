@@ -39,7 +39,7 @@ from onenip_ray.config import BatchConfig  # noqa: E402
 from onenip_ray.schema import FILE_SCHEMA, STATUS_OK  # noqa: E402
 
 
-def stub_prepare(table: pa.Table, spec, endpoint) -> dict[str, np.ndarray]:
+def stub_prepare(table: pa.Table, spec, source) -> dict[str, np.ndarray]:
     """No read, no decode: the batch's URIs and classes only."""
     return {"image_uri": table.column("image_uri").to_numpy(zero_copy_only=False)}
 
@@ -54,7 +54,7 @@ class StubActor:
         return batch_
 
 
-def stub_finish(batch_: dict[str, np.ndarray], spec, run_id, run_date, heatmaps, endpoint) -> pa.Table:
+def stub_finish(batch_: dict[str, np.ndarray], spec, run_id, run_date, heatmaps, source) -> pa.Table:
     """Fixed ok rows in the file schema, built column by column (no per-row Python)."""
     n = len(batch_["image_uri"])
     columns = {}

@@ -97,7 +97,7 @@ def earlier_results(layout: nightly.NightLayout, fs: pafs.FileSystem, model_vers
     """``ok`` rows that earlier unfinished runs of this date scored with the same model version
     (``image_uri``, ``run_id``, ``_path``): a restarted night scores only the rest. Unreadable
     (half-written) files are ignored; error rows are tried again."""
-    runs = layout.path(layout.runs_uri)
+    runs = layout.runs.path
     parts = []
     for info in fs.get_file_info(pafs.FileSelector(runs, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or posixpath.basename(info.path) == run_id:

@@ -62,8 +62,9 @@ MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per ta
 
 
 # -- pipeline stages ------------------------------------------------------------------------------
-def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> dict[str, np.ndarray]:
-    """Read and prepare each input; failures are carried in ``error`` (``""`` = none)."""
+def prepare_batch(batch: pa.Table, spec: ScoringSpec, source: storage.Location) -> dict[str, np.ndarray]:
+    """Read each input (through ``source``'s endpoint) and prepare it; failures are carried in
+    ``error`` (``""`` = none)."""
     size = spec.image_size
     out: dict[str, list] = {k: [] for k in ("image_uri", "class_name", "given_class", "image_sha256", "width", "height",
                                             "error", "error_kind", "prepare_ms")}
@@ -72,7 +73,7 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
                                                     batch.column("class_name").to_pylist())):
         start = time.perf_counter()
         try:
-            data = storage.read_bytes(image_uri, endpoint)  # transient failures already retried
+            data = source.with_uri(image_uri).read_bytes()  # transient failures already retried
         except Exception as exc:  # noqa: BLE001 - one unreadable object is one error row, never a failed task
             kind = (ERROR_MISSING if isinstance(exc, FileNotFoundError)
                     else ERROR_TRANSIENT if storage.is_transient(exc) else ERROR_UNREADABLE)
@@ -99,15 +100,15 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, endpoint: str | None) -> d
 class InferenceActor:
     """The Ray Data callable class holding the model (``map_batches(compute=ActorPoolStrategy)``)."""
 
-    def __init__(self, bundle_uri: str, endpoint: str | None, pool_ref: Any, device: str, threads: int, max_pixels: int,
+    def __init__(self, bundle: storage.Location, pool_ref: Any, device: str, threads: int, max_pixels: int,
                  runtime: str = "torch") -> None:
         import ray
         import torch
 
         torch.set_num_threads(threads)
         pool: PromptPool = ray.get(pool_ref)
-        self.scorer = Scorer(load_model(bundle_uri, runtime, endpoint, pool=pool), runtime=runtime, device=device,
-                             threads=threads, max_pixels=max_pixels)
+        self.scorer = Scorer(load_model(bundle.uri, runtime, bundle.endpoint, pool=pool), runtime=runtime,
+                             device=device, threads=threads, max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["image_uri"]), self.scorer.spec.image_size
@@ -128,10 +129,10 @@ class InferenceActor:
 
 def finish_batch(
     batch: dict[str, np.ndarray], spec: ScoringSpec, run_id: str, run_date: dt.date,
-    heatmaps: tuple[str, str] | None, endpoint: str | None,
+    heatmaps: tuple[storage.Location, str] | None, source: storage.Location,
 ) -> pa.Table:
     """Result rows in ``FILE_SCHEMA`` (the partition key lives in the path); ``heatmaps`` = (staging
-    dir written now, final dir named in rows)."""
+    dir written now, final dir named in rows); overlays read their originals through ``source``."""
     rows = []
     for i, image_uri in enumerate(batch["image_uri"]):
         prepared = Prepared(
@@ -154,23 +155,23 @@ def finish_batch(
         if heatmaps:
             start = time.perf_counter()
             cal = spec.prompt_calibration(int(batch["prompt_index"][i]))
-            storage.write_bytes(storage.join(heatmaps[0], f"{stem}.png"), render_heatmap(fused, cal), endpoint)
+            heatmaps[0].join(f"{stem}.png").write_bytes(render_heatmap(fused, cal))
             if row["is_anomalous"]:
-                _write_overlay(image_uri, fused, cal, row["regions"], storage.join(heatmaps[0], f"{stem}_overlay.jpg"),
-                               endpoint)
+                _write_overlay(source.with_uri(image_uri), fused, cal, row["regions"],
+                               heatmaps[0].join(f"{stem}_overlay.jpg"))
             row["latency_ms"] += (time.perf_counter() - start) * 1e3
         rows.append(row)
     return to_table(rows).drop_columns([PARTITION_COLUMN])
 
 
-def _write_overlay(image_uri: str, fused: np.ndarray, cal, regions: list[dict], target: str,
-                   endpoint: str | None) -> None:
+def _write_overlay(original: storage.Location, fused: np.ndarray, cal, regions: list[dict],
+                   target: storage.Location) -> None:
     """Overlay at original resolution (the original is read again: only anomalous images get one)."""
     try:
-        image = decode_image(storage.read_bytes(image_uri, endpoint), image_uri)
+        image = decode_image(original.read_bytes(), original.uri)
     except (OSError, ImageError):  # changed or vanished since it was scored: the row and heat map stand
         return
-    storage.write_bytes(target, render_overlay(image, fused, cal, regions), endpoint)
+    target.write_bytes(render_overlay(image, fused, cal, regions))
 
 
 def _separate_stage() -> dict[str, Any]:
@@ -200,11 +201,12 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
     ``on_commit_step`` is passed to ``nightly.commit``."""
     started_at, t_start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     endpoint = storage.default_endpoint(cfg.endpoint)
+    source = storage.Location(cfg.input, endpoint)
     run_id = cfg.run_id or f"{cfg.run_date:%Y%m%d}-{uuid.uuid4().hex[:8]}"
-    layout = nightly.NightLayout(cfg.output, cfg.run_date, endpoint)
+    layout = nightly.NightLayout(storage.Location(cfg.output, endpoint), cfg.run_date)
     fs = layout.fs
     try:
-        with Lease(layout.lease_uri, run_id, endpoint, ttl=cfg.lease_seconds) as lease:
+        with Lease(layout.lease, run_id, ttl=cfg.lease_seconds) as lease:
             repaired = nightly.repair(layout)
             bundle = load_model(cfg.bundle, cfg.runtime, endpoint)
             spec = ScoringSpec.from_bundle(bundle, cfg.max_pixels or DEFAULT_MAX_PIXELS)
@@ -212,12 +214,12 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
                 "run_id": run_id, "model_version": bundle.version, "input": cfg.input, "host": socket.gethostname(),
                 "pid": os.getpid(), "started_at": started_at.isoformat(timespec="seconds")})
             earlier = accounting.earlier_results(layout, fs, bundle.version, run_id)
-            heatmaps = (layout.staged_heatmaps_uri(run_id), layout.heatmaps_uri) if cfg.heatmaps else None
+            heatmaps = (layout.staged_heatmaps(run_id), layout.heatmaps.uri) if cfg.heatmaps else None
 
             t_pipeline = time.perf_counter()
-            score = partial(_score_chunk, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, endpoint=endpoint,
-                            actor_cls=actor_cls, fs=fs)
-            tally = _score_inputs(cfg, bundle.pool, endpoint, earlier, score, layout, run_id)
+            score = partial(_score_chunk, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, source=source,
+                            bundle=storage.Location(cfg.bundle, endpoint), actor_cls=actor_cls, fs=fs)
+            tally = _score_inputs(cfg, bundle.pool, source, earlier, score, layout, run_id)
             pipeline_s = time.perf_counter() - t_pipeline
 
             resumed_from = sorted({*earlier.column("run_id").to_pylist()}) if tally.resumed else []
@@ -229,7 +231,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
                 summary["files"] = [f"part-{run_id}-00000.parquet"]
             summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
             lease.check()
-            heat_dirs = [layout.path(layout.staged_heatmaps_uri(r)) for r in [*summary["resumed_from"], run_id]]
+            heat_dirs = [layout.staged_heatmaps(r).path for r in [*summary["resumed_from"], run_id]]
             nightly.commit(layout, tally.files, heat_dirs, summary,
                            on_commit_step)
     finally:
@@ -237,13 +239,13 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
     return summary
 
 
-def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earlier: pa.Table | None,
+def _score_inputs(cfg: BatchConfig, pool: PromptPool, source: storage.Location, earlier: pa.Table | None,
                   score: Callable[..., None], layout: nightly.NightLayout, run_id: str) -> accounting.Tally:
     """Every input chunk through ``score`` (one pipeline pass each) into the run's staged data, except
     the inputs an earlier run of the night already scored (reused); all staged rows accounted."""
     tally, reused, pool_ref = accounting.Tally(files=[], groups=Counter()), [], None
     fs = layout.fs
-    for index, chunk in enumerate(iter_input_chunks(cfg.input, endpoint, cfg.chunk_size)):
+    for index, chunk in enumerate(iter_input_chunks(source.uri, source.endpoint, cfg.chunk_size)):
         tally.inputs += chunk.num_rows
         if earlier is not None:
             done = pc.is_in(chunk.column("image_uri"), value_set=earlier.column("image_uri"))
@@ -251,7 +253,7 @@ def _score_inputs(cfg: BatchConfig, pool: PromptPool, endpoint: str | None, earl
             chunk = chunk.filter(pc.invert(done))
         if not chunk.num_rows:
             continue
-        pool_ref = pool_ref or _start_ray(endpoint, pool)
+        pool_ref = pool_ref or _start_ray(source, pool)
         data_path = layout.staged_data_path(run_id, f"chunk-{index:05d}")
         score(chunk, pool_ref=pool_ref, data_path=data_path)
         accounting.account(fs, accounting.staged_files(fs, data_path), chunk.column("image_uri"), tally)
@@ -267,16 +269,18 @@ def _empty_file(fs: pafs.FileSystem, path: str) -> str:
     return path
 
 
-def _start_ray(endpoint: str | None, pool: PromptPool) -> Any:
+def _start_ray(source: storage.Location, pool: PromptPool) -> Any:
+    """``pool`` put into Ray, started first if needed with the S3 settings that reach ``source``."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": storage.ray_env_vars(endpoint)})
+        ray.init(runtime_env={"env_vars": storage.ray_env_vars(source.endpoint)})
     return ray.put(pool)  # held by the driver for the whole run (actor restarts re-read it)
 
 
-def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: str, heatmaps: tuple[str, str] | None,
-                 endpoint: str | None, pool_ref: Any, actor_cls: type, fs: pafs.FileSystem, data_path: str) -> None:
+def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: str,
+                 heatmaps: tuple[storage.Location, str] | None, source: storage.Location, bundle: storage.Location,
+                 pool_ref: Any, actor_cls: type, fs: pafs.FileSystem, data_path: str) -> None:
     """One pass of the Ray Data pipeline over ``chunk``, staged as Parquet under ``data_path``."""
     import ray
     import ray.data
@@ -287,18 +291,18 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_block = max(cfg.batch_size, min(MAX_BLOCK_ROWS, math.ceil(chunk.num_rows / (4 * cpus))))
     ds = ray.data.from_arrow([chunk.slice(o, rows_per_block) for o in range(0, chunk.num_rows, rows_per_block)])
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "endpoint": endpoint}, batch_size=cfg.batch_size,
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "source": source}, batch_size=cfg.batch_size,
                         batch_format="pyarrow", num_cpus=cfg.task_cpus, ray_remote_args_fn=_separate_stage)
     ds = ds.map_batches(
         actor_cls, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=actor_cpus,
         num_gpus=1 if cfg.use_gpu else 0, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        fn_constructor_kwargs={"bundle_uri": cfg.bundle, "endpoint": endpoint, "pool_ref": pool_ref,
+        fn_constructor_kwargs={"bundle": bundle, "pool_ref": pool_ref,
                                "device": "cuda" if cfg.use_gpu else "cpu",
                                "threads": cfg.actor_threads or max(1, int(actor_cpus)),
                                "max_pixels": spec.max_pixels, "runtime": cfg.runtime},
     )
     ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
-                                                 "heatmaps": heatmaps, "endpoint": endpoint},
+                                                 "heatmaps": heatmaps, "source": source},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.task_cpus)
     ds.write_parquet(data_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file, filename_provider=_staged_names())
 
@@ -311,12 +315,12 @@ def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.
     return {
         "run_id": run_id, "run_date": f"{cfg.run_date:%Y-%m-%d}", "model_version": model_version,
         "schema_version": SCHEMA_VERSION,
-        "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": layout.partition_uri,
+        "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "partition": layout.partition.uri,
         "counts": counts, "errors_by_kind": errors,
         "per_class": per_class,
         "duplicates_dropped": tally.duplicates_dropped, "resumed": tally.resumed, "resumed_from": resumed_from,
         "repaired": repaired, "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(tally.files))],
-        "heatmaps": layout.heatmaps_uri if cfg.heatmaps else None,
+        "heatmaps": layout.heatmaps.uri if cfg.heatmaps else None,
         "started_at": started_at.isoformat(timespec="seconds"), "pipeline_seconds": round(pipeline_s, 3),
         "images_per_second": round(scored / pipeline_s, 3) if pipeline_s > 0 and scored else None,
         "config": {k: (str(v) if isinstance(v, dt.date) else v) for k, v in asdict(cfg).items()},
@@ -346,12 +350,12 @@ def _check_limits(cfg: BatchConfig, summary: dict[str, Any], layout: nightly.Nig
 def repair_output(output: str, endpoint: str | None = None) -> dict[str, Any]:
     """Finish every interrupted commit under ``output`` (each date under its lease), after bringing
     an output of an older version to the current layout (``nightly.migrate_legacy``)."""
-    endpoint = storage.default_endpoint(endpoint)
-    migrated = nightly.migrate_legacy(output, endpoint)
+    location = storage.Location(output, storage.default_endpoint(endpoint))
+    migrated = nightly.migrate_legacy(location)
     repaired = {}
-    for day in nightly.dates_with_runs(output, endpoint):
-        layout = nightly.NightLayout(output, day, endpoint)
-        with Lease(layout.lease_uri, f"repair-{uuid.uuid4().hex[:8]}", endpoint, LEASE_SECONDS):
+    for day in nightly.dates_with_runs(location):
+        layout = nightly.NightLayout(location, day)
+        with Lease(layout.lease, f"repair-{uuid.uuid4().hex[:8]}", LEASE_SECONDS):
             repaired[f"{day:%Y-%m-%d}"] = nightly.repair(layout)
     return {"output": output, "repaired": {d: r for d, r in repaired.items() if r}, "dates_checked": len(repaired),
             "migrated": migrated}

@@ -50,11 +50,12 @@ class _Stored:
 
 
 class Lease:
-    """``with Lease(uri, run_id):`` holds the lease at ``uri`` for the block (released at exit)."""
+    """``with Lease(location, run_id, ttl):`` holds the lease at ``location`` for the block (released at exit)."""
 
-    def __init__(self, uri: str, run_id: str, endpoint: str | None, ttl: float) -> None:
-        self.uri = uri if storage.is_s3(uri) else storage.canonical_uri(uri)
-        self.run_id, self.endpoint, self.ttl = run_id, endpoint, ttl
+    def __init__(self, location: storage.Location, run_id: str, ttl: float) -> None:
+        uri = location.uri if storage.is_s3(location.uri) else storage.canonical_uri(location.uri)
+        self.location = location.with_uri(uri)
+        self.run_id, self.ttl = run_id, ttl
         self._lost: str | None = None
         self._refused = ""  # why the last conditional write did not go through
         self._stop = threading.Event()
@@ -72,7 +73,7 @@ class Lease:
 
     def _read(self) -> _Stored | None:
         try:
-            data, tag = storage.read_with_tag(self.uri, self.endpoint)
+            data, tag = self.location.read_with_tag()
         except FileNotFoundError:
             return None
         return _Stored(json.loads(data or b"{}"), tag)
@@ -82,7 +83,7 @@ class Lease:
         none); False when another writer got there first."""
         body = json.dumps(self._content(), indent=2).encode()
         try:
-            storage.write_if(self.uri, body, expected_tag, self.endpoint)
+            self.location.write_if(body, expected_tag)
         except storage.PreconditionFailed as exc:
             self._refused = str(exc)
             return False
@@ -101,12 +102,13 @@ class Lease:
                 break
             expires = dt.datetime.fromisoformat(held.content.get("expires_at", "1970-01-01T00:00:00+00:00"))
             if expires > _now():
-                raise LeaseHeld(f"another run is writing {self.uri.rsplit('/', 2)[-2]} of this output: "
+                raise LeaseHeld(f"another run is writing {self.location.uri.rsplit('/', 2)[-2]} of this output: "
                                 f"{describe(held.content)}")
             if self._put(held.tag):  # take the expired lease over: of several contenders one wins
                 break
         else:
-            raise LeaseHeld(f"could not take the lease {self.uri}: other runs keep changing it ({self._refused})")
+            raise LeaseHeld(f"could not take the lease {self.location.uri}: other runs keep changing it "
+                            f"({self._refused})")
         self._thread = threading.Thread(target=self._renew_loop, name="onenip-lease", daemon=True)
         self._thread.start()
 
@@ -118,15 +120,15 @@ class Lease:
                 self._lost = str(exc)
                 return
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next tick; expiry decides
-                _log.warning("renewing lease %s failed (retried in %.0f s): %s", self.uri, self.ttl / 3, exc)
+                _log.warning("renewing lease %s failed (retried in %.0f s): %s", self.location.uri, self.ttl / 3, exc)
 
     def renew(self) -> None:
         held = self._read()
         if held is None or held.content.get("run_id") != self.run_id:
-            raise LeaseLost(f"lease {self.uri} is no longer held by run {self.run_id}"
+            raise LeaseLost(f"lease {self.location.uri} is no longer held by run {self.run_id}"
                             + (f" (now: {describe(held.content)})" if held else ""))
         if not self._put(held.tag):
-            raise LeaseLost(f"lease {self.uri} changed while run {self.run_id} renewed it")
+            raise LeaseLost(f"lease {self.location.uri} changed while run {self.run_id} renewed it")
 
     def check(self) -> None:
         """Raise ``LeaseLost`` unless this run still holds a live lease (call before committing)."""
@@ -141,7 +143,7 @@ class Lease:
         held = self._read()
         if held is None or held.content.get("run_id") != self.run_id:
             return
-        storage.delete(self.uri, self.endpoint)
+        self.location.delete()
 
     def __enter__(self) -> "Lease":
         self.acquire()

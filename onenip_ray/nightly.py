@@ -57,56 +57,49 @@ class RunRejected(RejectedError):
 
 @dataclass(frozen=True)
 class NightLayout:
-    """Paths of one ``run_date`` of one output, as (filesystem, path) pairs and URIs."""
+    """Where one ``run_date`` of one output keeps its files, as locations and filesystem paths."""
 
-    output: str
+    output: storage.Location
     run_date: dt.date
-    endpoint: str | None = None
 
     @property
     def partition_name(self) -> str:
         return f"run_date={self.run_date:%Y-%m-%d}"
 
-    def uri(self, *parts: str) -> str:
-        return storage.join(self.output, *parts)
+    @property
+    def partition(self) -> storage.Location:
+        return self.output.join(self.partition_name)
 
     @property
-    def partition_uri(self) -> str:
-        return self.uri(self.partition_name)
+    def heatmaps(self) -> storage.Location:
+        return self.output.join(HEATMAP_DIR, self.partition_name)
 
     @property
-    def heatmaps_uri(self) -> str:
-        return self.uri(HEATMAP_DIR, self.partition_name)
+    def runs(self) -> storage.Location:
+        return self.output.join(RUNS_DIR, self.partition_name)
 
     @property
-    def runs_uri(self) -> str:
-        return self.uri(RUNS_DIR, self.partition_name)
+    def lease(self) -> storage.Location:
+        return self.runs.join(LEASE_FILE)
 
-    @property
-    def lease_uri(self) -> str:
-        return self.uri(RUNS_DIR, self.partition_name, LEASE_FILE)
-
-    def run_uri(self, run_id: str) -> str:
-        return self.uri(RUNS_DIR, self.partition_name, run_id)
+    def run(self, run_id: str) -> storage.Location:
+        return self.runs.join(run_id)
 
     def run_path(self, run_id: str, *parts: str) -> str:
         """A path inside run ``run_id``'s staging folder (``run.json``, ``rejected.json``, …)."""
-        return posixpath.join(self.path(self.run_uri(run_id)), *parts)
+        return posixpath.join(self.run(run_id).path, *parts)
 
     def staged_data_path(self, run_id: str, *parts: str) -> str:
         """Where run ``run_id`` stages its rows: ``data/chunk-NNNNN/``, ``data/resumed/``, …"""
         return self.run_path(run_id, STAGED_DATA, *parts)
 
-    def staged_heatmaps_uri(self, run_id: str) -> str:
+    def staged_heatmaps(self, run_id: str) -> storage.Location:
         """Where run ``run_id`` stages its heat maps before the commit moves them."""
-        return storage.join(self.run_uri(run_id), STAGED_HEATMAPS)
+        return self.run(run_id).join(STAGED_HEATMAPS)
 
     @property
     def fs(self) -> pafs.FileSystem:
-        return storage.filesystem_for(self.output, self.endpoint)[0]
-
-    def path(self, uri: str) -> str:
-        return storage.filesystem_for(uri, self.endpoint)[1]
+        return self.output.filesystem()[0]
 
 
 def listing(fs: pafs.FileSystem, path: str) -> dict[str, str]:
@@ -171,13 +164,13 @@ def commit(layout: NightLayout, files: list[str], heatmap_dirs: list[str], summa
     maps, and ``summary`` its ``_SUCCESS.json``; afterwards every run folder of the date is removed.
     ``on_step(name)`` runs after each of ``COMMIT_STEPS`` (progress, fault injection)."""
     fs = layout.fs
-    partition, heat_final = layout.path(layout.partition_uri), layout.path(layout.heatmaps_uri)
+    partition, heat_final = layout.partition.path, layout.heatmaps.path
     new_names = summary["files"]
     heat_new: dict[str, str] = {}
     for folder in heatmap_dirs:
         heat_new.update(listing(fs, folder))
     old_files, old_heat = listing(fs, partition), listing(fs, heat_final)
-    runs = layout.path(layout.runs_uri)
+    runs = layout.runs.path
     journal = {
         "run_id": summary["run_id"],
         "moves": [[source, posixpath.join(partition, name)] for source, name in zip(files, new_names)],
@@ -228,7 +221,7 @@ def repair(layout: NightLayout, on_step: OnStep | None = None) -> str | None:
     """Finish an interrupted commit of this date (roll its journal forward); the run id it
     finished, or None when there was nothing to repair. Call while holding the date's lease."""
     fs = layout.fs
-    journal_path = posixpath.join(layout.path(layout.runs_uri), JOURNAL_FILE)
+    journal_path = posixpath.join(layout.runs.path, JOURNAL_FILE)
     journal = read_json(fs, journal_path)
     if journal is None:
         return None
@@ -239,11 +232,11 @@ def repair(layout: NightLayout, on_step: OnStep | None = None) -> str | None:
 def tidy(layout: NightLayout) -> None:
     """Remove the date's run folder and ``_runs/`` when empty (local disk; an S3 prefix without
     objects does not exist, and deleting one could race a new run's lease)."""
-    if storage.is_s3(layout.output):
+    if storage.is_s3(layout.output.uri):
         return
-    for uri in (layout.runs_uri, layout.uri(RUNS_DIR)):
+    for folder in (layout.runs, layout.output.join(RUNS_DIR)):
         try:
-            os.rmdir(layout.path(uri))
+            os.rmdir(folder.path)
         except OSError:  # not empty (another run, kept staging) or already gone
             return
 
@@ -251,7 +244,7 @@ def tidy(layout: NightLayout) -> None:
 LEGACY_HEATMAP_DIR, LEGACY_STAGING_DIR = "heatmaps", "_staging"  # layout of onenip-result/1 outputs
 
 
-def migrate_legacy(output: str, endpoint: str | None = None) -> dict[str, int]:
+def migrate_legacy(output: storage.Location) -> dict[str, int]:
     """Bring an output written by ``onenip-result/1`` (``run_date`` also a column in the files,
     heat maps under ``heatmaps/``, staging under ``_staging/``) to this layout, in place: files
     rewritten without ``run_date`` and with a null ``error_kind``, heat maps moved to
@@ -262,7 +255,7 @@ def migrate_legacy(output: str, endpoint: str | None = None) -> dict[str, int]:
 
     from .schema import FILE_SCHEMA
 
-    fs, root = storage.filesystem_for(output, endpoint)
+    fs, root = output.filesystem()
     counts = {"files_rewritten": 0, "heatmaps_moved": 0}
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return counts
@@ -286,10 +279,10 @@ def migrate_legacy(output: str, endpoint: str | None = None) -> dict[str, int]:
     return counts
 
 
-def dates_with_runs(output: str, endpoint: str | None = None) -> list[dt.date]:
+def dates_with_runs(output: storage.Location) -> list[dt.date]:
     """Dates that have run folders (staging, a lease or a journal) under ``OUTPUT/_runs/``."""
-    runs = storage.join(output, RUNS_DIR)
-    if not storage.is_dir(runs, endpoint):
+    runs = output.join(RUNS_DIR)
+    if not runs.is_dir():
         return []
-    dates = [d.split("=", 1)[1] for d in storage.list_dirs(runs, endpoint) if d.startswith("run_date=")]
+    dates = [d.split("=", 1)[1] for d in runs.list_dirs() if d.startswith("run_date=")]
     return sorted(dt.date.fromisoformat(d) for d in dates)

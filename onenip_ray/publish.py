@@ -46,11 +46,16 @@ def is_release_root(uri: str, endpoint: str | None = None) -> bool:
 
 def read_pointer(root: str, endpoint: str | None = None) -> tuple[Pointer, str]:
     """The current pointer of release root ``root`` and its tag for a conditional update."""
-    data, tag = storage.read_with_tag(storage.join(root, POINTER_FILE), endpoint)
+    return _read_pointer(storage.Location(root, endpoint).join(POINTER_FILE))
+
+
+def _read_pointer(pointer_file: storage.Location) -> tuple[Pointer, str]:
+    """The pointer in ``pointer_file`` and its tag; InputError when the file is not a pointer."""
+    data, tag = pointer_file.read_with_tag()
     try:
         return Pointer(**json.loads(data)), tag
     except (ValueError, TypeError) as e:
-        raise InputError(f"{storage.join(root, POINTER_FILE)} is not a release pointer: {e}") from e
+        raise InputError(f"{pointer_file.uri} is not a release pointer: {e}") from e
 
 
 def resolve_bundle(uri: str, endpoint: str | None = None) -> tuple[str, str | None]:
@@ -66,38 +71,38 @@ def publish(bundle_uri: str, root: str, endpoint: str | None = None) -> dict:
     meta = verify_bundle(bundle_uri, endpoint)
     version = meta["version"]
     relative = f"{VERSIONS_DIR}/{version}"
-    target = storage.join(root, VERSIONS_DIR, version)
-    if storage.exists(storage.join(target, BUNDLE_FILE), endpoint):
-        verify_bundle(target, endpoint)  # published before: it must still be intact
+    releases = storage.Location(root, endpoint)
+    target = releases.join(VERSIONS_DIR, version)
+    if target.join(BUNDLE_FILE).exists():
+        verify_bundle(target.uri, target.endpoint)  # published before: it must still be intact
         copied = False
     else:
-        _copy_bundle(bundle_uri, target, endpoint)
-        verify_bundle(target, endpoint)
+        _copy_bundle(storage.Location(bundle_uri, endpoint), target)
+        verify_bundle(target.uri, target.endpoint)
         copied = True
+    pointer_file = releases.join(POINTER_FILE)
     try:
-        current, tag = read_pointer(root, endpoint)
+        current, tag = _read_pointer(pointer_file)
     except FileNotFoundError:
         current, tag = None, None
     pointer = Pointer(version, relative, datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       current.version if current else None)
     if current is not None and current.version == version:
-        return {"root": root, "version": version, "bundle": target, "previous": current.previous, "copied": copied,
-                "moved": False}
+        return {"root": root, "version": version, "bundle": target.uri, "previous": current.previous,
+                "copied": copied, "moved": False}
     try:
-        storage.write_if(storage.join(root, POINTER_FILE), json.dumps(asdict(pointer), indent=2).encode(), tag,
-                         endpoint)
+        pointer_file.write_if(json.dumps(asdict(pointer), indent=2).encode(), tag)
     except storage.PreconditionFailed as e:
-        raise BusyError(f"another publish moved {storage.join(root, POINTER_FILE)} meanwhile; nothing changed, run "
-                         f"again ({e})") from e
-    return {"root": root, "version": version, "bundle": target, "previous": pointer.previous, "copied": copied,
+        raise BusyError(f"another publish moved {pointer_file.uri} meanwhile; nothing changed, run again ({e})") from e
+    return {"root": root, "version": version, "bundle": target.uri, "previous": pointer.previous, "copied": copied,
             "moved": True}
 
 
-def _copy_bundle(source: str, target: str, endpoint: str | None) -> None:
+def _copy_bundle(source: storage.Location, target: storage.Location) -> None:
     """Copy a bundle directory to ``target`` with ``bundle.json`` last (via a local staging copy)."""
     staging = tempfile.mkdtemp(prefix="onenip-publish-")
     try:
-        storage.download_dir(source, staging, endpoint)
-        commit_bundle(staging, target, endpoint)
+        source.download_dir(staging)
+        commit_bundle(staging, target.uri, target.endpoint)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

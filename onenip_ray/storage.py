@@ -2,6 +2,7 @@
 
 Every function takes a URI and an optional S3 ``endpoint``; without one, S3 uses
 ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. a MinIO or moto server), else AWS itself.
+A ``Location`` holds the two together, with these functions as its methods.
 Credentials come from the usual AWS environment variables / config chain.
 
 Transient failures (throttling such as S3 ``SlowDown``, 5xx answers, reset or timed-out
@@ -20,6 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -394,6 +396,56 @@ def download_dir(uri: str, local_dir: str, endpoint: str | None = None) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with fs.open_input_stream(join_remote(base, name)) as source, open(target, "wb") as sink:
             shutil.copyfileobj(source, sink, _COPY_CHUNK)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A URI and the S3 endpoint that reaches it (None: the environment's, see ``default_endpoint``)."""
+
+    uri: str
+    endpoint: str | None = None
+
+    def join(self, *parts: str) -> Location:
+        return replace(self, uri=join(self.uri, *parts))
+
+    def with_uri(self, uri: str) -> Location:
+        """``uri``, reached through the same endpoint."""
+        return replace(self, uri=uri)
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        return filesystem_for(self.uri, self.endpoint)
+
+    @property
+    def path(self) -> str:
+        """The path inside ``filesystem()``'s filesystem: ``bucket/key`` or an absolute path."""
+        return self.filesystem()[1]
+
+    def exists(self) -> bool:
+        return exists(self.uri, self.endpoint)
+
+    def is_dir(self) -> bool:
+        return is_dir(self.uri, self.endpoint)
+
+    def list_dirs(self) -> list[str]:
+        return list_dirs(self.uri, self.endpoint)
+
+    def read_bytes(self) -> bytes:
+        return read_bytes(self.uri, self.endpoint)
+
+    def write_bytes(self, data: bytes) -> None:
+        write_bytes(self.uri, data, self.endpoint)
+
+    def read_with_tag(self) -> tuple[bytes, str]:
+        return read_with_tag(self.uri, self.endpoint)
+
+    def write_if(self, data: bytes, expected_tag: str | None) -> None:
+        write_if(self.uri, data, expected_tag, self.endpoint)
+
+    def delete(self) -> None:
+        delete(self.uri, self.endpoint)
+
+    def download_dir(self, local_dir: str) -> None:
+        download_dir(self.uri, local_dir, self.endpoint)
 
 
 def ray_env_vars(endpoint: str | None) -> dict[str, str]:

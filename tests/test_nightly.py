@@ -26,7 +26,7 @@ DAY1, DAY2 = dt.date(2026, 11, 27), dt.date(2026, 11, 28)
 def _stage(layout: nightly.NightLayout, run_id: str, uris: list[str],
            heatmaps: list[str] = ()) -> tuple[list[str], list[str]]:
     """Staged Parquet (one file per two rows) and heat-map files of a run, as a scoring run leaves them."""
-    fs, run_dir = layout.fs, layout.path(layout.run_uri(run_id))
+    fs, run_dir = layout.fs, layout.run(run_id).path
     nightly.write_json(fs, f"{run_dir}/{nightly.RUN_FILE}", {"run_id": run_id, "model_version": "v1"})
     files = []
     for i in range(0, len(uris), 2):
@@ -38,8 +38,7 @@ def _stage(layout: nightly.NightLayout, run_id: str, uris: list[str],
         pq.write_table(to_table(rows).drop_columns([PARTITION_COLUMN]), path, filesystem=fs)
         files.append(path)
     for name in heatmaps:
-        storage.write_bytes(storage.join(layout.run_uri(run_id), "heatmaps", f"{name}.png"),
-                            f"{run_id}:{name}".encode(), layout.endpoint)
+        layout.run(run_id).join("heatmaps", f"{name}.png").write_bytes(f"{run_id}:{name}".encode())
     return files, [f"{run_dir}/heatmaps"]
 
 
@@ -50,7 +49,7 @@ def _summary(layout: nightly.NightLayout, run_id: str, files: list[str]) -> dict
 
 def _commit_night(output: str, day: dt.date, run_id: str, uris: list[str],
                   endpoint: str | None = None) -> nightly.NightLayout:
-    layout = nightly.NightLayout(output, day, endpoint)
+    layout = nightly.NightLayout(storage.Location(output, endpoint), day)
     files, heat = _stage(layout, run_id, uris, heatmaps=uris)
     nightly.commit(layout, files, heat, _summary(layout, run_id, files))
     return layout
@@ -59,11 +58,11 @@ def _commit_night(output: str, day: dt.date, run_id: str, uris: list[str],
 def _partition_state(layout: nightly.NightLayout) -> tuple[dict | None, set[str], set[str]]:
     """(the _SUCCESS.json, Parquet file names in the partition, image URIs in them)."""
     fs = layout.fs
-    marker = nightly.read_json(fs, f"{layout.path(layout.partition_uri)}/{SUCCESS_FILE}")
-    names = {n for n in nightly.listing(fs, layout.path(layout.partition_uri)) if n.endswith(".parquet")}
+    marker = nightly.read_json(fs, f"{layout.partition.path}/{SUCCESS_FILE}")
+    names = {n for n in nightly.listing(fs, layout.partition.path) if n.endswith(".parquet")}
     uris = set()
     for n in names:
-        uris |= set(pq.read_table(f"{layout.path(layout.partition_uri)}/{n}",
+        uris |= set(pq.read_table(f"{layout.partition.path}/{n}",
                                   filesystem=fs).column("image_uri").to_pylist())
     return marker, names, uris
 
@@ -78,8 +77,9 @@ def test_standard_readers_open_every_committed_night(tmp_path):
     out = str(tmp_path / "scores")
     _commit_night(out, DAY1, "r1", ["a", "b", "c"])
     _commit_night(out, DAY2, "r2", ["d", "e"])
-    _stage(nightly.NightLayout(out, DAY2), "r3", ["x", "y"], heatmaps=["x"])  # a rejected run's rows stay staged
-    Path(nightly.NightLayout(out, DAY2).path(nightly.NightLayout(out, DAY2).lease_uri)).write_text("{}")
+    day2 = nightly.NightLayout(storage.Location(out), DAY2)
+    _stage(day2, "r3", ["x", "y"], heatmaps=["x"])  # a rejected run's rows stay staged
+    Path(day2.lease.path).write_text("{}")
 
     frame = pd.read_parquet(out)
     assert len(frame) == 5 and sorted(frame["run_date"].astype(str).unique()) == ["2026-11-27", "2026-11-28"]
@@ -98,12 +98,12 @@ def test_standard_readers_open_every_committed_night(tmp_path):
 # -- commit ---------------------------------------------------------------------------------------
 COMMIT_SCRIPT = """
 import datetime as dt, json, os, sys
-from onenip_ray import nightly
+from onenip_ray import nightly, storage
 a = json.load(open(sys.argv[1]))
 def on_step(step):
     if step == a["step"]:
         os._exit(9)
-layout = nightly.NightLayout(a["output"], dt.date.fromisoformat(a["day"]))
+layout = nightly.NightLayout(storage.Location(a["output"]), dt.date.fromisoformat(a["day"]))
 nightly.commit(layout, a["files"], a["heat"], a["summary"], on_step)
 """
 
@@ -132,9 +132,9 @@ def test_commit_killed_at_each_step_never_mixes_runs_and_is_repaired(tmp_path, s
         assert nightly.repair(layout) == (None if step == "journal_removed" else "new")
     marker, names, uris = _partition_state(layout)
     assert marker["run_id"] == "new" and names == set(marker["files"]) and uris == {"b", "c", "d"}
-    heat = nightly.listing(layout.fs, layout.path(layout.heatmaps_uri))
+    heat = nightly.listing(layout.fs, layout.heatmaps.path)
     assert {n: Path(p).read_text() for n, p in heat.items()} == {"b.png": "new:b", "d.png": "new:d"}
-    assert not nightly.listing(layout.fs, layout.path(layout.runs_uri))  # no journal, no staging left
+    assert not nightly.listing(layout.fs, layout.runs.path)  # no journal, no staging left
 
 
 def test_no_journal_means_the_partition_was_never_touched(tmp_path):
@@ -147,8 +147,8 @@ def test_no_journal_means_the_partition_was_never_touched(tmp_path):
 
 # -- lease ----------------------------------------------------------------------------------------
 DEAD_HOLDER = (
-    "import os, sys; from onenip_ray.lease import Lease; "
-    "Lease(sys.argv[1], 'dead-run', None, 3.0).acquire(); os._exit(0)"
+    "import os, sys; from onenip_ray.lease import Lease; from onenip_ray.storage import Location; "
+    "Lease(Location(sys.argv[1]), 'dead-run', 3.0).acquire(); os._exit(0)"
 )
 
 
@@ -156,13 +156,14 @@ DEAD_HOLDER = (
 def test_one_writer_per_date_and_expiry(where, tmp_path, request):
     base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
     uri = storage.join(base, "scores/_runs/run_date=2026-11-27/lease.json")
-    first = Lease(uri, "run-a", None, ttl=2.0)
+    location = storage.Location(uri)
+    first = Lease(location, "run-a", ttl=2.0)
     first.acquire()
     with pytest.raises(LeaseHeld, match=r"run run-a on host .* \(pid \d+\), started"):
-        Lease(uri, "run-b", None, 60).acquire()
+        Lease(location, "run-b", 60).acquire()
     time.sleep(3.0)  # longer than the ttl: renewed in the background, still held
     with pytest.raises(LeaseHeld, match="run-a"):
-        Lease(uri, "run-b", None, 60).acquire()
+        Lease(location, "run-b", 60).acquire()
     first.check()
     first.release()
 
@@ -170,10 +171,10 @@ def test_one_writer_per_date_and_expiry(where, tmp_path, request):
     expires = dt.datetime.fromisoformat(json.loads(storage.read_bytes(uri))["expires_at"]).timestamp()
     if time.time() < expires - 0.5:  # (a very slow machine may already be past it)
         with pytest.raises(LeaseHeld, match="dead-run"):
-            Lease(uri, "run-c", None, 60).acquire()
+            Lease(location, "run-c", 60).acquire()
     # the dead holder stopped renewing: its lease expires and is taken over
     time.sleep(max(0.0, expires - time.time()) + 0.2)
-    taker = Lease(uri, "run-c", None, 60)
+    taker = Lease(location, "run-c", 60)
     taker.acquire()
     storage.write_bytes(uri, json.dumps({"run_id": "intruder", "expires_at": "2099-01-01T00:00:00+00:00"}).encode())
     with pytest.raises(LeaseLost, match="intruder"):
@@ -184,7 +185,7 @@ def test_one_writer_per_date_and_expiry(where, tmp_path, request):
 
 def test_second_run_for_a_date_exits_naming_the_first(tmp_path, capsys):
     out = str(tmp_path / "scores")
-    with Lease(nightly.NightLayout(out, DAY1).lease_uri, "20261127-first", None, 60):
+    with Lease(nightly.NightLayout(storage.Location(out), DAY1).lease, "20261127-first", 60):
         code = main(["score", "--bundle", str(tmp_path / "no-bundle"), "--input", str(tmp_path), "--output", out,
                      "--run-date", "2026-11-27"])
     assert code == EXIT_BUSY
@@ -223,10 +224,10 @@ def test_reads_writes_and_commits_survive_a_faulty_s3(s3_bucket, s3_env):
         with pytest.raises(FileNotFoundError):
             storage.read_bytes(f"{s3_bucket}/in/nothing.png", proxy.url)
         layout = _commit_night(f"{s3_bucket}/scores", DAY1, "r1", ["a", "b", "c"], endpoint=proxy.url)
-        with Lease(layout.lease_uri, "r2", proxy.url, 60):
+        with Lease(layout.lease, "r2", 60):
             pass
         assert proxy.stats["slow_down"] > 5 and proxy.stats["reset"] > 5
-    marker, names, uris = _partition_state(nightly.NightLayout(f"{s3_bucket}/scores", DAY1, s3_env))
+    marker, names, uris = _partition_state(nightly.NightLayout(storage.Location(f"{s3_bucket}/scores", s3_env), DAY1))
     assert marker["run_id"] == "r1" and len(names) == 2 and uris == {"a", "b", "c"}
 
 

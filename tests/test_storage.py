@@ -52,6 +52,18 @@ def test_join():
     assert storage.join("file:///data/", "a") == "file:///data/a"
 
 
+def test_location_keeps_its_endpoint(monkeypatch):
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = storage.Location("s3://b/", "http://127.0.0.1:2")
+    blob = bucket.join("x/", "y.png")
+    assert blob == storage.Location("s3://b/x/y.png", "http://127.0.0.1:2")
+    assert blob.with_uri("s3://c/z") == storage.Location("s3://c/z", "http://127.0.0.1:2")
+    assert blob.filesystem() == storage.filesystem_for("s3://b/x/y.png", "http://127.0.0.1:2")
+    assert blob.path == "b/x/y.png"
+    assert storage.Location("/data").join("a", "b.png").path == "/data/a/b.png"
+
+
 def test_bytes_round_trip_and_exists(root):
     uri = storage.join(root, "nested", "blob.bin")
     assert not storage.exists(uri)
