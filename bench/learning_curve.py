@@ -27,34 +27,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from onenip_ray import storage
 from onenip_ray.config import ModelConfig, TrainConfig
-from onenip_ray.data.images import decode_mask, resize_mask
 from onenip_ray.data.layouts import read_datasets
 from onenip_ray.data.synthesis import AnomalySynthesizer, TextureSource
-from onenip_ray.evaluate import branch_metrics
+from onenip_ray.evaluate import branch_metrics, sample_mask
 from onenip_ray.model.anomaly_map import Maps, fuse
 from onenip_ray.model.build import build_backbone, build_onenip
 from onenip_ray.model.loss import training_losses
 from onenip_ray.prompts import descriptors, retrieve, select_prompts
-from onenip_ray.train import SyntheticPairs, epoch_order, lr_factor
+from onenip_ray.train import SyntheticPairs, Worker, epoch_order, feature_cache, lr_factor
 from onenip_ray.training_data import TrainingSet, build_training_set, load_images, parse_data_roots
 
 PHASES = ("synthesis", "backbone", "forward", "backward", "optimizer")
 
 
-def features(backbone, images: np.ndarray, device: torch.device, batch: int = 32) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([backbone(backbone.to_network_input(torch.from_numpy(images[i : i + batch]).to(device)))
-                          for i in range(0, len(images), batch)])
+def features(backbone, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The training feature cache of ``images`` as ``onenip train`` computes it on ``device``."""
+    return feature_cache(backbone, images, Worker(0, 1, device, use_bf16=device.type == "cuda"))
 
 
 def test_set(cfg: TrainConfig, names: list[str], backbone, device: torch.device):
     """Test features, labels, masks and class indices of ``names``."""
     samples = [s for s in read_datasets(parse_data_roots(cfg.dataset, cfg.data), names) if s.split == "test"]
     size = cfg.model.image_size
-    masks = np.stack([resize_mask(decode_mask(storage.read_bytes(s.mask_uri), s.mask_uri), size)
-                      if s.label and s.mask_uri else np.zeros((size, size), bool) for s in samples])
+    masks = np.stack([sample_mask(s, size) for s in samples])
     labels = np.array([int(bool(s.label)) for s in samples])
     classes = np.array([names.index(s.class_name) for s in samples])
     return features(backbone, load_images(samples, size), device), labels, masks, classes

@@ -113,13 +113,17 @@ def _predict_with_branches(predictor: Predictor, inputs: np.ndarray, given_class
     return pred.numpy(), branches
 
 
+def sample_mask(sample: Sample, size: int, endpoint: str | None = None) -> np.ndarray:
+    """A test sample's ground-truth mask at ``size`` × ``size`` (all False without one)."""
+    if sample.label and sample.mask_uri:
+        return resize_mask(decode_mask(storage.read_bytes(sample.mask_uri, endpoint), sample.mask_uri), size)
+    return np.zeros((size, size), dtype=bool)
+
+
 def _collect(per_class: dict[str, dict[str, list]], sample: Sample, pred: Prediction[np.ndarray],
              branches: dict[str, np.ndarray], i: int, size: int, endpoint: str | None) -> None:
     """Image ``i``'s label, score, mask and maps into its class's accumulators."""
-    if sample.label and sample.mask_uri:
-        mask = resize_mask(decode_mask(storage.read_bytes(sample.mask_uri, endpoint), sample.mask_uri), size)
-    else:
-        mask = np.zeros((size, size), dtype=bool)
+    mask = sample_mask(sample, size, endpoint)
     acc = per_class.setdefault(sample.class_name, {"labels": [], "scores": [], "masks": [], "maps": [],
                                                    **{b: [] for b in BRANCHES}})
     acc["labels"].append(int(mask.any()) if sample.label else 0)

@@ -157,7 +157,8 @@ def _frozen_backbone(cfg: TrainConfig, worker: Worker, endpoint: str | None):
     return backbone.to(memory_format=torch.channels_last) if worker.on_gpu else backbone
 
 
-def _feature_cache(backbone, images: np.ndarray, worker: Worker, batch: int = 32) -> torch.Tensor:
+def feature_cache(backbone, images: np.ndarray, worker: Worker, batch: int = 32) -> torch.Tensor:
+    """The frozen backbone's features of uint8 RGB ``images`` on ``worker``'s device and precision (float32)."""
     out = []
     for i in range(0, len(images), batch):
         with worker.autocast():
@@ -201,7 +202,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                               cfg.calibration_fraction, cfg.seed, endpoint)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    clean_features = _feature_cache(backbone, data.images, worker)
+    clean_features = feature_cache(backbone, data.images, worker)
     cache_s = time.perf_counter() - t0
     textures = TextureSource.from_folder(cfg.textures, endpoint) if cfg.textures else TextureSource.procedural(cfg.seed)
     synthesizer = AnomalySynthesizer(cfg.model.image_size, textures)
