@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from onenip_ray.config import ModelConfig, TrainConfig
+from onenip_ray.config import REFINER_LOSSES, ModelConfig, TrainConfig
 from onenip_ray.data.layouts import read_datasets
 from onenip_ray.data.synthesis import AnomalySynthesizer, TextureSource
 from onenip_ray.evaluate import branch_metrics, sample_mask
@@ -102,6 +102,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--loader-workers", type=int, default=TrainConfig.loader_workers,
                         help="DataLoader processes for anomaly synthesis (as onenip train --loader-workers)")
+    parser.add_argument("--refiner-loss", default=TrainConfig.refiner_loss, choices=REFINER_LOSSES)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda, as onenip train)")
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--json", default=None)
@@ -125,7 +126,8 @@ class Setup:
 def prepare(args: argparse.Namespace, horizon: int) -> Setup:
     cfg = TrainConfig(data=tuple(args.data), classes=tuple(c for c in args.classes.split(",") if c),
                       model=replace(ModelConfig(), image_size=args.image_size), lr=args.lr,
-                      lr_schedule=args.lr_schedule, batch_size=args.batch_size, loader_workers=args.loader_workers)
+                      lr_schedule=args.lr_schedule, batch_size=args.batch_size, loader_workers=args.loader_workers,
+                      refiner_loss=args.refiner_loss)
     cfg = replace(cfg, epochs=-(-horizon // cfg.steps_per_epoch))
     device = torch.device(args.device)
     backbone = build_backbone(cfg.model, None).eval().to(device)
@@ -161,7 +163,7 @@ def train_step(setup: Setup, model, optimizer, scheduler, batch, marks: list[flo
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         synthetic = setup.backbone(setup.backbone.to_network_input(synthetic_images)).float().detach()
         marks.append(sync(device))
-        loss = training_losses(model, clean[idx], synthetic, masks, clean[prompt_idx])
+        loss = training_losses(model, clean[idx], synthetic, masks, clean[prompt_idx], setup.cfg.refiner_loss)
         marks.append(sync(device))
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()

@@ -40,8 +40,9 @@ from onenip_ray.schema import FILE_SCHEMA, STATUS_OK  # noqa: E402
 
 
 def stub_prepare(table: pa.Table, spec, source) -> dict[str, np.ndarray]:
-    """No read, no decode: the batch's URIs and classes only."""
-    return {"image_uri": table.column("image_uri").to_numpy(zero_copy_only=False)}
+    """No read, no decode: the batch's URIs and input chunks only."""
+    return {"image_uri": table.column("image_uri").to_numpy(zero_copy_only=False),
+            batch.INPUT_CHUNK: table.column(batch.INPUT_CHUNK).to_numpy()}
 
 
 class StubActor:
@@ -71,7 +72,7 @@ def stub_finish(batch_: dict[str, np.ndarray], spec, run_id, run_date, heatmaps,
             columns[f.name] = pa.array(np.zeros(n, bool))
         else:
             columns[f.name] = pa.nulls(n, f.type)
-    return pa.table(columns, schema=FILE_SCHEMA)
+    return pa.table(columns, schema=FILE_SCHEMA).append_column(batch.INPUT_CHUNK, pa.array(batch_[batch.INPUT_CHUNK]))
 
 
 BASELINE_RSS_MB = 0.0

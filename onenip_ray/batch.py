@@ -3,18 +3,21 @@
 Stages (``run_batch_scoring``), under the date's lease (``lease.py``; one writer per output and date):
 
 1. stream the inputs from a folder / ``s3://`` prefix (recursive) or a Parquet/CSV manifest with
-   ``image_uri`` and optional ``class_name`` (deduplicated), in chunks of ``chunk_size``: the driver
-   never holds more keys than one chunk; inputs that an earlier failed run of the same date and
-   model version already scored are skipped (resume);
-2. per chunk, CPU tasks read the bytes (transient errors retried) and ``ScoringSpec.prepare`` them;
-   failures become error rows with an ``error_kind``, never task failures;
+   ``image_uri`` and optional ``class_name`` (deduplicated), in chunks of ``chunk_size``: each chunk
+   goes into Ray's object store as blocks tagged with its index, so the driver never holds more keys
+   than one chunk; inputs that an earlier failed run of the same date and model version already
+   scored are skipped (resume);
+2. one Ray Data pipeline over all the blocks (one actor pool and model load per night): CPU tasks
+   read the bytes (transient errors retried) and ``ScoringSpec.prepare`` them; failures become error
+   rows with an ``error_kind``, never task failures;
 3. an actor pool (``InferenceActor``; one per GPU with ``use_gpu``) holds the model; the prompt pool
    is ``ray.put`` once by the driver and every actor ``ray.get``s it and encodes its tokens once;
 4. CPU tasks: ``ScoringSpec.result_row`` (calibrated score, regions, areas) and, with heat maps,
    a PNG per image and an overlay JPEG per anomalous image;
-5. ``write_parquet`` into the run's staging folder; the driver accounts each chunk in Arrow (every
-   input exactly once, duplicates of retried tasks dropped), checks the run against its limits
-   (``max_error_fraction``, empty input) and commits with ``nightly.commit`` (journaled, repairable).
+5. ``write_parquet`` into the run's staging folder, one folder per input chunk; the driver accounts
+   each chunk in Arrow against its blocks (every input exactly once, duplicates of retried tasks
+   dropped), checks the run against its limits (``max_error_fraction``, empty input) and commits
+   with ``nightly.commit`` (journaled, repairable).
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ from .scoring import Prepared, Scorer, ScoringSpec
 from .visualization import render_heatmap, render_overlay
 
 MAX_BLOCK_ROWS = 1024  # inputs per Ray Data block (several model batches per task)
+INPUT_CHUNK = "input_chunk"  # the listing chunk an input came in: carried through the stages, staged by it
 
 
 # -- pipeline stages ------------------------------------------------------------------------------
@@ -94,6 +98,7 @@ def prepare_batch(batch: pa.Table, spec: ScoringSpec, source: storage.Location) 
     text = ("image_uri", "class_name", "image_sha256", "error", "error_kind")
     result = {k: np.array(v, dtype=object if k in text else None) for k, v in out.items()}
     result["input"] = inputs
+    result[INPUT_CHUNK] = batch.column(INPUT_CHUNK).to_numpy()
     return result
 
 
@@ -161,7 +166,7 @@ def finish_batch(
                                heatmaps[0].join(f"{stem}_overlay.jpg"))
             row["latency_ms"] += (time.perf_counter() - start) * 1e3
         rows.append(row)
-    return to_table(rows).drop_columns([PARTITION_COLUMN])
+    return to_table(rows).drop_columns([PARTITION_COLUMN]).append_column(INPUT_CHUNK, pa.array(batch[INPUT_CHUNK]))
 
 
 def _write_overlay(original: storage.Location, fused: np.ndarray, cal, regions: list[dict],
@@ -217,7 +222,7 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
             heatmaps = (layout.staged_heatmaps(run_id), layout.heatmaps.uri) if cfg.heatmaps else None
 
             t_pipeline = time.perf_counter()
-            score = partial(_score_chunk, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, source=source,
+            score = partial(_score_blocks, cfg=cfg, spec=spec, run_id=run_id, heatmaps=heatmaps, source=source,
                             bundle=storage.Location(cfg.bundle, endpoint), actor_cls=actor_cls, fs=fs)
             tally = _score_inputs(cfg, bundle.pool, source, earlier, score, layout, run_id)
             pipeline_s = time.perf_counter() - t_pipeline
@@ -241,10 +246,11 @@ def run_batch_scoring(cfg: BatchConfig, actor_cls: type = InferenceActor,
 
 def _score_inputs(cfg: BatchConfig, pool: PromptPool, source: storage.Location, earlier: pa.Table | None,
                   score: Callable[..., None], layout: nightly.NightLayout, run_id: str) -> accounting.Tally:
-    """Every input chunk through ``score`` (one pipeline pass each) into the run's staged data, except
-    the inputs an earlier run of the night already scored (reused); all staged rows accounted."""
-    tally, reused, pool_ref = accounting.Tally(files=[], groups=Counter()), [], None
-    fs = layout.fs
+    """Every input through ``score`` (one pipeline, one actor pool for the night) into the run's
+    staged data, except the inputs an earlier run of the night already scored (reused); all staged
+    rows accounted chunk by chunk. The listing's chunks wait in Ray's object store as blocks tagged
+    with their chunk's index, so the driver holds one chunk of keys at a time."""
+    tally, reused, chunks, pool_ref = accounting.Tally(files=[], groups=Counter()), [], [], None
     for index, chunk in enumerate(iter_input_chunks(source.uri, source.endpoint, cfg.chunk_size)):
         tally.inputs += chunk.num_rows
         if earlier is not None:
@@ -254,13 +260,31 @@ def _score_inputs(cfg: BatchConfig, pool: PromptPool, source: storage.Location, 
         if not chunk.num_rows:
             continue
         pool_ref = pool_ref or _start_ray(source, pool)
-        data_path = layout.staged_data_path(run_id, f"chunk-{index:05d}")
-        score(chunk, pool_ref=pool_ref, data_path=data_path)
-        accounting.account(fs, accounting.staged_files(fs, data_path), chunk.column("image_uri"), tally)
+        chunks.append((index, _put_blocks(chunk, index, cfg.batch_size)))
+    fs = layout.fs
+    if chunks:
+        import ray
+
+        score([ref for _, refs in chunks for ref in refs], pool_ref=pool_ref, data_path=layout.staged_data_path(run_id))
+        for index, refs in chunks:
+            expected = pa.chunked_array([block.column("image_uri") for block in ray.get(refs)], pa.string())
+            files = accounting.staged_files(fs, layout.staged_data_path(run_id, f"{INPUT_CHUNK}={index}"))
+            accounting.account(fs, files, expected, tally)
     if reused:
         resumed_path = layout.staged_data_path(run_id, "resumed")
         accounting.account_resumed(fs, earlier, pa.chunked_array(reused, pa.string()), resumed_path, tally)
     return tally
+
+
+def _put_blocks(chunk: pa.Table, index: int, batch_size: int) -> list[Any]:
+    """``chunk`` tagged with its ``INPUT_CHUNK`` index, put into Ray as blocks of a few per CPU (parallel
+    decode) but not tiny ones (per-task overhead): ``batch_size``–``MAX_BLOCK_ROWS`` rows."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = max(batch_size, min(MAX_BLOCK_ROWS, math.ceil(chunk.num_rows / (4 * cpus))))
+    tagged = chunk.append_column(INPUT_CHUNK, pa.array(np.full(chunk.num_rows, index, np.int32)))
+    return [ray.put(tagged.slice(o, rows)) for o in range(0, chunk.num_rows, rows)]
 
 
 def _empty_file(fs: pafs.FileSystem, path: str) -> str:
@@ -278,19 +302,17 @@ def _start_ray(source: storage.Location, pool: PromptPool) -> Any:
     return ray.put(pool)  # held by the driver for the whole run (actor restarts re-read it)
 
 
-def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: str,
-                 heatmaps: tuple[storage.Location, str] | None, source: storage.Location, bundle: storage.Location,
-                 pool_ref: Any, actor_cls: type, fs: pafs.FileSystem, data_path: str) -> None:
-    """One pass of the Ray Data pipeline over ``chunk``, staged as Parquet under ``data_path``."""
+def _score_blocks(blocks: list[Any], cfg: BatchConfig, spec: ScoringSpec, run_id: str,
+                  heatmaps: tuple[storage.Location, str] | None, source: storage.Location, bundle: storage.Location,
+                  pool_ref: Any, actor_cls: type, fs: pafs.FileSystem, data_path: str) -> None:
+    """The night's Ray Data pipeline over the input ``blocks`` (object refs), staged as Parquet under
+    ``data_path/input_chunk=N/`` by each row's input chunk."""
     import ray
     import ray.data
 
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     actor_cpus = cfg.actor_cpus or (1.0 if cfg.use_gpu else min(1.0, cluster_cpus / (2 * cfg.concurrency)))
-    # a few blocks per CPU (parallel decode) but not tiny ones (per-task overhead): 32–1024 rows
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows_per_block = max(cfg.batch_size, min(MAX_BLOCK_ROWS, math.ceil(chunk.num_rows / (4 * cpus))))
-    ds = ray.data.from_arrow([chunk.slice(o, rows_per_block) for o in range(0, chunk.num_rows, rows_per_block)])
+    ds = ray.data.from_arrow_refs(blocks)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "source": source}, batch_size=cfg.batch_size,
                         batch_format="pyarrow", num_cpus=cfg.task_cpus, ray_remote_args_fn=_separate_stage)
     ds = ds.map_batches(
@@ -304,7 +326,8 @@ def _score_chunk(chunk: pa.Table, cfg: BatchConfig, spec: ScoringSpec, run_id: s
     ds = ds.map_batches(finish_batch, fn_kwargs={"spec": spec, "run_id": run_id, "run_date": cfg.run_date,
                                                  "heatmaps": heatmaps, "source": source},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.task_cpus)
-    ds.write_parquet(data_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file, filename_provider=_staged_names())
+    ds.write_parquet(data_path, filesystem=fs, partition_cols=[INPUT_CHUNK], min_rows_per_file=cfg.rows_per_file,
+                     filename_provider=_staged_names())
 
 
 def _summary(cfg: BatchConfig, run_id: str, model_version: str, layout: nightly.NightLayout, tally: accounting.Tally,

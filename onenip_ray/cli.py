@@ -98,7 +98,7 @@ def _add_train(train: argparse.ArgumentParser) -> None:
     _add_model_flags(train)
     train.add_argument("--out", required=True, help="bundle directory to write (local or s3://)")
     _options(train, T, "epochs", "steps_per_epoch", "batch_size", "lr", "lr_schedule", "warmup_fraction",
-             "balance_classes", "backbone_weights", "textures", "num_workers", "use_gpu", "seed")
+             "refiner_loss", "balance_classes", "backbone_weights", "textures", "num_workers", "use_gpu", "seed")
     _options(train, M, *MODEL_FLAGS[2:])
     _options(train, T, "prompts_per_class", "memory_per_class", "memory_rotation_images", "calibration_fraction",
              "target_fpr")

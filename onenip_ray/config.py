@@ -13,6 +13,7 @@ DECODERS = ("v2", "v1")  # post-fix official decoder; the pre-fix bug (paper num
 FUSIONS = ("calibrated", "official", "paper")
 FEATURE_NORMS = ("none", "channel")
 LR_SCHEDULES = ("cosine", "step")
+REFINER_LOSSES = ("dice", "dice+bce")  # official; + per-pixel BCE (see model/loss.py)
 PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOR_STRIDES = (8, 16)
 LEGACY_NEIGHBOR_STRIDE = 16  # bundles written before ``neighbor_stride`` existed hold stride-16 patch memories
@@ -164,6 +165,8 @@ class TrainConfig:
     memory_rotation_images: int = flag(160, "a class with few normals also gets rotated copies of them (5° to "
                                            "10° apart, up to ±40°) in its patch memory, up to this many images in "
                                            "all, and density weights on its coreset (0 = neither)")
+    refiner_loss: str = flag("dice", "refiner's training loss: dice (official) or dice+bce (adds per-pixel binary "
+                                     "cross-entropy)", REFINER_LOSSES)
     checkpoint_every: int = flag(1, "checkpoint every N epochs (0 = only at the end)")
     max_failures: int = flag(2, "worker-group restarts from the latest checkpoint")
     loader_workers: int = flag(0, "DataLoader processes for anomaly synthesis per trainer")
@@ -212,7 +215,7 @@ class BatchConfig:
     max_error_fraction: float = flag(
         0.2, "reject the run (keep the committed night, exit 3) when a larger share of inputs are error rows")
     allow_empty: bool = flag(False, "commit an empty night instead of rejecting a run without inputs")
-    chunk_size: int = flag(100_000, "inputs per pipeline pass (bounds the driver's memory)")
+    chunk_size: int = flag(100_000, "inputs per listing chunk: the driver holds one chunk of keys at a time")
     lease_seconds: float = flag(LEASE_SECONDS,
                                 "a run that stops renewing its lease for this long loses the date to the next run")
 

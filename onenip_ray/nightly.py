@@ -90,7 +90,7 @@ class NightLayout:
         return posixpath.join(self.run(run_id).path, *parts)
 
     def staged_data_path(self, run_id: str, *parts: str) -> str:
-        """Where run ``run_id`` stages its rows: ``data/chunk-NNNNN/``, ``data/resumed/``, …"""
+        """Where run ``run_id`` stages its rows: ``data/input_chunk=N/``, ``data/resumed/``, …"""
         return self.run_path(run_id, STAGED_DATA, *parts)
 
     def staged_heatmaps(self, run_id: str) -> storage.Location:

@@ -247,7 +247,7 @@ def _train_epoch(cfg: TrainConfig, worker: Worker, backbone, opt: Optimization, 
         with worker.autocast():
             synthetic = backbone(worker.network_input(backbone, synthetic_images))
             losses = training_losses(opt.model, clean_features[idx.to(device)], synthetic.float(), masks.to(device),
-                                     clean_features[prompt_idx.to(device)])
+                                     clean_features[prompt_idx.to(device)], cfg.refiner_loss)
         opt.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(opt.model.parameters(), cfg.grad_clip)

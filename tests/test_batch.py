@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -317,14 +318,21 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tiny_bun
     assert sorted(os.listdir(tmp_path / "out" / "run_date=2026-11-27")) == sorted([*marker["files"], "_SUCCESS.json"])
 
 
-class _PoisonedActor(InferenceActor):
-    """Fails every batch holding image ``04.png`` or a later one (a bug, a node lost for good): the
-    run dies after its first chunk (images 00–03) was staged."""
+def _poisoned_actor(staged: str) -> type:
+    """An InferenceActor that fails every batch holding image ``04.png`` or a later one (a bug, a node
+    lost for good), once images 00–03 are staged under ``staged`` (two files of two rows): the run
+    dies part-way through the night's one pipeline."""
 
-    def __call__(self, batch):
-        if any(os.path.basename(u) >= "04" for u in batch["image_uri"]):
-            raise RuntimeError("inference failed for good")
-        return super().__call__(batch)
+    class PoisonedActor(InferenceActor):
+        def __call__(self, batch):
+            if any(os.path.basename(u) >= "04" for u in batch["image_uri"]):
+                deadline = time.monotonic() + 120
+                while len(list(Path(staged).rglob("*.parquet.staged"))) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                raise RuntimeError("inference failed for good")
+            return super().__call__(batch)
+
+    return PoisonedActor
 
 
 @pytest.mark.slow
@@ -338,10 +346,11 @@ def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_clus
         cv2.imwrite(str(tmp_path / "in" / f"{i:02d}.png"), images[i % len(images)])
     out = str(tmp_path / "out")
     cfg = BatchConfig(bundle=tiny_bundle, input=str(tmp_path / "in"), output=out, run_date=DAY, batch_size=2,
-                      actor_cpus=0.5, task_cpus=0.25, chunk_size=4, run_id="20261127-failed")
+                      actor_cpus=0.5, task_cpus=0.25, chunk_size=4, rows_per_file=2, run_id="20261127-failed")
 
+    staged = os.path.join(out, "_runs", "run_date=2026-11-27", "20261127-failed", "data")
     with pytest.raises(Exception, match="inference failed for good"):
-        run_batch_scoring(cfg, actor_cls=_PoisonedActor)
+        run_batch_scoring(cfg, actor_cls=_poisoned_actor(staged))
     assert not os.path.exists(os.path.join(out, "run_date=2026-11-27"))  # nothing committed, the lease released
     assert not os.path.exists(os.path.join(out, "_runs", "run_date=2026-11-27", "lease.json"))
 

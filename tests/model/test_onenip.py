@@ -79,6 +79,23 @@ def test_the_loss_uses_the_official_dice_on_both_streams(model, monkeypatch):
     assert torch.allclose(losses.total, losses.mse + 0.5 * losses.dice)
 
 
+def test_dice_plus_bce_pulls_a_collapsed_refiner_back(model):
+    """A refiner at 0 everywhere (saturated logits) gets almost no gradient from the official Dice;
+    ``refiner_loss="dice+bce"`` gives it one (its mask pixels pull at about 1 / pixels each)."""
+    batch = _batch(n=2)
+    model.eval()
+    with torch.no_grad():
+        model.refiner.predictor.bias.fill_(-20.0)
+    grads, losses = {}, {}
+    for kind in ("dice", "dice+bce"):
+        model.zero_grad()
+        losses[kind] = training_losses(model, *batch, refiner_loss=kind)
+        losses[kind].total.backward()
+        grads[kind] = float(model.refiner.predictor.bias.grad.abs())
+    assert grads["dice"] < 1e-6 < 1e-2 < grads["dice+bce"]
+    assert torch.allclose(losses["dice"].dice, losses["dice+bce"].dice)  # the logged Dice is the Dice alone
+
+
 def _hand_dice(logits: list[list[float]], masks: list[list[float]], smooth: float) -> float:
     losses = []
     for row_l, row_t in zip(logits, masks):
