@@ -2,7 +2,8 @@
 
 The trained OneNIP weights are class-agnostic (prompt-guided), so a class is added by encoding
 its normal images into the prompt pool (covering prompts + patch memory) and calibrating its
-threshold, score scale and routing floor on those normals and their synthetic-anomaly copies.
+threshold, score scale and routing floor on those normals and their synthetic-defect copies
+(``HeldOutSynthesizer``, as training's final step).
 A few normals also enter the memory rotated (``rotation_angles``), and the memory's neighbourhood is
 chosen, as in training (``enrolment.enrol_class``).
 Every normal is scored by a pool of the *other* normals (``enrolment.score_out_of_fold``, the path
@@ -25,7 +26,7 @@ from .bundle import check_new_uri, load_bundle, write_version
 from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .config import TrainConfig
 from .data.images import ImageError, decode_for_size, rotate_image
-from .data.synthesis import AnomalySynthesizer, TextureSource
+from .data.synthesis import HeldOutSynthesizer
 from .enrolment import Enrolment, calibration_rows, enrol_class, neighbor_pool_summary, score_out_of_fold
 from .errors import InputError
 from .inputs import list_inputs
@@ -102,7 +103,7 @@ def add_class(
     uris, images = read_normals(normals_uri, bundle.config.image_size, endpoint)
     predictor = bundle.predictor()
     enrolment, maps = enrol_class(predictor.backbone, predictor.config, class_name, uris, images, k, memory_cap,
-                                  rotation_budget, seed, partial(_score_held_out, predictor, images=images, seed=seed),
+                                  rotation_budget, seed, partial(_score_held_out, predictor, images=images),
                                   np.random.default_rng(seed))
     cal = class_calibration(predictor, maps, fpr)
     if fpr != bundle.calibration.target_fpr:  # the class aims at its own target
@@ -130,11 +131,11 @@ def _memory_cap(train_cfg: dict[str, Any]) -> int:
     return min(trained, default) if trained > 0 else 0
 
 
-def _score_held_out(predictor: Predictor, enrolment: Enrolment, rng: np.random.Generator, images: np.ndarray,
-                    seed: int) -> CalibrationMaps:
+def _score_held_out(predictor: Predictor, enrolment: Enrolment, rng: np.random.Generator,
+                    images: np.ndarray) -> CalibrationMaps:
     """Maps of every normal (and its synthetic copy) scored out of fold (``score_out_of_fold``); a
     single normal is scored through ``views_of_one`` by a pool of itself."""
-    synthesizer = AnomalySynthesizer(predictor.config.image_size, TextureSource.procedural(seed))
+    synthesizer = HeldOutSynthesizer(predictor.config.image_size)
     if len(images) == 1:
         predictor.set_pool(enrolment.pool())
         views = views_of_one(images[0])

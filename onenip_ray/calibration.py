@@ -5,10 +5,15 @@ a memory built without it. *Fresh* normals are those the trained model never saw
 training; all of an added class's).
 
 Fusion weights (``fusion="calibrated"``): the refiner weight α and the nearest-neighbour weight β,
-each in {0, 0.25, 0.5, 0.75, 1}, by pixel AUROC on the fresh normals and their synthetic-anomaly
-copies (known masks; no test data). A mix of the two branches wins only where
-it beats the better branch alone by ``FUSION_MARGIN``, so the fused map is never worse than the
-best single branch on this data and a branch that adds nothing gets weight 0.
+each in {0, 0.25, 0.5, 0.75, 1}, by their ``separation`` (the mean of image and pixel AUROC) of the
+fresh normals from their synthetic-defect copies, averaged over the classes (no test data). The
+copies are of kinds training never synthesises (``HeldOutSynthesizer``): on the training kinds the
+refiner, which learnt them, wins whatever it does on real defects. The image AUROC counts the real
+normals' scores, so a branch that spreads them pays for it. A mix of the two branches wins only
+where it beats the better branch alone by ``FUSION_MARGIN``, so the fused map is never worse than
+the best single branch on this data and a branch that adds nothing (an untrained OneNIP) gets
+weight 0. ``Calibration.branch_separation`` keeps each class's figure for OneNIP alone, the
+nearest neighbour alone and the chosen fusion.
 
 Threshold rule: from a class's ``n`` calibration scores (all its out-of-fold normals where the
 fused map is the nearest neighbour alone, else its fresh ones), the threshold is the score at rank
@@ -38,7 +43,7 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 
 from .config import ModelConfig, TrainConfig
-from .data.synthesis import AnomalySynthesizer
+from .data.synthesis import Synthesizer
 from .errors import InputError
 from .metrics import image_auroc, pixel_auroc
 from .model.anomaly_map import Maps, fuse, gaussian_blur, image_scores
@@ -95,7 +100,9 @@ class Calibration:
     alpha: float = 0.5
     neighbor_weight: float = 0.0
     neighbor_scale: float = 1.0
-    fusion_auroc: dict[str, float] | None = None  # calibration pixel AUROC per candidate "α,β"
+    fusion_auroc: dict[str, float] | None = None  # bundles before ``fusion_separation``: pixel AUROC per "α,β"
+    fusion_separation: dict[str, float] | None = None  # mean over classes of ``separation`` per candidate "α,β"
+    branch_separation: dict[str, dict[str, float]] | None = None  # per class: onenip, neighbor, fused
 
     def target_of(self, cls: str) -> float:
         """The false-positive rate class ``cls``'s threshold aims at: its own, else the bundle's."""
@@ -103,9 +110,11 @@ class Calibration:
         return self.target_fpr if own is None else own
 
     def to_dict(self) -> dict:
+        """As stored in ``bundle.json``; bundles before ``fusion_separation`` keep their keys (and content hash)."""
+        fusion = ({"fusion_auroc": self.fusion_auroc} if self.fusion_separation is None else
+                  {"fusion_separation": self.fusion_separation, "branch_separation": self.branch_separation})
         return {"rec_scale": self.rec_scale, "target_fpr": self.target_fpr, "alpha": self.alpha,
-                "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale,
-                "fusion_auroc": self.fusion_auroc,
+                "neighbor_weight": self.neighbor_weight, "neighbor_scale": self.neighbor_scale, **fusion,
                 "rule": f"threshold_raw = the calibration normals' score at rank (n+1)(1-{self.target_fpr}); "
                         "below that many normals mean + t(1-target; n-1) * sd * sqrt(1+1/n) of their log scores",
                 "per_class": {k: v.to_dict() for k, v in self.per_class.items()}}
@@ -115,7 +124,8 @@ class Calibration:
         return cls(rec_scale=float(d["rec_scale"]), target_fpr=float(d["target_fpr"]),
                    per_class={k: ClassCalibration(**v) for k, v in d["per_class"].items()},
                    alpha=float(d["alpha"]), neighbor_weight=float(d["neighbor_weight"]),
-                   neighbor_scale=float(d["neighbor_scale"]), fusion_auroc=d.get("fusion_auroc"))
+                   neighbor_scale=float(d["neighbor_scale"]), fusion_auroc=d.get("fusion_auroc"),
+                   fusion_separation=d.get("fusion_separation"), branch_separation=d.get("branch_separation"))
 
 
 @dataclass
@@ -170,7 +180,7 @@ class CalibrationMaps:
 
 
 def score_normals(predictor: Predictor, cls: str, images: np.ndarray, fresh: np.ndarray,
-                  synthesizer: AnomalySynthesizer, rng: np.random.Generator, batch_size: int = 16) -> CalibrationMaps:
+                  synthesizer: Synthesizer, rng: np.random.Generator, batch_size: int = 16) -> CalibrationMaps:
     """Maps of ``images`` (normals of ``cls``) by the predictor's pool, then of a synthetic-anomaly
     copy of each ``fresh`` one."""
     fresh = np.asarray(fresh, dtype=bool)
@@ -202,11 +212,13 @@ def calibrate(predictor: Predictor, scored: dict[str, CalibrationMaps],
     predictor.rec_scale = float(rec.max() + rec.min()) / 2.0
     nn_mid = float(nn.max() + nn.min()) / 2.0
     predictor.neighbor_scale = predictor.rec_scale / nn_mid if nn_mid > 0 else 1.0
-    fusion_auroc = None
+    fusion, branches = None, None
     if predictor.config.fusion == "calibrated":
-        fusion_auroc = _fusion_auroc(scored, predictor)
-        if any(np.isfinite(v) for v in fusion_auroc.values()):
-            predictor.alpha, predictor.neighbor_weight = choose_fusion(fusion_auroc)
+        by_class = _fusion_separation(scored, predictor)
+        fusion = {k: float(np.mean(list(v.values()))) for k, v in by_class.items()} if by_class else None
+        if fusion and any(np.isfinite(v) for v in fusion.values()):
+            predictor.alpha, predictor.neighbor_weight = choose_fusion(fusion)
+            branches = _branch_separation(by_class, predictor)
     else:
         predictor.neighbor_weight = 0.0
     per_class = {cls: class_calibration(predictor, m, target_fpr) for cls, m in scored.items()}
@@ -215,7 +227,7 @@ def calibrate(predictor: Predictor, scored: dict[str, CalibrationMaps],
         cal.route_floor = floors[cls]
     return Calibration(rec_scale=predictor.rec_scale, target_fpr=target_fpr, per_class=per_class, alpha=predictor.alpha,
                        neighbor_weight=predictor.neighbor_weight, neighbor_scale=predictor.neighbor_scale,
-                       fusion_auroc=fusion_auroc)
+                       fusion_separation=fusion, branch_separation=branches)
 
 
 def class_calibration(predictor: Predictor, scored: CalibrationMaps, target_fpr: float) -> ClassCalibration:
@@ -299,22 +311,29 @@ def route_floors(pool: PromptPool, lowest_similarity: dict[str, float]) -> dict[
     return floors
 
 
-def _fusion_auroc(scored: dict[str, CalibrationMaps], predictor: Predictor) -> dict[str, float]:
-    """Pixel AUROC of the fused map on the fresh normals and their copies for each (α, β) of
-    ``WEIGHT_GRID`` (maps pooled 4× to bound cost); β only where the pool has a memory."""
-    masks = np.concatenate([m.masks[m.fresh_rows()] for m in scored.values()])
-    if not masks.any():
+def _fusion_separation(scored: dict[str, CalibrationMaps], predictor: Predictor) -> dict[str, dict[str, float]]:
+    """Per candidate ``"α,β"`` of ``WEIGHT_GRID``, each class's ``separation`` of its fresh normals
+    from their copies by the fused map (classes without copies left out); β only where the pool
+    has a memory. Empty when no class has copies."""
+    classes = {name: m.take(np.flatnonzero(m.fresh)) for name, m in scored.items() if m.fresh.any()}
+    if not classes:
         return {}
-    maps = Maps(*(torch.from_numpy(np.concatenate([getattr(m, k)[m.fresh_rows()] for m in scored.values()]))
-                  for k in ("reconstruction", "refiner", "neighbor")))
-    target = _pooled(torch.from_numpy(masks).float()) > 0.5
     betas = WEIGHT_GRID if len(predictor.memory) else (0.0,)
-    out = {}
-    for a in WEIGHT_GRID:
-        for b in betas:
-            fused = fuse(maps, predictor.config, predictor.rec_scale, a, b, predictor.neighbor_scale)
-            out[f"{a},{b}"] = pixel_auroc(target, _pooled(fused))
-    return out
+    config = predictor.config
+    return {f"{a},{b}": {name: separation(fuse(m.maps(), config, predictor.rec_scale, a, b, predictor.neighbor_scale),
+                                          m.masks, m.num_normals, config)
+                         for name, m in classes.items()}
+            for a in WEIGHT_GRID for b in betas}
+
+
+def _branch_separation(by_class: dict[str, dict[str, float]], predictor: Predictor) -> dict[str, dict[str, float]]:
+    """Each class's ``separation`` by OneNIP alone (at the chosen α), the nearest neighbour alone
+    and the chosen fusion (``_fusion_separation``'s figures)."""
+    a, b = predictor.alpha, predictor.neighbor_weight
+    picks = {"onenip": f"{a},0.0", "neighbor": f"{WEIGHT_GRID[-1]},{WEIGHT_GRID[-1]}", "fused": f"{a},{b}"}
+    names = next(iter(by_class.values()))
+    return {name: {k: round(float(by_class[key][name]), 4) for k, key in picks.items() if key in by_class}
+            for name in names}
 
 
 def _pooled(maps: torch.Tensor) -> np.ndarray:
@@ -322,27 +341,31 @@ def _pooled(maps: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.avg_pool2d(maps.unsqueeze(1), 4)[:, 0].numpy()
 
 
-def neighbor_separation(scored: CalibrationMaps, config: ModelConfig) -> float:
-    """How well a class's nearest-neighbour map (smoothed as fused maps are) tells its out-of-fold
-    normals from their synthetic-anomaly copies: the mean of the image AUROC (normals against
-    copies, by image score) and the pixel AUROC (on ``_pooled`` maps, as ``_fusion_auroc``); NaN
-    without copies. ``enrolment.enrol_class`` keeps the neighbourhood where it is highest."""
-    if not scored.masks.any():
+def separation(fused: torch.Tensor, masks: np.ndarray, num_normals: int, config: ModelConfig) -> float:
+    """How well smoothed maps ``fused`` tell ``num_normals`` normals (first) from synthetic-defect
+    copies (after, their defects in ``masks``): the mean of the image AUROC (by image score) and
+    the pixel AUROC (on ``_pooled`` maps); NaN without copies."""
+    if not masks.any():
         return float("nan")
-    maps = gaussian_blur(torch.from_numpy(scored.neighbor), config.map_sigma)
-    copies = len(scored.masks) - scored.num_normals
-    labels = np.r_[np.zeros(scored.num_normals), np.ones(copies)]
-    image = image_auroc(labels, image_scores(maps, config.score_pool).numpy())
-    pixel = pixel_auroc(_pooled(torch.from_numpy(scored.masks).float()) > 0.5, _pooled(maps))
+    labels = np.r_[np.zeros(num_normals), np.ones(len(masks) - num_normals)]
+    image = image_auroc(labels, image_scores(fused, config.score_pool).numpy())
+    pixel = pixel_auroc(_pooled(torch.from_numpy(masks).float()) > 0.5, _pooled(fused))
     return float(np.mean([image, pixel]))
 
 
-def choose_fusion(auroc: dict[str, float]) -> tuple[float, float]:
-    """(α, β) from the calibration pixel AUROC per candidate ``"α,β"``: the best, but a mix of
+def neighbor_separation(scored: CalibrationMaps, config: ModelConfig) -> float:
+    """``separation`` of a class's out-of-fold normals from their copies by its nearest-neighbour
+    map, smoothed as fused maps are. ``enrolment.enrol_class`` keeps the neighbourhood where it is highest."""
+    maps = gaussian_blur(torch.from_numpy(scored.neighbor), config.map_sigma)
+    return separation(maps, scored.masks, scored.num_normals, config)
+
+
+def choose_fusion(figures: dict[str, float]) -> tuple[float, float]:
+    """(α, β) from the calibration figure (higher is better) per candidate ``"α,β"``: the best, but a mix of
     OneNIP and the nearest neighbour only where it beats the better branch alone (β = 1, or β = 0 at
     its best α) by ``FUSION_MARGIN``. Ties go to the nearest neighbour alone, then to the weights
     nearest (0.5, 0.5); the nearest neighbour alone is stored as α 0.5, β 1."""
-    valid = {k: v for k, v in auroc.items() if np.isfinite(v)}
+    valid = {k: v for k, v in figures.items() if np.isfinite(v)}
 
     def weights(k: str) -> tuple[float, ...]:
         return tuple(float(w) for w in k.split(","))

@@ -69,7 +69,8 @@ class ModelConfig:
                                      "~100 steps)")
     # "channel": standardise each backbone channel
     feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS})
-    # "calibrated": α chosen on the calibration set (held-out normals + synthetic anomalies);
+    # "calibrated": α and β chosen on the calibration set (held-out normals + synthetic defects of
+    # kinds training never synthesises, ``calibration.py``);
     # "official": α fixed, refiner rescaled to the S_rec range; "paper": Eq. 10 as written.
     fusion: str = flag("calibrated",
                        "map fusion: α chosen on calibration data, official α=0.5 rescaled, or paper Eq. 10", FUSIONS)
@@ -84,12 +85,11 @@ class ModelConfig:
     neighbor_coarse_weight: float = flag(0.5, "weight of the coarsest backbone stage in the nearest-neighbour map's "
                                               "patches (1 = as the backbone gives it)")
     # 1: the patch alone. auto enrols each class both ways and keeps the one that separates its
-    # out-of-fold normals from their synthetic anomalies better (``enrolment.enrol_class``); on the
-    # three-class plant it kept 3 for bottle (better) and capsules (worse: the synthetic anomalies
-    # are larger than its defects), measured in docs/results.md
+    # out-of-fold normals from their synthetic defects better (``enrolment.enrol_class``), measured
+    # in docs/results.md
     neighbor_pool: str = flag("1", "neighbourhood the nearest-neighbour map averages each patch over before "
                                    "comparing: 1 = the patch alone, 3 = 3 x 3, auto = per class from its own "
-                                   "normals and their synthetic anomalies", NEIGHBOR_POOL_CHOICES)
+                                   "normals and their synthetic defects", NEIGHBOR_POOL_CHOICES)
 
     def __post_init__(self) -> None:
         if self.image_size % 16:

@@ -5,7 +5,7 @@ One path for training's final step and ``add-class``: ``enrol_class`` encodes a 
 coreset of them all, density weights where that coreset is of few normals and their copies), once
 per candidate neighbourhood of the memory's patches (``ModelConfig.neighbor_pool``), scores each
 out of fold and keeps the one whose nearest-neighbour map separates the class's normals from their
-synthetic anomalies best (``calibration.neighbor_separation``; ties keep the smaller);
+synthetic defects best (``calibration.neighbor_separation``; ties keep the smaller);
 ``Enrolment.pool`` gives the class as a subset of its normals gives it; ``score_out_of_fold`` scores
 every calibration normal by a pool of the *other* normals (k folds), so no normal is calibrated
 against its own prompts or patches.
@@ -21,7 +21,7 @@ import torch
 from .calibration import CalibrationMaps, neighbor_separation, score_normals
 from .config import ModelConfig
 from .data.images import rotate_image
-from .data.synthesis import AnomalySynthesizer
+from .data.synthesis import Synthesizer
 from .model.backbone import FrozenBackbone
 from .predictor import Predictor
 from .prompts import (
@@ -87,7 +87,7 @@ def enrol_class(backbone: FrozenBackbone, config: ModelConfig, name: str, ids: l
                 rng: np.random.Generator) -> tuple[Enrolment, CalibrationMaps]:
     """Encode a class's normals (see the module docstring; ``memory_cap`` 0 keeps every patch) and
     score each candidate enrolment with ``score(enrolment, rng)``, every candidate from the same
-    ``rng`` state (same folds, same synthetic anomalies); ``rng`` ends as the kept one left it.
+    ``rng`` state (same folds, same synthetic defects); ``rng`` ends as the kept one left it.
     Returns the kept enrolment (its ``separation`` filled in) and its maps."""
     features, patch_features, angles = encode_normals(backbone, config, images, rotation_budget)
     sizes = NEIGHBOR_POOLS if config.neighbor_pool == "auto" else (int(config.neighbor_pool),)
@@ -139,7 +139,7 @@ def enrol_features(name: str, ids: list[str], features: torch.Tensor, patch_feat
 
 
 def score_out_of_fold(predictor: Predictor, enrolment: Enrolment, images: np.ndarray, fresh: np.ndarray,
-                      synthesizer: AnomalySynthesizer, rng: np.random.Generator,
+                      synthesizer: Synthesizer, rng: np.random.Generator,
                       scored: np.ndarray | None = None) -> CalibrationMaps:
     """Maps of the normals ``scored`` (default all) of ``images`` (the enrolment's normals), in order, each by
     a pool of this class from the other normals (``MAX_FOLDS`` folds), then of a synthetic copy of

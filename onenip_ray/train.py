@@ -32,7 +32,7 @@ from .bundle import commit_bundle, write_bundle
 from .calibration import calibrate
 from .config import ModelConfig, TrainConfig
 from .data.layouts import read_datasets
-from .data.synthesis import AnomalySynthesizer, TextureSource
+from .data.synthesis import AnomalySynthesizer, HeldOutSynthesizer, TextureSource
 from .enrolment import calibration_rows, enrol_class, neighbor_pool_summary, score_out_of_fold
 from .errors import InputError
 from .formats import BUNDLE_FILE
@@ -229,8 +229,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         "calibration_images": int(len(data.calibration_index)), "precision": "bf16" if worker.use_bf16 else "fp32",
         "config": cfg.to_dict(),
     }
-    _report_final(cfg, worker, opt, lambda out: _write_final_bundle(out, cfg, backbone, opt.core, data, synthesizer,
-                                                                     summary))
+    _report_final(cfg, worker, opt, lambda out: _write_final_bundle(out, cfg, backbone, opt.core, data, summary))
 
 
 def _train_epoch(cfg: TrainConfig, worker: Worker, backbone, opt: Optimization, clean_features: torch.Tensor,
@@ -313,13 +312,13 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     return int(state["epoch"]) + 1, json.loads(state["history"])
 
 
-def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, synthesizer,
-                        summary: dict) -> None:
+def _write_final_bundle(out: str, cfg: TrainConfig, backbone, model, data: TrainingSet, summary: dict) -> None:
     """Enrol every class from all its normals (``enrolment.enrol_class``), score up to
     ``MAX_CALIBRATION_NORMALS`` of them out of fold (the held-out ones fresh) and calibrate."""
     model.eval()
     backbone, model = backbone.float().cpu().to(memory_format=torch.contiguous_format), model.cpu()
     rng = np.random.default_rng(cfg.seed)
+    synthesizer = HeldOutSynthesizer(cfg.model.image_size)
     fresh = np.isin(np.arange(len(data.images)), data.calibration_index)
     enrolments, scored, pool, predictor = [], {}, None, None
     t0 = time.perf_counter()

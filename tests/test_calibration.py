@@ -6,10 +6,13 @@ import pytest
 import torch
 from scipy.stats import gumbel_r, lognorm
 
+from onenip_ray.bundle import load_bundle
 from onenip_ray.calibration import (
     FUSION_MARGIN,
+    CalibrationMaps,
     ClassCalibration,
     bound,
+    calibrate,
     choose_fusion,
     fpr_interval,
     prediction_bound,
@@ -83,6 +86,40 @@ def test_fusion_weighs_a_branch_in_only_where_it_helps():
     assert choose_fusion(helpful) == (0.5, 0.5)
     onenip_only = {f"{a},{b}": 0.9 - 0.3 * b for a in grid for b in grid}
     assert choose_fusion(onenip_only)[1] == 0.0  # the nearest neighbour adds nothing: its weight 0
+
+
+def _calibration_maps(size: int, informative: str, rng: np.random.Generator, normals: int = 10) -> CalibrationMaps:
+    """``normals`` fresh normals then a copy of each with a square defect: the ``informative`` map
+    ("neighbor" or "refiner") lights up on the defect, the other maps are noise (an untrained branch)."""
+    masks = np.zeros((2 * normals, size, size), bool)
+    for i in range(normals, 2 * normals):
+        y, x = rng.integers(0, size - 12, 2)
+        masks[i, y : y + 12, x : x + 12] = True
+    maps = {k: rng.random(masks.shape).astype(np.float32) for k in ("reconstruction", "refiner", "neighbor")}
+    maps[informative] = (0.2 * maps[informative] + masks).astype(np.float32)
+    return CalibrationMaps(maps["reconstruction"], maps["refiner"], maps["neighbor"], masks,
+                           np.full(normals, 0.99, np.float32), np.ones(normals, bool))
+
+
+@pytest.mark.parametrize("informative", ["neighbor", "refiner"])
+def test_calibration_gives_a_branch_of_noise_weight_0_and_reports_both_branches(tiny_bundle, informative):
+    """The fusion is chosen on the calibration maps: the branch that separates normals from their
+    defective copies gets the weight, a branch of noise (an untrained OneNIP) none; each class's
+    separation by OneNIP alone, the nearest neighbour alone and the fusion is kept."""
+    predictor = load_bundle(tiny_bundle).predictor()
+    rng = np.random.default_rng(0)
+    scored = {name: _calibration_maps(predictor.config.image_size, informative, rng) for name in predictor.class_names}
+    cal = calibrate(predictor, scored)
+    if informative == "neighbor":
+        assert (cal.alpha, cal.neighbor_weight) == (0.5, 1.0)
+    else:
+        assert cal.neighbor_weight == 0.0 and cal.alpha == 1.0
+    assert set(cal.branch_separation) == set(predictor.class_names)
+    for branches in cal.branch_separation.values():
+        best = "neighbor" if informative == "neighbor" else "onenip"
+        other = "onenip" if informative == "neighbor" else "neighbor"
+        assert branches["fused"] == branches[best] > 0.9 and branches[best] > branches[other] + 0.1
+    assert cal.fusion_auroc is None and type(cal).from_dict(cal.to_dict()) == cal
 
 
 def test_a_bundle_without_stored_scores_keeps_the_bound_of_its_raw_scores():

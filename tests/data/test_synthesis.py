@@ -191,3 +191,23 @@ def test_procedural_pickles_without_pool() -> None:
     clone = pickle.loads(pickle.dumps(source))
     assert clone._pools == {}
     np.testing.assert_array_equal(clone.sample(np.random.default_rng(0), 32), before)
+
+
+@pytest.mark.parametrize("size", [64, 320])
+def test_held_out_defects_are_small_and_their_mask_is_exactly_what_changed(size: int) -> None:
+    synth = synthesis.HeldOutSynthesizer(size)
+    image = natural_image(size)
+    kinds = {}
+    for seed in range(24):
+        rng = np.random.default_rng(seed)
+        out, mask = synth(image, rng)
+        assert out.shape == image.shape and out.dtype == np.uint8 and mask.dtype == np.float32
+        changed = np.abs(out.astype(np.int16) - image.astype(np.int16)).max(-1) > synthesis.HELD_OUT_CHANGE
+        np.testing.assert_array_equal(mask > 0, changed)
+        assert synthesis.HELD_OUT_MIN_PIXELS <= mask.sum() <= 0.08 * size * size
+        for kind in synth.kinds:
+            shown = (kind(image, np.random.default_rng(seed)) != image).any()
+            kinds[kind.__name__] = kinds.get(kind.__name__, 0) + int(shown)
+    assert all(n >= 20 for n in kinds.values()), kinds  # every kind changes the image (nearly always)
+    again = synth(image, np.random.default_rng(3))
+    np.testing.assert_array_equal(again[0], synth(image, np.random.default_rng(3))[0])
