@@ -24,6 +24,7 @@ from onenip_ray.bundle import load_bundle, write_bundle
 from onenip_ray.cli import main
 from onenip_ray.formats import uri_stem
 from onenip_ray.inputs import list_inputs
+from onenip_ray.nightly import STAGED_SUFFIX
 from onenip_ray.schema import FILE_SCHEMA, OUTPUT_COLUMNS
 from onenip_ray.scoring import Scorer
 from tests.faultproxy import FaultProxy
@@ -327,7 +328,7 @@ def _poisoned_actor(staged: str) -> type:
         def __call__(self, batch):
             if any(os.path.basename(u) >= "04" for u in batch["image_uri"]):
                 deadline = time.monotonic() + 120
-                while len(list(Path(staged).rglob("*.parquet.staged"))) < 2 and time.monotonic() < deadline:
+                while len(list(Path(staged).rglob(f"*{STAGED_SUFFIX}"))) < 2 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 raise RuntimeError("inference failed for good")
             return super().__call__(batch)
@@ -372,6 +373,6 @@ def test_failed_night_resumes_and_a_bad_night_never_replaces_a_good_one(ray_clus
     assert "10 of 20 inputs (50.0 %) are errors (missing 10), above --max-error-fraction 0.2" in err
     assert set(pd.read_parquet(out)["run_id"]) == {"20261127-failed", "20261127-resumed"}
     (rejected,) = Path(out, "_runs", "run_date=2026-11-27").glob("*/rejected.json")
-    staged = [p for p in rejected.parent.rglob("*.parquet.staged")]
+    staged = [p for p in rejected.parent.rglob(f"*{STAGED_SUFFIX}")]
     assert sum(pq.read_table(p).num_rows for p in staged) == 20
     assert json.loads(rejected.read_text())["errors_by_kind"] == {"missing": 10}
