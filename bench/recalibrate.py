@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from onenip_ray.bundle import load_bundle
 from onenip_ray.config import NEIGHBOR_POOL_CHOICES
@@ -41,7 +42,7 @@ def main() -> None:
     summary["recalibrated_from"] = bundle.version
     t0 = time.perf_counter()
     _write_final_bundle(args.out, cfg, bundle.backbone, bundle.model, data, summary)
-    meta = json.load(open(f"{args.out}/bundle.json"))
+    meta = json.loads((Path(args.out) / "bundle.json").read_text())
     cal = meta["calibration"]
     print(json.dumps({"version": meta["version"], "from_version": bundle.version, "seconds": time.perf_counter() - t0,
                       "alpha": cal["alpha"], "neighbor_weight": cal["neighbor_weight"],

@@ -181,8 +181,8 @@ class CalibrationMaps:
 
 def score_normals(predictor: Predictor, cls: str, images: np.ndarray, fresh: np.ndarray,
                   synthesizer: Synthesizer, rng: np.random.Generator, batch_size: int = 16) -> CalibrationMaps:
-    """Maps of ``images`` (normals of ``cls``) by the predictor's pool, then of a synthetic-anomaly
-    copy of each ``fresh`` one."""
+    """Maps of ``images`` (normals of ``cls``) by the predictor's pool, then of a synthetic copy of
+    each ``fresh`` one (``synthesizer``)."""
     fresh = np.asarray(fresh, dtype=bool)
     pairs = [synthesizer(img, rng) for img in images[fresh]]
     copies = np.stack([p[0] for p in pairs]) if pairs else images[:0]

@@ -349,6 +349,17 @@ def _rotate_expand(patch: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndar
     return rotated, footprint.astype(bool)
 
 
+def _checked_size(image_size: int) -> int:
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    return int(image_size)
+
+
+def _check_image(image: np.ndarray, s: int) -> None:
+    if image.shape != (s, s, 3) or image.dtype != np.uint8:
+        raise ValueError(f"expected ({s}, {s}, 3) uint8 RGB, got {image.dtype} {image.shape}")
+
+
 class AnomalySynthesizer:
     """Official OneNIP mix: 25 % CutPaste, 25 % CutPaste-scar, 50 % Perlin texture paste.
 
@@ -357,24 +368,17 @@ class AnomalySynthesizer:
     """
 
     def __init__(self, image_size: int, textures: TextureSource | None = None) -> None:
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
-        self.image_size = int(image_size)
+        self.image_size = _checked_size(image_size)
         self.textures = textures if textures is not None else TextureSource.procedural()
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        self._check(image)
+        _check_image(image, self.image_size)
         u = rng.random()
         if u < 0.25:
             return self.cutpaste(image, rng)
         if u < 0.5:
             return self.scar(image, rng)
         return self.perlin_paste(image, rng)
-
-    def _check(self, image: np.ndarray) -> None:
-        s = self.image_size
-        if image.shape != (s, s, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected ({s}, {s}, 3) uint8 RGB, got {image.dtype} {image.shape}")
 
     def cutpaste(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Jittered rectangle (2–15 % of the area, aspect 0.3–3.3) cut and pasted elsewhere."""
@@ -454,15 +458,11 @@ class HeldOutSynthesizer:
     """
 
     def __init__(self, image_size: int) -> None:
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
-        self.image_size = int(image_size)
+        self.image_size = _checked_size(image_size)
         self.kinds = (self.stain, self.scratch, self.missing, self.dent)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        s = self.image_size
-        if image.shape != (s, s, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected ({s}, {s}, 3) uint8 RGB, got {image.dtype} {image.shape}")
+        _check_image(image, self.image_size)
         for attempt in range(HELD_OUT_TRIES + 1):
             kind = self.kinds[int(rng.integers(len(self.kinds)))] if attempt < HELD_OUT_TRIES else self.stain
             out = kind(image, rng)
