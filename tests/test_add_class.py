@@ -57,6 +57,9 @@ def test_add_class_writes_a_new_version_and_leaves_the_source_untouched(tiny_bun
     assert set(added.calibration.per_class) == set(added.classes)
     checker = added.calibration.per_class["checker"]
     assert checker.num_images == 8 and checker.threshold_raw > checker.normal_mean
+    # 8 scores allow no rank at target 0.1: the bound, and the wide range its rate lies in
+    low, high = result["expected_fpr"]
+    assert result["threshold_rule"] == "bound" and low < source.calibration.target_fpr < high
     assert added.calibration.target_of("checker") == source.calibration.target_fpr
     assert added.meta["training"]["added_classes"][-1]["normals"] == 8
     # the trained weights are shared: only the pool and the calibration change
