@@ -26,7 +26,7 @@ import numpy as np
 
 from onenip_ray.add_class import add_class
 from onenip_ray.bundle import load_bundle
-from onenip_ray.calibration import bound, fpr_interval
+from onenip_ray.calibration import fpr_interval, log_bound
 from onenip_ray.scoring import Scorer
 
 VISA = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa"
@@ -34,9 +34,7 @@ VISA = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa"
 
 def rules(scores: np.ndarray, deployed: float, target: float) -> dict[str, float]:
     """The thresholds each rule takes from one class's calibration scores."""
-    logs = np.log(scores)
-    return {"deployed": deployed, "largest": float(scores.max()),
-            "t-bound": float(np.exp(bound(logs.mean(), logs.std(ddof=1), len(logs), target, floor=0.02)))}
+    return {"deployed": deployed, "largest": float(scores.max()), "t-bound": log_bound(scores, target)}
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import storage
 from .bundle import check_new_uri, load_bundle, write_version
-from .calibration import CalibrationMaps, class_calibration, fpr_interval, route_floors, score_normals
+from .calibration import CalibrationMaps, class_calibration, route_floors, score_normals
 from .config import TrainConfig
 from .data.images import ImageError, decode_for_size, rotate_image
 from .data.synthesis import HeldOutSynthesizer
@@ -121,7 +121,7 @@ def add_class(
     meta = write_version(bundle, pool, calibration, "added_classes", added, out_uri, endpoint)
     return {"bundle": out_uri, "version": meta["version"], "from_version": bundle.version, "classes": meta["classes"],
             "added": class_name, "normals": len(images), "threshold_raw": cal.threshold_raw,
-            "threshold_rule": cal.rule(fpr), "expected_fpr": list(fpr_interval(cal.num_images, fpr, cal.rule(fpr))),
+            "threshold_rule": cal.rule(fpr), "expected_fpr": cal.expected_fpr(fpr),
             "route_floor": floors[class_name]}
 
 

@@ -85,6 +85,10 @@ class ClassCalibration:
         """``quantile`` or ``bound``: which threshold rule this class's scores allow at ``target_fpr``."""
         return LEGACY_RULE if self.normal_scores is None else threshold_rule(self.num_images, target_fpr)
 
+    def expected_fpr(self, target_fpr: float) -> list[float]:
+        """Where the false-positive rate on fresh normals lies for this class's rule (``fpr_interval``)."""
+        return list(fpr_interval(self.num_images, target_fpr, self.rule(target_fpr)))
+
     def to_dict(self) -> dict:
         """As stored in ``bundle.json``; no ``target_fpr`` / ``normal_scores`` / ``normal_similarities``
         key where None (so bundles written before them keep their content hash)."""
@@ -266,10 +270,13 @@ def threshold_for(scores: np.ndarray, target_fpr: float) -> float:
         rank = (n + 1) * (1.0 - target_fpr)  # 1-based, interpolated between neighbouring scores
         low = int(np.floor(rank))
         return float(s[low - 1] if low >= n else s[low - 1] + (rank - low) * (s[low] - s[low - 1]))
-    if s.min() > 0:
-        logs = np.log(s)
-        return float(np.exp(bound(float(logs.mean()), float(logs.std(ddof=1)), n, target_fpr, floor=0.02)))
-    return prediction_bound(s, target_fpr)
+    return log_bound(s, target_fpr) if s.min() > 0 else prediction_bound(s, target_fpr)
+
+
+def log_bound(scores: np.ndarray, target_fpr: float) -> float:
+    """The Student-t prediction bound of the log scores (sd floored at 0.02), as a score."""
+    logs = np.log(np.asarray(scores, dtype=np.float64))
+    return float(np.exp(bound(float(logs.mean()), float(logs.std(ddof=1)), len(logs), target_fpr, floor=0.02)))
 
 
 def fpr_interval(n: int, target_fpr: float, rule: str | None = None) -> tuple[float, float]:

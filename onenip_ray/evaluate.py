@@ -14,7 +14,7 @@ import torch
 
 from . import storage
 from .bundle import Bundle
-from .calibration import Calibration, ClassCalibration, fpr_interval
+from .calibration import Calibration, ClassCalibration
 from .config import EVALUATE_BATCH_SIZE
 from .data.images import decode_mask, resize_mask
 from .data.layouts import Sample, read_datasets
@@ -192,9 +192,7 @@ def _threshold_basis(calibration: Calibration, cls: str) -> dict[str, Any]:
     range the false-positive rate on fresh normals lies in for that many (``fpr_interval``)."""
     cal = calibration.per_class[cls]
     target = calibration.target_of(cls)
-    rule = cal.rule(target)
-    return {"calibration_normals": cal.num_images, "rule": rule,
-            "expected_fpr": list(fpr_interval(cal.num_images, target, rule))}
+    return {"calibration_normals": cal.num_images, "rule": cal.rule(target), "expected_fpr": cal.expected_fpr(target)}
 
 
 def _neighbor_pool(model: Bundle | ExportedModel, cls: str) -> dict[str, Any]:
